@@ -1,0 +1,77 @@
+//! `basaltctl`: the cluster admin CLI. Today it parses its global options and
+//! validates endpoints; the commands arrive with the agent/CLI issue.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Administer a Basalt cluster")]
+struct Cli {
+    /// Controller gRPC endpoints, comma separated (host:port).
+    #[arg(long, env = "BASALT_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:7001", value_parser = parse_endpoint, global = true)]
+    endpoints: Vec<String>,
+    /// Output format: tables for people, JSON for scripts.
+    #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print basaltctl's version and the endpoints it would use.
+    Version,
+}
+
+fn parse_endpoint(s: &str) -> Result<String, String> {
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    port.parse::<u16>().map_err(|_| format!("{s:?}: port {port:?} is not a number from 0 to 65535"))?;
+    Ok(s.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            let v = env!("CARGO_PKG_VERSION");
+            match cli.output {
+                Output::Table => println!("basaltctl {v}\nendpoints {}", cli.endpoints.join(",")),
+                Output::Json => {
+                    let eps: Vec<String> = cli.endpoints.iter().map(|e| format!("{e:?}")).collect();
+                    println!("{{\"version\":\"{v}\",\"endpoints\":[{}]}}", eps.join(","))
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn endpoints_are_validated() {
+        let ok = Cli::try_parse_from(["basaltctl", "--endpoints", "a:1,10.0.0.1:7001", "version"]).expect("valid");
+        assert_eq!(ok.endpoints, vec!["a:1", "10.0.0.1:7001"]);
+        let err = Cli::try_parse_from(["basaltctl", "--endpoints", "a:99999", "version"]).unwrap_err().to_string();
+        assert!(err.contains("port"), "{err}");
+        assert!(Cli::try_parse_from(["basaltctl", "--endpoints", "nohost", "version"]).is_err());
+    }
+}

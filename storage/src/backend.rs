@@ -1,0 +1,121 @@
+//! The seam between a virtio-blk device and whatever stores its bytes.
+//!
+//! Requests are submitted without waiting; completions are collected later.
+//! Each backend owns an eventfd that becomes readable when completions are
+//! ready, so a VMM polls it with its other file descriptors instead of
+//! spending a thread per request.
+
+use std::os::fd::RawFd;
+
+/// One block operation. Buffers are owned so that an asynchronous backend
+/// (librbd aio) can keep them alive until the operation completes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, data: Vec<u8> },
+    Flush,
+    /// The range may read back as anything afterwards (usually zeroes).
+    Discard { offset: u64, len: u64 },
+    /// The range must read back as zeroes afterwards.
+    WriteZeroes { offset: u64, len: u64 },
+}
+
+impl Op {
+    /// The byte range the operation touches, if it has one.
+    pub fn range(&self) -> Option<(u64, u64)> {
+        match self {
+            Op::Read { offset, len } => Some((*offset, u64::from(*len))),
+            Op::Write { offset, data } => Some((*offset, data.len() as u64)),
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => Some((*offset, *len)),
+            Op::Flush => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Chosen by the submitter and echoed in the completion.
+    pub tag: u64,
+    pub op: Op,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub tag: u64,
+    /// For reads, the data; for other operations, empty.
+    pub result: Result<Vec<u8>, BlockError>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BlockError {
+    #[error("range {offset}+{len} is outside the device of {size} bytes")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("the device is read-only")]
+    ReadOnly,
+    #[error("{op} failed: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: IoErrno,
+    },
+}
+
+/// An `errno` with its meaning; comparable so completions can be asserted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoErrno(pub i32);
+
+impl std::fmt::Display for IoErrno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (errno {})", std::io::Error::from_raw_os_error(self.0), self.0)
+    }
+}
+
+impl std::error::Error for IoErrno {}
+
+impl BlockError {
+    pub fn io(op: &'static str, e: &std::io::Error) -> Self {
+        BlockError::Io { op, source: IoErrno(e.raw_os_error().unwrap_or(libc::EIO)) }
+    }
+}
+
+pub trait BlockBackend: Send {
+    /// Size of the device in bytes.
+    fn size(&self) -> u64;
+    /// Logical block size the guest should see.
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn read_only(&self) -> bool;
+    /// Queues a request. An error here means the request was not accepted and
+    /// no completion will be delivered for it.
+    fn submit(&mut self, req: Request) -> Result<(), BlockError>;
+    /// Readable (eventfd semantics) when [`BlockBackend::take_completions`] has work.
+    fn completion_fd(&self) -> RawFd;
+    /// Moves every finished request into `out` and resets the eventfd.
+    fn take_completions(&mut self, out: &mut Vec<Completion>);
+}
+
+/// Checks a request's range against the device size, with overflow in mind:
+/// offsets and lengths come from the guest.
+pub fn check_range(op: &Op, size: u64) -> Result<(), BlockError> {
+    if let Some((offset, len)) = op.range() {
+        match offset.checked_add(len) {
+            Some(end) if end <= size => {}
+            _ => return Err(BlockError::OutOfRange { offset, len, size }),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_that_overflow_or_pass_the_end_are_refused() {
+        assert!(check_range(&Op::Read { offset: 0, len: 512 }, 512).is_ok());
+        assert!(check_range(&Op::Read { offset: 1, len: 512 }, 512).is_err());
+        assert!(check_range(&Op::Discard { offset: u64::MAX, len: 2 }, u64::MAX).is_err());
+        assert!(check_range(&Op::Flush, 0).is_ok());
+    }
+}

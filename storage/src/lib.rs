@@ -1,0 +1,8 @@
+//! Basalt's storage layer: the [`BlockBackend`] trait that virtio-blk drives,
+//! and its backends. No tokio, tonic or prost here: the VMM links this crate.
+
+pub mod backend;
+pub mod file;
+
+pub use backend::{BlockBackend, BlockError, Completion, Op, Request};
+pub use file::FileBackend;

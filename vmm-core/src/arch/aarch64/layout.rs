@@ -1,0 +1,52 @@
+//! Every guest-physical address Basalt's arm64 VMs use, in one place.
+//!
+//! The low 1 GiB holds devices, RAM starts at 1 GiB: the same shape as QEMU's
+//! `virt` machine, so guest kernels need nothing special.
+
+/// GICv3 distributor (64 KiB).
+pub const GIC_DIST_BASE: u64 = 0x0800_0000;
+pub const GIC_DIST_SIZE: u64 = 0x1_0000;
+/// GICv3 redistributors: two 64 KiB frames (RD + SGI) per vCPU, contiguous.
+pub const GIC_REDIST_BASE: u64 = 0x080A_0000;
+pub const GIC_REDIST_SIZE_PER_CPU: u64 = 0x2_0000;
+/// The redistributor region ends where the serial port begins.
+pub const GIC_REDIST_MAX_CPUS: u64 = (SERIAL_BASE - GIC_REDIST_BASE) / GIC_REDIST_SIZE_PER_CPU;
+/// Serial console (16550-compatible, 4 KiB window).
+pub const SERIAL_BASE: u64 = 0x0900_0000;
+pub const SERIAL_SIZE: u64 = 0x1000;
+/// virtio-mmio transports: 512-byte windows from here on.
+pub const VIRTIO_MMIO_BASE: u64 = 0x0A00_0000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
+/// Start of guest RAM.
+pub const RAM_BASE: u64 = 0x4000_0000;
+
+/// Number of interrupt IDs the vGIC is created with (SGIs, PPIs and SPIs);
+/// a multiple of 32 as KVM_DEV_ARM_VGIC_GRP_NR_IRQS requires.
+pub const GIC_NR_IRQS: u32 = 128;
+/// First shared peripheral interrupt ID.
+pub const GIC_SPI_BASE: u32 = 32;
+/// The architected virtual timer's PPI.
+pub const TIMER_VIRT_PPI: u32 = 27;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_windows_do_not_overlap_and_stay_below_ram() {
+        let windows = [
+            (GIC_DIST_BASE, GIC_DIST_SIZE),
+            (GIC_REDIST_BASE, GIC_REDIST_SIZE_PER_CPU * GIC_REDIST_MAX_CPUS),
+            (SERIAL_BASE, SERIAL_SIZE),
+            (VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE * 32),
+        ];
+        for (i, a) in windows.iter().enumerate() {
+            assert!(a.0 + a.1 <= RAM_BASE, "window {i} reaches RAM");
+            for b in &windows[i + 1..] {
+                assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} overlaps {b:x?}");
+            }
+        }
+        assert!(GIC_REDIST_MAX_CPUS >= 8);
+        assert_eq!(GIC_NR_IRQS % 32, 0);
+    }
+}

@@ -1,0 +1,5 @@
+//! arm64 guests: address layout, KVM register encodings, the vGICv3.
+pub mod layout;
+pub mod regs;
+#[cfg(target_arch = "aarch64")]
+pub mod gic;
