@@ -8,7 +8,12 @@ use super::RigError;
 pub struct Artifacts {
     pub kernel: PathBuf,
     pub base_initramfs: PathBuf,
+    /// Static arm64 binaries.
     pub arm64_bin_dir: PathBuf,
+    /// Dynamically linked arm64 binaries (they need [`Artifacts::libs_disk`]).
+    pub arm64_dynamic_bin_dir: PathBuf,
+    /// ext4 image with the arm64 shared libraries (librbd, librados, glibc).
+    pub libs_disk: PathBuf,
     pub qemu: PathBuf,
 }
 
@@ -24,6 +29,8 @@ impl Artifacts {
             kernel: arm64.join("Image"),
             base_initramfs: arm64.join("initramfs.cpio.gz"),
             arm64_bin_dir: cross.join("aarch64-unknown-linux-gnu/release"),
+            arm64_dynamic_bin_dir: cross.join("dynamic/aarch64-unknown-linux-gnu/release"),
+            libs_disk: arm64.join("libs.img"),
             qemu: std::env::var_os("BASALT_QEMU").map(PathBuf::from).unwrap_or_else(|| "qemu-system-aarch64".into()),
         };
         need(&a.kernel, "deploy/arm64-host/fetch")?;
@@ -36,6 +43,19 @@ impl Artifacts {
         let p = self.arm64_bin_dir.join(name);
         need(&p, "deploy/cross/build")?;
         Ok(p)
+    }
+
+    /// A dynamically linked arm64 binary from `deploy/cross/build`.
+    pub fn arm64_dynamic_bin(&self, name: &str) -> Result<PathBuf, RigError> {
+        let p = self.arm64_dynamic_bin_dir.join(name);
+        need(&p, "deploy/cross/build")?;
+        Ok(p)
+    }
+
+    /// The shared-library disk, checked to exist.
+    pub fn libs_disk(&self) -> Result<&Path, RigError> {
+        need(&self.libs_disk, "deploy/arm64-host/build-libdisk")?;
+        Ok(&self.libs_disk)
     }
 }
 

@@ -35,6 +35,7 @@ pub struct Arm64Host {
     files: Vec<(String, Vec<u8>, u32)>,
     script: String,
     disks: Vec<PathBuf>,
+    read_only_disks: Vec<PathBuf>,
     nic: Option<Nic>,
 }
 
@@ -90,6 +91,7 @@ impl Arm64Host {
             files: Vec::new(),
             script: String::new(),
             disks: Vec::new(),
+            read_only_disks: Vec::new(),
             nic: None,
         }
     }
@@ -125,6 +127,19 @@ impl Arm64Host {
         let p = arts.arm64_bin(name)?;
         let data = std::fs::read(&p).map_err(io(format!("read {}", p.display())))?;
         self.files.push((format!("basalt/bin/{name}"), data, 0o755));
+        Ok(self)
+    }
+    /// A dynamically linked arm64 binary, placed in `/basalt/bin`; it runs
+    /// only with [`Arm64Host::libs`].
+    pub fn arm64_dynamic_bin(mut self, arts: &Artifacts, name: &str) -> Result<Self, RigError> {
+        let p = arts.arm64_dynamic_bin(name)?;
+        let data = std::fs::read(&p).map_err(io(format!("read {}", p.display())))?;
+        self.files.push((format!("basalt/bin/{name}"), data, 0o755));
+        Ok(self)
+    }
+    /// Attaches the arm64 shared-library disk (read-only); `/init` mounts it.
+    pub fn libs(mut self, arts: &Artifacts) -> Result<Self, RigError> {
+        self.read_only_disks.push(arts.libs_disk()?.to_path_buf());
         Ok(self)
     }
     /// The shell script (busybox sh) the host runs; its exit status is the run's.
@@ -193,8 +208,9 @@ impl Arm64Host {
             .arg("-initrd")
             .arg(&initrd)
             .args(["-append", &append.join(" ")]);
-        for (i, d) in self.disks.iter().enumerate() {
-            cmd.arg("-drive").arg(format!("file={},format=raw,if=none,id=d{i},cache=writeback", d.display()));
+        let disks = self.disks.iter().map(|d| (d, "")).chain(self.read_only_disks.iter().map(|d| (d, ",read-only=on")));
+        for (i, (d, ro)) in disks.enumerate() {
+            cmd.arg("-drive").arg(format!("file={},format=raw,if=none,id=d{i},cache=writeback{ro}", d.display()));
             cmd.args(["-device", &format!("virtio-blk-device,drive=d{i}")]);
         }
         if let Some(nic) = &self.nic {
