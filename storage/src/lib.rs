@@ -2,6 +2,7 @@
 //! and its backends. No tokio, tonic or prost here: the VMM links this crate.
 
 pub mod backend;
+pub mod bench;
 pub mod file;
 
 pub use backend::{BlockBackend, BlockError, Completion, Op, Request};

@@ -1,0 +1,1 @@
+//! The I/O benchmark engine (being written).
