@@ -52,6 +52,8 @@ pub enum BlockError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("the device is read-only")]
     ReadOnly,
+    #[error(transparent)]
+    Ceph(#[from] crate::ceph::CephError),
     #[error("{op} failed: {source}")]
     Io {
         op: &'static str,

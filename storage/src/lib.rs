@@ -3,7 +3,12 @@
 
 pub mod backend;
 pub mod bench;
+pub mod ceph;
 pub mod file;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 
 pub use backend::{BlockBackend, BlockError, Completion, Op, Request};
 pub use file::FileBackend;
+#[cfg(feature = "rbd")]
+pub use rbd::RbdBackend;
