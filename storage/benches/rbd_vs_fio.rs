@@ -1,0 +1,155 @@
+//! Storage benchmark (not a test): Basalt's I/O engine over `RbdBackend`
+//! against fio's rbd engine, same image, same workload, same run, librbd's
+//! cache off on both sides. Prints a markdown table of IOPS, MiB/s, p99
+//! latency, CPU per request and the ratio Basalt/fio.
+//!
+//! Needs the dev Ceph (`deploy/ceph-dev/up`) and fio (`deploy/install-deps`).
+//!   cargo bench -p basalt-storage --bench rbd_vs_fio
+//! Env: BENCH_RUNTIME (seconds per run, default 10), BENCH_IMAGE_MIB (256).
+
+use std::process::Command;
+use std::time::Duration;
+
+use basalt_storage::bench::{self, Limit, Mix, Pattern, Workload};
+use basalt_storage::ceph::{ClientConfig, Cluster};
+use basalt_storage::rbd::{self, ImageOptions, RbdBackend};
+use basalt_storage::BlockBackend;
+
+struct Case {
+    name: &'static str,
+    pattern: Pattern,
+    mix: Mix,
+    bs: u32,
+    qd: u32,
+}
+
+struct Result_ {
+    iops: f64,
+    mib_s: f64,
+    p99_us: f64,
+    cpu_us_per_op: f64,
+}
+
+fn env_u64(k: &str, d: u64) -> u64 {
+    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+}
+
+fn ceph_dir() -> String {
+    std::env::var("BASALT_CEPH_DIR").unwrap_or_else(|_| "/tmp/basalt-ceph".into())
+}
+
+fn basalt(c: &Cluster, image: &str, case: &Case, runtime: u64) -> Result<Result_, String> {
+    let io = c.ioctx("rbd").map_err(|e| e.to_string())?;
+    let b = RbdBackend::open(&io, image, false, false).map_err(|e| e.to_string())?;
+    let w = Workload {
+        pattern: case.pattern,
+        mix: case.mix,
+        block_size: case.bs,
+        queue_depth: case.qd,
+        jobs: 1,
+        limit: Limit::Runtime(Duration::from_secs(runtime)),
+        ramp: Duration::from_secs(2),
+        ..Workload::default()
+    };
+    let boxed: Vec<Box<dyn BlockBackend>> = vec![Box::new(b)];
+    let r = bench::run(&w, boxed).map_err(|e| e.to_string())?;
+    Ok(Result_ { iops: r.total.iops, mib_s: r.total.mib_s, p99_us: r.total.latency_us.p99, cpu_us_per_op: r.cpu.us_per_op })
+}
+
+fn fio(image: &str, case: &Case, runtime: u64) -> Result<Result_, String> {
+    let rw = match (case.pattern, case.mix) {
+        (Pattern::Random, Mix::Read) => "randread",
+        (Pattern::Random, Mix::Write) => "randwrite",
+        (Pattern::Sequential, Mix::Read) => "read",
+        (Pattern::Sequential, Mix::Write) => "write",
+        _ => return Err("mixed workloads are not in this benchmark".into()),
+    };
+    let dir = ceph_dir();
+    let out = Command::new("fio")
+        .env("CEPH_CONF", format!("{dir}/ceph.conf"))
+        .env("CEPH_ARGS", "--rbd_cache=false")
+        .args(["--name=b", "--ioengine=rbd", "--clientname=admin", "--pool=rbd", &format!("--rbdname={image}")])
+        .args([&format!("--rw={rw}"), &format!("--bs={}", case.bs), &format!("--iodepth={}", case.qd)])
+        .args(["--numjobs=1", "--time_based", &format!("--runtime={runtime}"), "--ramp_time=2", "--output-format=json"])
+        .output()
+        .map_err(|e| format!("run fio: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("fio json: {e}"))?;
+    let job = &v["jobs"][0];
+    let dir_ = if rw.contains("read") { &job["read"] } else { &job["write"] };
+    let iops = dir_["iops"].as_f64().unwrap_or(0.0);
+    let bw_kib = dir_["bw"].as_f64().unwrap_or(0.0);
+    let p99_ns = dir_["clat_ns"]["percentile"]["99.000000"].as_f64().unwrap_or(0.0);
+    let cpu_pct = job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0);
+    let ops = dir_["total_ios"].as_f64().unwrap_or(0.0).max(1.0);
+    let runtime_s = job["job_runtime"].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(Result_ { iops, mib_s: bw_kib / 1024.0, p99_us: p99_ns / 1000.0, cpu_us_per_op: cpu_pct / 100.0 * runtime_s / ops * 1e6 })
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // cargo test --benches probes with --list
+    }
+    let runtime = env_u64("BENCH_RUNTIME", 10);
+    let size = env_u64("BENCH_IMAGE_MIB", 256) << 20;
+    let dir = ceph_dir();
+    let cfg = ClientConfig {
+        conf: Some(format!("{dir}/ceph.conf").into()),
+        keyring: Some(format!("{dir}/ceph.client.admin.keyring").into()),
+        ..ClientConfig::default()
+    }
+    .option("rbd_cache", "false");
+    let c = Cluster::connect(&cfg).unwrap_or_else(|e| panic!("dev Ceph (deploy/ceph-dev/up): {e}"));
+    let io = c.ioctx("rbd").expect("pool rbd");
+    let cases = [
+        Case { name: "4K randread QD1", pattern: Pattern::Random, mix: Mix::Read, bs: 4096, qd: 1 },
+        Case { name: "4K randread QD16", pattern: Pattern::Random, mix: Mix::Read, bs: 4096, qd: 16 },
+        Case { name: "4K randread QD32", pattern: Pattern::Random, mix: Mix::Read, bs: 4096, qd: 32 },
+        Case { name: "4K randwrite QD1", pattern: Pattern::Random, mix: Mix::Write, bs: 4096, qd: 1 },
+        Case { name: "4K randwrite QD16", pattern: Pattern::Random, mix: Mix::Write, bs: 4096, qd: 16 },
+        Case { name: "4K randwrite QD32", pattern: Pattern::Random, mix: Mix::Write, bs: 4096, qd: 32 },
+        Case { name: "4M seq read QD4", pattern: Pattern::Sequential, mix: Mix::Read, bs: 4 << 20, qd: 4 },
+        Case { name: "4M seq write QD4", pattern: Pattern::Sequential, mix: Mix::Write, bs: 4 << 20, qd: 4 },
+    ];
+    println!("| image | workload | Basalt IOPS | fio IOPS | ratio | Basalt MiB/s | fio MiB/s | Basalt p99 µs | fio p99 µs | Basalt CPU µs/op | fio CPU µs/op |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (kind, opts) in [("replicated", ImageOptions::default()), ("EC 2+1 data pool", ImageOptions { data_pool: Some("rbd-ec".into()), ..Default::default() })] {
+        let image = format!("bench-{}-{}", kind.split(' ').next().unwrap_or("x"), std::process::id());
+        rbd::create(&io, &image, size, &opts).expect("create bench image");
+        // Reads of never-written objects cost nothing in Ceph: fill the image first.
+        let fill = Case { name: "fill", pattern: Pattern::Sequential, mix: Mix::Write, bs: 4 << 20, qd: 8 };
+        let fill_w = Workload {
+            pattern: fill.pattern,
+            mix: fill.mix,
+            block_size: fill.bs,
+            queue_depth: fill.qd,
+            limit: Limit::TotalBytes(size),
+            ..Workload::default()
+        };
+        let b: Vec<Box<dyn BlockBackend>> = vec![Box::new(RbdBackend::open(&io, &image, false, false).expect("open"))];
+        bench::run(&fill_w, b).expect("fill image");
+        for case in &cases {
+            let ours = basalt(&c, &image, case, runtime);
+            let theirs = fio(&image, case, runtime);
+            match (ours, theirs) {
+                (Ok(o), Ok(f)) => println!(
+                    "| {kind} | {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |",
+                    case.name,
+                    o.iops,
+                    f.iops,
+                    o.iops / f.iops.max(1e-9),
+                    o.mib_s,
+                    f.mib_s,
+                    o.p99_us,
+                    f.p99_us,
+                    o.cpu_us_per_op,
+                    f.cpu_us_per_op
+                ),
+                (o, f) => println!("| {kind} | {} | error: {:?} / {:?} |", case.name, o.err(), f.err()),
+            }
+        }
+        rbd::remove(&io, &image).expect("remove bench image");
+    }
+}
