@@ -65,6 +65,7 @@ fn fio(image: &str, case: &Case, runtime: u64) -> Result<Result_, String> {
         _ => return Err("mixed workloads are not in this benchmark".into()),
     };
     let dir = ceph_dir();
+    let cpu0 = children_cpu();
     let out = Command::new("fio")
         .env("CEPH_CONF", format!("{dir}/ceph.conf"))
         .env("CEPH_ARGS", "--rbd_cache=false")
@@ -82,10 +83,25 @@ fn fio(image: &str, case: &Case, runtime: u64) -> Result<Result_, String> {
     let iops = dir_["iops"].as_f64().unwrap_or(0.0);
     let bw_kib = dir_["bw"].as_f64().unwrap_or(0.0);
     let p99_ns = dir_["clat_ns"]["percentile"]["99.000000"].as_f64().unwrap_or(0.0);
-    let cpu_pct = job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0);
+    // fio's own usr_cpu/sys_cpu count only its submitting thread (RUSAGE_THREAD),
+    // not librbd's threads; our engine counts the whole process. So measure
+    // fio whole, as a child, and charge the measured share to its ops.
+    let cpu = children_cpu() - cpu0;
     let ops = dir_["total_ios"].as_f64().unwrap_or(0.0).max(1.0);
     let runtime_s = job["job_runtime"].as_f64().unwrap_or(0.0) / 1000.0;
-    Ok(Result_ { iops, mib_s: bw_kib / 1024.0, p99_us: p99_ns / 1000.0, cpu_us_per_op: cpu_pct / 100.0 * runtime_s / ops * 1e6 })
+    let share = runtime_s / (runtime_s + 2.0);
+    Ok(Result_ { iops, mib_s: bw_kib / 1024.0, p99_us: p99_ns / 1000.0, cpu_us_per_op: cpu * share / ops * 1e6 })
+}
+
+/// CPU seconds (user + system) of all waited-for children so far.
+fn children_cpu() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, ru.as_mut_ptr()) };
+    // SAFETY: zero-initialised and filled by getrusage.
+    let ru = unsafe { ru.assume_init() };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
 }
 
 fn main() {

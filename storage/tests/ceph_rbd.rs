@@ -133,5 +133,38 @@ fn erasure_coded_data_pool_image() {
     assert_eq!(info.data_pool_id, Some(ec_pool_id), "data objects live in rbd-ec");
     assert_ne!(info.features & features::DATA_POOL, 0);
     rbd::remove(&io, &name).expect("remove");
+    // Striping settings reach the image.
+    let striped = unique("striped");
+    let opts = ImageOptions {
+        features: Some(features::VM_DEFAULT | features::STRIPINGV2),
+        stripe_unit: Some(64 * 1024),
+        stripe_count: Some(4),
+        ..Default::default()
+    };
+    rbd::create(&io, &striped, 16 * MIB, &opts).expect("create striped");
+    let info = Image::open(&io, &striped).expect("open").info().expect("info");
+    assert_eq!((info.stripe_unit, info.stripe_count), (64 * 1024, 4));
+    rbd::remove(&io, &striped).expect("remove");
+    let bad = ImageOptions { stripe_unit: Some(3000), stripe_count: Some(2), ..Default::default() };
+    assert!(rbd::create(&io, &unique("bad"), MIB, &bad).unwrap_err().to_string().contains("stripe"));
     aio_round_trip(ImageOptions { data_pool: Some("rbd-ec".into()), ..Default::default() }, "ec-aio");
+}
+
+#[test]
+fn without_an_explicit_lock_the_writer_takes_the_lock_over_cooperatively() {
+    let (c1, c2) = (vm(), vm());
+    let (io1, io2) = (c1.ioctx("rbd").expect("pool"), c2.ioctx("rbd").expect("pool"));
+    let name = unique("handoff");
+    rbd::create(&io1, &name, 8 * MIB, &ImageOptions::default()).expect("create");
+    let a = Image::open(&io1, &name).expect("open a");
+    let b = Image::open(&io2, &name).expect("open b");
+    a.write_at(0, b"from a").expect("a writes");
+    assert!(a.is_lock_owner().expect("owner"));
+    b.write_at(4096, b"from b").expect("b writes: a hands the lock over");
+    assert!(b.is_lock_owner().expect("owner"));
+    assert!(!a.is_lock_owner().expect("owner"));
+    assert_eq!(a.read_at(0, 6).expect("read"), b"from a");
+    assert_eq!(a.read_at(4096, 6).expect("read"), b"from b");
+    drop((a, b));
+    rbd::remove(&io1, &name).expect("remove");
 }
