@@ -6,5 +6,9 @@
 //! any host.
 
 pub mod arch;
+pub mod config;
+pub mod devices;
 #[cfg(target_arch = "aarch64")]
 pub mod kvm_check;
+#[cfg(target_arch = "aarch64")]
+pub mod vm;

@@ -1,16 +1,151 @@
-//! `basalt-vmm`: one process per VM. The VM runner arrives with the VMM issue;
-//! until then the binary says so instead of pretending.
+//! `basalt-vmm`: runs one arm64 VM in this process.
+//!
+//! Exit status: 0 the guest powered off (or was stopped on request);
+//! 1 bad configuration or setup failure (nothing ran); 2 the guest or KVM
+//! failed; 3 the guest kept resetting (more than 10 resets in a minute).
 
-fn main() -> std::process::ExitCode {
-    let arg = std::env::args().nth(1);
-    match arg.as_deref() {
-        Some("--version") | Some("-V") => {
-            println!("basalt-vmm {}", env!("CARGO_PKG_VERSION"));
-            std::process::ExitCode::SUCCESS
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use basalt_vmm::config::{ConsoleConfig, DiskBackend, DiskConfig, VmConfig};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Run one arm64 KVM virtual machine")]
+struct Args {
+    /// VM configuration as JSON (see vmm-core/README.md); flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// arm64 Linux Image.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long)]
+    cmdline: Option<String>,
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Guest RAM in MiB.
+    #[arg(long)]
+    memory: Option<u64>,
+    /// A raw disk image file, `PATH` or `PATH,ro` (repeatable).
+    #[arg(long)]
+    disk: Vec<String>,
+    /// Serial console: `stdout`, `none` or `file:PATH`.
+    #[arg(long)]
+    console: Option<String>,
+}
+
+fn build_config(a: &Args) -> Result<VmConfig, String> {
+    let mut cfg = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?
         }
-        _ => {
-            eprintln!("basalt-vmm: running VMs is not implemented yet; use basalt-kvm-check to test a host");
-            std::process::ExitCode::from(2)
+        None => VmConfig {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: a.kernel.clone().ok_or("give --config or --kernel")?,
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            disks: vec![],
+            console: ConsoleConfig::Stdout,
+        },
+    };
+    if let Some(k) = &a.kernel {
+        cfg.kernel = k.clone();
+    }
+    if a.initrd.is_some() {
+        cfg.initrd = a.initrd.clone();
+    }
+    if let Some(c) = &a.cmdline {
+        cfg.cmdline = c.clone();
+    }
+    if let Some(v) = a.vcpus {
+        cfg.vcpus = v;
+    }
+    if let Some(m) = a.memory {
+        cfg.memory_mib = m;
+    }
+    for d in &a.disk {
+        let (path, ro) = match d.strip_suffix(",ro") {
+            Some(p) => (p, true),
+            None => (d.as_str(), false),
+        };
+        cfg.disks.push(DiskConfig { backend: DiskBackend::File { path: path.into() }, read_only: ro, serial: None });
+    }
+    if let Some(c) = &a.console {
+        cfg.console = match c.as_str() {
+            "stdout" => ConsoleConfig::Stdout,
+            "none" => ConsoleConfig::None,
+            f => match f.strip_prefix("file:") {
+                Some(p) => ConsoleConfig::File { path: p.into() },
+                None => return Err(format!("--console {c:?}: use stdout, none or file:PATH")),
+            },
+        };
+    }
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+#[cfg(target_arch = "aarch64")]
+fn run(cfg: &VmConfig) -> ExitCode {
+    use basalt_vmm::vm::{Vm, VmExit};
+    use std::time::{Duration, Instant};
+    let mut resets: Vec<Instant> = Vec::new();
+    loop {
+        let vm = match Vm::new(cfg) {
+            Ok(vm) => vm,
+            Err(e) => {
+                eprintln!("basalt-vmm: cannot start the VM: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        match vm.run() {
+            Ok(VmExit::PowerOff) => {
+                eprintln!("basalt-vmm: the guest powered off");
+                return ExitCode::SUCCESS;
+            }
+            Ok(VmExit::Stopped) => {
+                eprintln!("basalt-vmm: stopped on request");
+                return ExitCode::SUCCESS;
+            }
+            Ok(VmExit::Reset) => {
+                let now = Instant::now();
+                resets.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
+                resets.push(now);
+                if resets.len() > 10 {
+                    eprintln!("basalt-vmm: the guest reset {} times in a minute; giving up", resets.len());
+                    return ExitCode::from(3);
+                }
+                eprintln!("basalt-vmm: the guest asked for a reset; restarting it");
+            }
+            Ok(VmExit::Crashed(why)) => {
+                eprintln!("basalt-vmm: the VM failed: {why}");
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!("basalt-vmm: the VM failed: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+fn run(_cfg: &VmConfig) -> ExitCode {
+    eprintln!("basalt-vmm: runs arm64 guests on arm64 hosts only; this is {}", std::env::consts::ARCH);
+    ExitCode::from(1)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match build_config(&args) {
+        Ok(cfg) => run(&cfg),
+        Err(e) => {
+            eprintln!("basalt-vmm: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -170,6 +170,21 @@ impl Arm64Host {
         let mut img = std::fs::read(&arts.base_initramfs).map_err(io("read base initramfs"))?;
         let mut payload = Archive::new();
         payload.dir("basalt").dir("basalt/bin");
+        // The kernel does not create missing parent directories when it
+        // unpacks an initramfs: give every file's directories an entry.
+        let mut dirs: Vec<String> = Vec::new();
+        for (path, ..) in &self.files {
+            for a in std::path::Path::new(path).ancestors().skip(1) {
+                let a = a.to_string_lossy().into_owned();
+                if !a.is_empty() && a != "basalt" && a != "basalt/bin" && !dirs.contains(&a) {
+                    dirs.push(a);
+                }
+            }
+        }
+        dirs.sort();
+        for d in &dirs {
+            payload.dir(d);
+        }
         for (path, data, mode) in &self.files {
             payload.file(path, *mode, data);
         }

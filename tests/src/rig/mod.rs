@@ -9,6 +9,7 @@
 
 mod artifacts;
 pub mod cpio;
+pub mod guest;
 mod host;
 pub mod netns;
 

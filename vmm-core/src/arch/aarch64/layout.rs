@@ -25,8 +25,31 @@ pub const RAM_BASE: u64 = 0x4000_0000;
 pub const GIC_NR_IRQS: u32 = 128;
 /// First shared peripheral interrupt ID.
 pub const GIC_SPI_BASE: u32 = 32;
-/// The architected virtual timer's PPI.
+/// The architected timer PPIs (interrupt IDs): secure and non-secure
+/// physical, virtual, hypervisor.
+pub const TIMER_SEC_PHYS_PPI: u32 = 29;
+pub const TIMER_PHYS_PPI: u32 = 30;
 pub const TIMER_VIRT_PPI: u32 = 27;
+pub const TIMER_HYP_PPI: u32 = 26;
+/// Serial console interrupt (SPI, interrupt ID).
+pub const SERIAL_SPI: u32 = 32;
+/// virtio-mmio device `n` uses SPI `VIRTIO_SPI_BASE + n`.
+pub const VIRTIO_SPI_BASE: u32 = 33;
+pub const MAX_VIRTIO_DEVICES: u32 = GIC_NR_IRQS - VIRTIO_SPI_BASE;
+
+/// The device tree goes in the last 2 MiB of RAM (Linux maps it with 2 MiB
+/// blocks, so it gets a 2 MiB region of its own); the initrd just below it.
+pub const FDT_MAX_SIZE: u64 = 0x20_0000;
+
+/// Where the flattened device tree is placed for a guest of `mem_size` bytes.
+pub const fn fdt_addr(mem_size: u64) -> u64 {
+    RAM_BASE + mem_size - FDT_MAX_SIZE
+}
+
+/// The GSI KVM's irqfd uses for an SPI (arm64 maps GSI n to SPI n + 32).
+pub const fn spi_gsi(spi: u32) -> u32 {
+    spi - GIC_SPI_BASE
+}
 
 #[cfg(test)]
 mod tests {

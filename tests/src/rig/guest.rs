@@ -1,0 +1,46 @@
+//! The guest side of nested tests: an initramfs for a VM that Basalt's VMM
+//! runs *inside* an emulated arm64 host. Same Debian kernel as the host,
+//! busybox, the virtio modules, and an init script chosen by the test.
+
+use std::path::{Path, PathBuf};
+
+use super::cpio::Archive;
+use super::{io, Artifacts, RigError};
+
+/// Modules the guest loads, in dependency order.
+const MODULES: &[&str] = &["drivers/virtio/virtio_mmio.ko", "drivers/block/virtio_blk.ko"];
+
+/// Builds the guest's initramfs (uncompressed newc cpio). The script runs
+/// as /init after proc, sys and dev are mounted and the modules loaded; it
+/// should end with `poweroff -f`.
+pub fn initramfs(arts: &Artifacts, script: &str) -> Result<Vec<u8>, RigError> {
+    let dir = arm64_dir(arts);
+    let busybox = std::fs::read(dir.join("busybox")).map_err(io("read arm64 busybox"))?;
+    let mut a = Archive::new();
+    a.dir("bin").dir("proc").dir("sys").dir("dev").dir("tmp").dir("lib").dir("lib/modules");
+    a.file("bin/busybox", 0o755, &busybox);
+    let mut load = String::new();
+    for m in MODULES {
+        let p = dir.join("modules/kernel").join(m);
+        let name = Path::new(m).file_name().and_then(|n| n.to_str()).unwrap_or("m.ko");
+        let data = std::fs::read(&p).map_err(io(format!("read {}", p.display())))?;
+        a.file(&format!("lib/modules/{name}"), 0o644, &data);
+        load.push_str(&format!("insmod /lib/modules/{name}\n"));
+    }
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin\n\
+         mount -t proc proc /proc\nmount -t sysfs sysfs /sys\nmount -t devtmpfs devtmpfs /dev\n{load}{script}\n\
+         echo BASALT-GUEST-END\npoweroff -f\n"
+    );
+    a.file("init", 0o755, init.as_bytes());
+    Ok(a.finish())
+}
+
+/// The guest kernel: the host's own Debian arm64 Image.
+pub fn kernel(arts: &Artifacts) -> Result<Vec<u8>, RigError> {
+    std::fs::read(&arts.kernel).map_err(io("read the arm64 kernel"))
+}
+
+fn arm64_dir(arts: &Artifacts) -> PathBuf {
+    arts.kernel.parent().map(Path::to_path_buf).unwrap_or_default()
+}

@@ -1,0 +1,166 @@
+//! What a VM is made of, as `basalt-vmm` receives it (a JSON file or flags).
+//! Validated as a whole before anything is created.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::aarch64::layout;
+
+/// Largest guest the layout allows: RAM must fit below the 48-bit IPA limit
+/// KVM gives every arm64 host; 256 GiB is far more than Basalt's hosts offer.
+pub const MAX_MEMORY_MIB: u64 = 256 << 10;
+pub const MIN_MEMORY_MIB: u64 = 64;
+pub const MAX_DISKS: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// arm64 Linux `Image`.
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub console: ConsoleConfig,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub backend: DiskBackend,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial the guest reads with GET_ID (at most 20 bytes).
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBackend {
+    File { path: PathBuf },
+    Rbd { pool: String, image: String, #[serde(default)] client: RbdClient },
+}
+
+/// How the VMM reaches Ceph for RBD disks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdClient {
+    /// ceph.conf; default: `CEPH_CONF` or /etc/ceph/ceph.conf.
+    pub conf: Option<PathBuf>,
+    /// Client id (default `admin`); VMs normally use a restricted `profile rbd` id.
+    pub id: Option<String>,
+    pub keyring: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleConfig {
+    #[default]
+    Stdout,
+    File { path: PathBuf },
+    None,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid VM config: {0}")]
+pub struct ConfigError(pub String);
+
+impl VmConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        if self.vcpus == 0 || u64::from(self.vcpus) > layout::GIC_REDIST_MAX_CPUS {
+            return bad(format!("vcpus {} must be between 1 and {}", self.vcpus, layout::GIC_REDIST_MAX_CPUS));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB || self.memory_mib > MAX_MEMORY_MIB {
+            return bad(format!("memory_mib {} must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}", self.memory_mib));
+        }
+        if !self.kernel.is_file() {
+            return bad(format!("kernel {} is not a readable file", self.kernel.display()));
+        }
+        if let Some(i) = &self.initrd {
+            if !i.is_file() {
+                return bad(format!("initrd {} is not a readable file", i.display()));
+            }
+        }
+        if self.cmdline.len() > 2048 || self.cmdline.contains('\0') {
+            return bad("cmdline must be at most 2048 bytes without NUL".into());
+        }
+        if self.disks.len() > MAX_DISKS {
+            return bad(format!("{} disks; at most {MAX_DISKS}", self.disks.len()));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            match &d.backend {
+                DiskBackend::File { path } if !path.is_file() => {
+                    return bad(format!("disk {i}: {} is not a file", path.display()));
+                }
+                DiskBackend::Rbd { pool, image, .. } if pool.is_empty() || image.is_empty() => {
+                    return bad(format!("disk {i}: rbd disks need a pool and an image"));
+                }
+                _ => {}
+            }
+            if d.serial.as_ref().is_some_and(|s| s.len() > 20) {
+                return bad(format!("disk {i}: serial is longer than 20 bytes"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(kernel: &std::path::Path) -> VmConfig {
+        VmConfig {
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            disks: vec![],
+            console: ConsoleConfig::Stdout,
+        }
+    }
+
+    #[test]
+    fn json_configs_parse_and_bad_ones_are_refused() {
+        let k = tempfile::NamedTempFile::new().expect("tmp");
+        let json = format!(
+            r#"{{"vcpus":2,"memory_mib":512,"kernel":"{}","cmdline":"x","disks":[{{"backend":{{"rbd":{{"pool":"rbd","image":"vm1"}}}}}}],"console":"none"}}"#,
+            k.path().display()
+        );
+        let c: VmConfig = serde_json::from_str(&json).expect("parses");
+        assert!(c.validate().is_ok());
+        assert!(matches!(c.disks[0].backend, DiskBackend::Rbd { .. }));
+        assert!(serde_json::from_str::<VmConfig>(r#"{"memory_mib":1,"kernel":"/k","bogus":1}"#).is_err());
+
+        let mut c = base(k.path());
+        c.vcpus = 0;
+        assert!(c.validate().unwrap_err().0.contains("vcpus"));
+        let mut c = base(k.path());
+        c.memory_mib = 1;
+        assert!(c.validate().unwrap_err().0.contains("memory_mib"));
+        let mut c = base(k.path());
+        c.kernel = "/nonexistent".into();
+        assert!(c.validate().unwrap_err().0.contains("kernel"));
+        let mut c = base(k.path());
+        c.disks.push(DiskConfig { backend: DiskBackend::File { path: "/nope".into() }, read_only: false, serial: None });
+        assert!(c.validate().unwrap_err().0.contains("disk 0"));
+    }
+}

@@ -1,0 +1,4 @@
+//! Devices of a Basalt VM: the MMIO bus, the serial console, virtio.
+
+pub mod bus;
+pub mod serial;
