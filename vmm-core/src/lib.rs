@@ -7,7 +7,9 @@
 
 pub mod arch;
 pub mod config;
+pub mod control;
 pub mod devices;
+pub mod kvm_stats;
 #[cfg(target_arch = "aarch64")]
 pub mod kvm_check;
 #[cfg(target_arch = "aarch64")]

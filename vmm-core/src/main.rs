@@ -6,14 +6,20 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use basalt_vmm::config::{ConsoleConfig, DiskBackend, DiskConfig, VmConfig};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Run one arm64 KVM virtual machine")]
+#[command(version, about = "Run one arm64 KVM virtual machine", args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    client: Option<Client>,
+    /// Serve the control socket (versioned JSON, see vmm-core/README.md) here.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
     /// VM configuration as JSON (see vmm-core/README.md); flags below override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -35,6 +41,30 @@ struct Args {
     /// Serial console: `stdout`, `none` or `file:PATH`.
     #[arg(long)]
     console: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Client {
+    /// Send one command to a running VMM's control socket and print the answer.
+    Ctl {
+        #[arg(long)]
+        socket: PathBuf,
+        /// status, pause, resume, shutdown, counters, vgic-state
+        command: String,
+    },
+}
+
+fn ctl(socket: &std::path::Path, command: &str) -> ExitCode {
+    match basalt_vmm::control::call(socket, command, serde_json::Value::Null, Duration::from_secs(30)) {
+        Ok(r) => {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            if r.ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        Err(e) => {
+            eprintln!("basalt-vmm ctl: {}: {e}", socket.display());
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn build_config(a: &Args) -> Result<VmConfig, String> {
@@ -90,9 +120,9 @@ fn build_config(a: &Args) -> Result<VmConfig, String> {
 }
 
 #[cfg(target_arch = "aarch64")]
-fn run(cfg: &VmConfig) -> ExitCode {
+fn run(cfg: &VmConfig, control: Option<&std::path::Path>) -> ExitCode {
     use basalt_vmm::vm::{Vm, VmExit};
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
     let mut resets: Vec<Instant> = Vec::new();
     loop {
         let vm = match Vm::new(cfg) {
@@ -102,7 +132,7 @@ fn run(cfg: &VmConfig) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        match vm.run() {
+        match vm.run(control) {
             Ok(VmExit::PowerOff) => {
                 eprintln!("basalt-vmm: the guest powered off");
                 return ExitCode::SUCCESS;
@@ -134,15 +164,18 @@ fn run(cfg: &VmConfig) -> ExitCode {
 }
 
 #[cfg(not(target_arch = "aarch64"))]
-fn run(_cfg: &VmConfig) -> ExitCode {
+fn run(_cfg: &VmConfig, _control: Option<&std::path::Path>) -> ExitCode {
     eprintln!("basalt-vmm: runs arm64 guests on arm64 hosts only; this is {}", std::env::consts::ARCH);
     ExitCode::from(1)
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Client::Ctl { socket, command }) = &args.client {
+        return ctl(socket, command);
+    }
     match build_config(&args) {
-        Ok(cfg) => run(&cfg),
+        Ok(cfg) => run(&cfg, args.control_socket.as_deref()),
         Err(e) => {
             eprintln!("basalt-vmm: {e}");
             ExitCode::from(1)

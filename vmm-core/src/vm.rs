@@ -3,10 +3,18 @@
 //! guest powers off, resets, or is told to stop.
 
 use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -62,11 +70,16 @@ fn kvm(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// What the VMM thread tells a parked (paused) vCPU thread to do.
+enum VcpuCmd {
+    Resume,
+    Stop,
+}
+
 /// State the vCPU threads and the VMM thread share.
 pub struct VcpuShared {
     stop: AtomicBool,
-    pause: Mutex<bool>,
-    resumed: Condvar,
+    pause: AtomicBool,
     paused_count: AtomicUsize,
     exit: Mutex<Option<VmExit>>,
     exit_evt: EventFd,
@@ -89,7 +102,8 @@ pub struct Vm {
     _fd: VmFd,
     mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
-    _gic: VGicV3,
+    mpidrs: Vec<u64>,
+    gic: VGicV3,
     bus: MmioBus,
     pub serial: Arc<Mutex<SerialDevice>>,
     shared: Arc<VcpuShared>,
@@ -136,8 +150,7 @@ impl Vm {
         let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup(format!("eventfd: {e}")))?;
         let shared = Arc::new(VcpuShared {
             stop: AtomicBool::new(false),
-            pause: Mutex::new(false),
-            resumed: Condvar::new(),
+            pause: AtomicBool::new(false),
             paused_count: AtomicUsize::new(0),
             exit: Mutex::new(None),
             exit_evt,
@@ -162,7 +175,7 @@ impl Vm {
         boot::write_fdt(&mem, image.fdt, &tree)?;
         vcpu::set_boot_regs(&vcpus[0], image.entry, image.fdt).map_err(kvm("set boot registers"))?;
 
-        Ok(Vm { _kvm: kvm_, _fd: fd, mem, vcpus, _gic: gic, bus, serial, shared, mem_size })
+        Ok(Vm { _kvm: kvm_, _fd: fd, mem, vcpus, mpidrs, gic, bus, serial, shared, mem_size })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -173,53 +186,219 @@ impl Vm {
         self.mem_size
     }
 
-    /// Runs the guest until it stops; returns why.
-    pub fn run(mut self) -> Result<VmExit, VmError> {
+    /// Runs the guest until it stops; returns why. With `control`, serves
+    /// the control socket at that path meanwhile.
+    pub fn run(mut self, control: Option<&Path>) -> Result<VmExit, VmError> {
         register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmError::Setup(format!("signal handler: {e}")))?;
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let listener = match control {
+            Some(p) => {
+                let _ = std::fs::remove_file(p);
+                let l = UnixListener::bind(p).map_err(|e| VmError::Setup(format!("control socket {}: {e}", p.display())))?;
+                l.set_nonblocking(true).map_err(|e| VmError::Setup(format!("control socket: {e}")))?;
+                Some(l)
+            }
+            None => None,
+        };
+        let mut vcpus = Vec::new();
         for (id, v) in self.vcpus.drain(..).enumerate() {
+            // Counters are read from the VMM thread while the vCPU runs.
+            let stats = crate::kvm_stats::open(&v).ok();
+            let (tx, rx) = channel();
             let shared = self.shared.clone();
             let bus = self.bus.clone();
-            let t = std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(id, v, bus, shared))
+                .spawn(move || vcpu_loop(id, v, bus, shared, rx))
                 .map_err(|e| VmError::Setup(format!("spawn vCPU thread: {e}")))?;
-            threads.push(t);
+            vcpus.push(VcpuHandle { thread, tx, stats });
         }
-        // Wait for the first vCPU to report an end.
+        let mut ctl = Running { vm: &self, vcpus, started: Instant::now() };
+        let result = ctl.event_loop(listener.as_ref());
+        let why = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or(VmExit::Stopped);
+        stop_vcpus(&self.shared, std::mem::take(&mut ctl.vcpus));
+        if let Some(p) = control {
+            let _ = std::fs::remove_file(p);
+        }
+        result.map(|()| why)
+    }
+}
+
+struct VcpuHandle {
+    thread: JoinHandle<()>,
+    tx: Sender<VcpuCmd>,
+    stats: Option<File>,
+}
+
+/// The VMM thread's view of a running VM.
+struct Running<'a> {
+    vm: &'a Vm,
+    vcpus: Vec<VcpuHandle>,
+    started: Instant,
+}
+
+const EXIT_TOKEN: u64 = 0;
+const LISTENER_TOKEN: u64 = 1;
+
+impl Running<'_> {
+    fn event_loop(&mut self, listener: Option<&UnixListener>) -> Result<(), VmError> {
+        let ep = Epoll::new().map_err(|e| VmError::Setup(format!("epoll: {e}")))?;
+        let add = |fd: i32, token: u64| {
+            ep.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .map_err(|e| VmError::Setup(format!("epoll add: {e}")))
+        };
+        add(self.vm.shared.exit_evt.as_raw_fd(), EXIT_TOKEN)?;
+        if let Some(l) = listener {
+            add(l.as_raw_fd(), LISTENER_TOKEN)?;
+        }
+        let mut events = vec![EpollEvent::default(); 16];
         loop {
-            let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&self.shared.exit_evt), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd on the stack.
-            let n = unsafe { libc::poll(&mut pfd, 1, 1000) };
-            if n > 0 {
-                break;
+            let n = match ep.wait(1000, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(VmError::Setup(format!("epoll wait: {e}"))),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    EXIT_TOKEN => return Ok(()),
+                    LISTENER_TOKEN => {
+                        if let Some(l) = listener {
+                            while let Ok((conn, _)) = l.accept() {
+                                self.serve(conn);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
-        let why = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or(VmExit::Stopped);
-        stop_vcpus(&self.shared, threads);
-        Ok(why)
+    }
+
+    /// One request per connection; a client that sends nothing within a few
+    /// seconds is dropped so it cannot stall the VM's event loop.
+    fn serve(&mut self, conn: std::os::unix::net::UnixStream) {
+        let _ = conn.set_nonblocking(false);
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut line = String::new();
+        if BufReader::new(&conn).read_line(&mut line).is_err() {
+            return;
+        }
+        let resp = match crate::control::parse_request(&line) {
+            Ok(req) => self.handle(&req.cmd),
+            Err(r) => r,
+        };
+        if let Ok(mut text) = serde_json::to_string(&resp) {
+            text.push('\n');
+            let mut w = &conn;
+            let _ = w.write_all(text.as_bytes());
+        }
+    }
+
+    fn handle(&mut self, cmd: &str) -> crate::control::Response {
+        use crate::control::Response;
+        match cmd {
+            "status" => Response::ok(json!({
+                "state": if self.vm.shared.pause.load(Ordering::SeqCst) { "paused" } else { "running" },
+                "vcpus": self.vcpus.len(),
+                "memory_mib": self.vm.mem_size >> 20,
+                "uptime_s": self.started.elapsed().as_secs_f64(),
+            })),
+            "pause" => match self.pause() {
+                Ok(()) => Response::ok(json!({"state": "paused"})),
+                Err(e) => Response::err(e),
+            },
+            "resume" => {
+                self.resume();
+                Response::ok(json!({"state": "running"}))
+            }
+            "shutdown" => {
+                self.vm.shared.finish(VmExit::Stopped);
+                Response::ok(json!({"state": "stopping"}))
+            }
+            "counters" => Response::ok(self.counters()),
+            "vgic-state" => {
+                let was_running = !self.vm.shared.pause.load(Ordering::SeqCst);
+                if was_running {
+                    if let Err(e) = self.pause() {
+                        return Response::err(e);
+                    }
+                }
+                let st = self.vm.gic.state(&self.vm.mpidrs);
+                if was_running {
+                    self.resume();
+                }
+                match st {
+                    Ok(irqs) => Response::ok(json!({ "irqs": irqs })),
+                    Err(e) => Response::err(e.to_string()),
+                }
+            }
+            other => Response::err(format!(
+                "unknown command {other:?}; commands: status, pause, resume, shutdown, counters, vgic-state"
+            )),
+        }
+    }
+
+    /// Parks every vCPU outside KVM_RUN. Idempotent.
+    fn pause(&mut self) -> Result<(), String> {
+        let sh = &self.vm.shared;
+        sh.pause.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sh.paused_count.load(Ordering::SeqCst) < self.vcpus.len() {
+            if Instant::now() > deadline {
+                return Err("vCPUs did not stop within 5 s".into());
+            }
+            for v in &self.vcpus {
+                let _ = v.thread.kill(SIGRTMIN());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        let sh = &self.vm.shared;
+        if sh.pause.swap(false, Ordering::SeqCst) {
+            for v in &self.vcpus {
+                let _ = v.tx.send(VcpuCmd::Resume);
+            }
+        }
+    }
+
+    fn counters(&self) -> Value {
+        let per_vcpu: Vec<Value> = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let kvm = v.stats.as_ref().and_then(|f| crate::kvm_stats::read_all(f).ok()).unwrap_or_default();
+                json!({
+                    "vcpu": i,
+                    "mmio_exits_handled": self.vm.shared.mmio_exits[i].load(Ordering::Relaxed),
+                    "kvm": kvm,
+                })
+            })
+            .collect();
+        let tx = self.vm.serial.lock().map(|s| s.tx_bytes).unwrap_or(0);
+        json!({ "vcpus": per_vcpu, "serial_tx_bytes": tx })
     }
 }
 
 /// Tells every vCPU thread to leave KVM_RUN and end, kicking it with a
 /// signal until it has (a kick that lands outside KVM_RUN is simply retried).
-fn stop_vcpus(shared: &VcpuShared, threads: Vec<JoinHandle<()>>) {
+fn stop_vcpus(shared: &VcpuShared, vcpus: Vec<VcpuHandle>) {
     shared.stop.store(true, Ordering::SeqCst);
-    {
-        let mut p = shared.pause.lock().unwrap_or_else(|e| e.into_inner());
-        *p = false;
-        shared.resumed.notify_all();
+    for v in &vcpus {
+        let _ = v.tx.send(VcpuCmd::Stop);
     }
-    for t in threads {
-        while !t.is_finished() {
-            let _ = t.kill(SIGRTMIN());
+    for v in vcpus {
+        while !v.thread.is_finished() {
+            let _ = v.thread.kill(SIGRTMIN());
             std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = t.join();
+        let _ = v.thread.join();
     }
 }
 
-fn vcpu_loop(id: usize, mut v: VcpuFd, bus: MmioBus, shared: Arc<VcpuShared>) {
+fn vcpu_loop(id: usize, mut v: VcpuFd, bus: MmioBus, shared: Arc<VcpuShared>, rx: Receiver<VcpuCmd>) {
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return;
@@ -253,14 +432,15 @@ fn vcpu_loop(id: usize, mut v: VcpuFd, bus: MmioBus, shared: Arc<VcpuShared>) {
                 return;
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // Kicked: stop, or park while paused.
-                let mut paused = shared.pause.lock().unwrap_or_else(|p| p.into_inner());
-                if *paused {
+                // Kicked: stop, or park while paused until told otherwise.
+                if shared.pause.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
                     shared.paused_count.fetch_add(1, Ordering::SeqCst);
-                    while *paused && !shared.stop.load(Ordering::SeqCst) {
-                        paused = shared.resumed.wait(paused).unwrap_or_else(|p| p.into_inner());
-                    }
+                    let cmd = rx.recv();
                     shared.paused_count.fetch_sub(1, Ordering::SeqCst);
+                    match cmd {
+                        Ok(VcpuCmd::Resume) => {}
+                        Ok(VcpuCmd::Stop) | Err(_) => return,
+                    }
                 }
             }
             Err(e) => {

@@ -1,0 +1,103 @@
+//! basalt-vmm's control socket on a running guest, inside the emulated arm64
+//! host: status, counters (KVM's binary stats), vgic-state, pause and resume
+//! (the guest's clock-driven output stops and restarts), shutdown.
+
+use std::time::Duration;
+
+use basalt_tests::rig::{guest, Arm64Host, Artifacts};
+use serde_json::Value;
+
+const HOST_SCRIPT: &str = r#"
+S=/tmp/vm.sock; C=/tmp/console
+basalt-vmm --kernel guest/Image --initrd guest/initrd --memory 256 --vcpus 2 \
+    --cmdline 'console=ttyS0 panic=-1 quiet' --console file:$C --control-socket $S &
+VMM=$!
+for i in $(seq 1 600); do grep -q GUEST-READY $C 2>/dev/null && break; sleep 0.2; done
+grep -q GUEST-READY $C || { echo "guest never became ready"; cat $C; exit 5; }
+ctl() { echo "CTL-$1 $(basalt-vmm ctl --socket $S $1)"; }
+ctl status
+ctl counters
+ctl vgic-state
+ctl pause
+a=$(wc -c < $C); sleep 3; b=$(wc -c < $C)
+echo "PAUSED-GROWTH $((b - a))"
+ctl status
+ctl resume
+sleep 3; c=$(wc -c < $C)
+echo "RESUMED-GROWTH $((c - b))"
+echo "CTL-bogus $(basalt-vmm ctl --socket $S reboot-now)"
+ctl shutdown
+wait $VMM; rc=$?
+echo "VMM-EXIT rc=$rc"
+exit $rc
+"#;
+
+fn ctl<'a>(text: &'a str, name: &str) -> Vec<Value> {
+    let prefix = format!("CTL-{name} ");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(|j| serde_json::from_str(j).unwrap_or_else(|e| panic!("{name}: {e}: {j}")))
+        .collect()
+}
+
+fn growth(text: &str, key: &str) -> i64 {
+    text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("{key}"))
+}
+
+#[test]
+fn control_socket_status_counters_vgic_pause_resume_shutdown() {
+    let arts = Artifacts::locate().expect("rig artifacts");
+    let initrd = guest::initramfs(
+        &arts,
+        "echo GUEST-READY\ni=0\nwhile [ $i -lt 400 ]; do echo TICK $i; i=$((i+1)); sleep 0.1; done",
+    )
+    .expect("guest initramfs");
+    let out = Arm64Host::new("vmm-control")
+        .memory_mib(1536)
+        .timeout(Duration::from_secs(900))
+        .arm64_bin(&arts, "basalt-vmm")
+        .expect("arm64 basalt-vmm")
+        .file("guest/Image", guest::kernel(&arts).expect("kernel"), 0o644)
+        .file("guest/initrd", initrd, 0o644)
+        .script(HOST_SCRIPT)
+        .run()
+        .expect("host runs");
+    out.assert_success();
+    let text = out.command_output();
+
+    let status = &ctl(text, "status")[0];
+    assert_eq!(status["ok"], true, "{status}");
+    assert_eq!(status["result"]["state"], "running");
+    assert_eq!(status["result"]["vcpus"], 2);
+
+    let counters = &ctl(text, "counters")[0]["result"];
+    let vcpus = counters["vcpus"].as_array().expect("per-vCPU counters");
+    assert_eq!(vcpus.len(), 2);
+    for v in vcpus {
+        let kvm = &v["kvm"];
+        assert!(kvm["exits"].as_u64().unwrap_or(0) > 0, "KVM exits > 0: {v}");
+        assert!(kvm.get("mmio_exit_user").is_some() && kvm.get("wfi_exit_stat").is_some(), "{v}");
+    }
+    assert!(vcpus[0]["mmio_exits_handled"].as_u64().unwrap_or(0) > 0, "the console is MMIO");
+    assert!(counters["serial_tx_bytes"].as_u64().unwrap_or(0) > 10);
+
+    let irqs = ctl(text, "vgic-state")[0]["result"]["irqs"].as_array().expect("irqs").clone();
+    for cpu in ["vcpu0", "vcpu1"] {
+        let timer = irqs.iter().find(|i| i["intid"] == 27 && i["target"] == cpu).expect("PPI 27");
+        assert_eq!(timer["kind"], "PPI");
+        assert_eq!(timer["enabled"], true, "the guest enabled its virtual timer on {cpu}: {timer}");
+    }
+    let serial = irqs.iter().find(|i| i["intid"] == 32).expect("serial SPI");
+    assert_eq!(serial["kind"], "SPI");
+
+    assert_eq!(ctl(text, "pause")[0]["ok"], true);
+    assert_eq!(growth(text, "PAUSED-GROWTH "), 0, "a paused guest prints nothing");
+    assert_eq!(ctl(text, "status")[1]["result"]["state"], "paused");
+    assert_eq!(ctl(text, "resume")[0]["ok"], true);
+    assert!(growth(text, "RESUMED-GROWTH ") > 0, "the guest runs again after resume");
+    let bogus = &ctl(text, "bogus")[0];
+    assert_eq!(bogus["ok"], false);
+    assert!(bogus["error"].as_str().unwrap_or("").contains("unknown command"), "{bogus}");
+    assert_eq!(ctl(text, "shutdown")[0]["ok"], true);
+    assert!(text.contains("VMM-EXIT rc=0"), "{text}");
+}
