@@ -49,13 +49,23 @@ enum Client {
     Ctl {
         #[arg(long)]
         socket: PathBuf,
-        /// status, pause, resume, shutdown, counters, vgic-state
+        /// status, pause, resume, shutdown, counters, vgic-state, save, restore
         command: String,
+        /// Arguments as JSON, e.g. '{"path":"/tmp/snap"}' for save and restore.
+        #[arg(long)]
+        args: Option<String>,
     },
 }
 
-fn ctl(socket: &std::path::Path, command: &str) -> ExitCode {
-    match basalt_vmm::control::call(socket, command, serde_json::Value::Null, Duration::from_secs(30)) {
+fn ctl(socket: &std::path::Path, command: &str, args: Option<&str>) -> ExitCode {
+    let args = match args.map(serde_json::from_str).transpose() {
+        Ok(a) => a.unwrap_or(serde_json::Value::Null),
+        Err(e) => {
+            eprintln!("basalt-vmm ctl: --args is not JSON: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match basalt_vmm::control::call(socket, command, args, Duration::from_secs(60)) {
         Ok(r) => {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             if r.ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
@@ -124,8 +134,22 @@ fn run(cfg: &VmConfig, control: Option<&std::path::Path>) -> ExitCode {
     use basalt_vmm::vm::{Vm, VmExit};
     use std::time::Instant;
     let mut resets: Vec<Instant> = Vec::new();
+    let mut snapshot: Option<std::path::PathBuf> = None;
     loop {
-        let vm = match Vm::new(cfg) {
+        let built = match snapshot.take() {
+            None => Vm::new(cfg),
+            Some(dir) => match basalt_vmm::persist::VmState::read(&dir) {
+                Ok((state, mem)) => {
+                    eprintln!("basalt-vmm: restoring the VM from {}", dir.display());
+                    Vm::restore(cfg, &state, &mem)
+                }
+                Err(e) => {
+                    eprintln!("basalt-vmm: cannot read the snapshot {}: {e}", dir.display());
+                    return ExitCode::from(2);
+                }
+            },
+        };
+        let vm = match built {
             Ok(vm) => vm,
             Err(e) => {
                 eprintln!("basalt-vmm: cannot start the VM: {e}");
@@ -151,6 +175,7 @@ fn run(cfg: &VmConfig, control: Option<&std::path::Path>) -> ExitCode {
                 }
                 eprintln!("basalt-vmm: the guest asked for a reset; restarting it");
             }
+            Ok(VmExit::Restore(dir)) => snapshot = Some(dir),
             Ok(VmExit::Crashed(why)) => {
                 eprintln!("basalt-vmm: the VM failed: {why}");
                 return ExitCode::from(2);
@@ -171,8 +196,8 @@ fn run(_cfg: &VmConfig, _control: Option<&std::path::Path>) -> ExitCode {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Client::Ctl { socket, command }) = &args.client {
-        return ctl(socket, command);
+    if let Some(Client::Ctl { socket, command, args: a }) = &args.client {
+        return ctl(socket, command, a.as_deref());
     }
     match build_config(&args) {
         Ok(cfg) => run(&cfg, args.control_socket.as_deref()),

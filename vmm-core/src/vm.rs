@@ -18,7 +18,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -39,6 +39,8 @@ pub enum VmExit {
     Stopped,
     /// The guest or KVM failed in a way that ends the VM.
     Crashed(String),
+    /// Asked to replace this VM with the snapshot in this directory.
+    Restore(std::path::PathBuf),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,8 @@ pub enum VmError {
     Console(std::io::Error),
     #[error("{0}")]
     Setup(String),
+    #[error(transparent)]
+    State(#[from] crate::persist::StateError),
 }
 
 fn kvm(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -74,6 +78,7 @@ fn kvm(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 enum VcpuCmd {
     Resume,
     Stop,
+    Save(Sender<Result<crate::persist::VcpuState, String>>),
 }
 
 /// State the vCPU threads and the VMM thread share.
@@ -114,6 +119,27 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 
 impl Vm {
     pub fn new(cfg: &VmConfig) -> Result<Vm, VmError> {
+        Self::build(cfg, None)
+    }
+
+    /// A fresh VM with the given snapshot's state instead of a boot.
+    pub fn restore(cfg: &VmConfig, state: &crate::persist::VmState, memory: &[u8]) -> Result<Vm, VmError> {
+        state.check()?;
+        if state.vcpus.len() != cfg.vcpus as usize || state.memory_bytes != cfg.memory_bytes() {
+            return Err(crate::persist::StateError::Shape(format!(
+                "snapshot has {} vCPUs and {} MiB, the config {} and {} MiB",
+                state.vcpus.len(),
+                state.memory_bytes >> 20,
+                cfg.vcpus,
+                cfg.memory_mib
+            ))
+            .into());
+        }
+        Self::build(cfg, Some((state, memory)))
+    }
+
+    fn build(cfg: &VmConfig, snapshot: Option<(&crate::persist::VmState, &[u8])>) -> Result<Vm, VmError> {
+        use crate::persist::Persist;
         cfg.validate()?;
         let kvm_ = Kvm::new().map_err(kvm("open /dev/kvm"))?;
         let fd = kvm_.create_vm().map_err(kvm("create VM"))?;
@@ -138,14 +164,14 @@ impl Vm {
         for id in 0..cfg.vcpus {
             vcpus.push(fd.create_vcpu(u64::from(id)).map_err(kvm(format!("create vCPU {id}")))?);
         }
-        let gic = VGicV3::create(&fd, u64::from(cfg.vcpus))?;
+        let mut gic = VGicV3::create(&fd, u64::from(cfg.vcpus))?;
         let mut mpidrs = Vec::new();
         for (id, v) in vcpus.iter().enumerate() {
             vcpu::init(&fd, v, id as u32).map_err(kvm(format!("init vCPU {id}")))?;
             mpidrs.push(vcpu::mpidr(v).map_err(kvm("read MPIDR"))?);
         }
         // KVM requires every vCPU to exist before the vGIC is initialised.
-        gic.finalize()?;
+        gic.finalize_with(&mpidrs)?;
 
         let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup(format!("eventfd: {e}")))?;
         let shared = Arc::new(VcpuShared {
@@ -160,7 +186,10 @@ impl Vm {
         let mut bus = MmioBus::default();
         let out: ConsoleOut = match &cfg.console {
             ConsoleConfig::Stdout => Box::new(std::io::stdout()),
-            ConsoleConfig::File { path } => Box::new(File::create(path).map_err(VmError::Console)?),
+            // Appended to, so a reset or restored VM continues the same log.
+            ConsoleConfig::File { path } => {
+                Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(VmError::Console)?)
+            }
             ConsoleConfig::None => Box::new(std::io::sink()),
         };
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup(format!("eventfd: {e}")))?;
@@ -169,11 +198,33 @@ impl Vm {
         bus.insert(layout::SERIAL_BASE, layout::SERIAL_SIZE, serial.clone())
             .map_err(|e| VmError::Setup(e.to_string()))?;
 
-        let image = boot::load(&mem, mem_size, &cfg.kernel, cfg.initrd.as_deref())?;
-        let tree = fdt::create_fdt(&fdt::FdtParams { mpidrs: &mpidrs, mem_size, cmdline: &cfg.cmdline, initrd: image.initrd, virtio: &[] })
-            .map_err(|e| VmError::Fdt(e.to_string()))?;
-        boot::write_fdt(&mem, image.fdt, &tree)?;
-        vcpu::set_boot_regs(&vcpus[0], image.entry, image.fdt).map_err(kvm("set boot registers"))?;
+        match snapshot {
+            None => {
+                let image = boot::load(&mem, mem_size, &cfg.kernel, cfg.initrd.as_deref())?;
+                let tree = fdt::create_fdt(&fdt::FdtParams {
+                    mpidrs: &mpidrs,
+                    mem_size,
+                    cmdline: &cfg.cmdline,
+                    initrd: image.initrd,
+                    virtio: &[],
+                })
+                .map_err(|e| VmError::Fdt(e.to_string()))?;
+                boot::write_fdt(&mem, image.fdt, &tree)?;
+                vcpu::set_boot_regs(&vcpus[0], image.entry, image.fdt).map_err(kvm("set boot registers"))?;
+            }
+            Some((state, bytes)) => {
+                mem.write_slice(bytes, GuestAddress(layout::RAM_BASE)).map_err(|e| VmError::Memory(e.to_string()))?;
+                for (i, (v, st)) in vcpus.iter_mut().zip(&state.vcpus).enumerate() {
+                    v.restore(st).map_err(kvm(format!("restore vCPU {i}")))?;
+                }
+                gic.restore(&state.gic)?;
+                serial
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .restore(&state.serial)
+                    .map_err(|e| VmError::Setup(format!("restore the serial console: {e}")))?;
+            }
+        }
 
         Ok(Vm { _kvm: kvm_, _fd: fd, mem, vcpus, mpidrs, gic, bus, serial, shared, mem_size })
     }
@@ -283,7 +334,7 @@ impl Running<'_> {
             return;
         }
         let resp = match crate::control::parse_request(&line) {
-            Ok(req) => self.handle(&req.cmd),
+            Ok(req) => self.handle(&req.cmd, &req.args),
             Err(r) => r,
         };
         if let Ok(mut text) = serde_json::to_string(&resp) {
@@ -293,7 +344,7 @@ impl Running<'_> {
         }
     }
 
-    fn handle(&mut self, cmd: &str) -> crate::control::Response {
+    fn handle(&mut self, cmd: &str, args: &Value) -> crate::control::Response {
         use crate::control::Response;
         match cmd {
             "status" => Response::ok(json!({
@@ -331,10 +382,50 @@ impl Running<'_> {
                     Err(e) => Response::err(e.to_string()),
                 }
             }
+            "save" => match args.get("path").and_then(Value::as_str) {
+                Some(p) => match self.save(Path::new(p)) {
+                    Ok(bytes) => Response::ok(json!({"state": "paused", "path": p, "memory_bytes": bytes})),
+                    Err(e) => Response::err(e),
+                },
+                None => Response::err("save needs args {\"path\": DIR}"),
+            },
+            "restore" => match args.get("path").and_then(Value::as_str) {
+                // Read and check it now, so a bad snapshot is refused while
+                // this VM keeps running.
+                Some(p) => match crate::persist::VmState::read(Path::new(p)) {
+                    Ok(_) => {
+                        self.vm.shared.finish(VmExit::Restore(p.into()));
+                        Response::ok(json!({"state": "restoring", "path": p}))
+                    }
+                    Err(e) => Response::err(e.to_string()),
+                },
+                None => Response::err("restore needs args {\"path\": DIR}"),
+            },
             other => Response::err(format!(
-                "unknown command {other:?}; commands: status, pause, resume, shutdown, counters, vgic-state"
+                "unknown command {other:?}; commands: status, pause, resume, shutdown, counters, vgic-state, save, restore"
             )),
         }
+    }
+
+    /// Pauses the VM and writes its whole state and memory to `dir`. The VM
+    /// stays paused: resume it, or restore the snapshot elsewhere.
+    fn save(&mut self, dir: &Path) -> Result<u64, String> {
+        use crate::persist::{Persist, VmState, STATE_VERSION};
+        self.pause()?;
+        let mut vcpus = Vec::new();
+        for (i, v) in self.vcpus.iter().enumerate() {
+            let (tx, rx) = channel();
+            v.tx.send(VcpuCmd::Save(tx)).map_err(|_| format!("vCPU {i} is gone"))?;
+            let st = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| format!("vCPU {i} did not answer"))??;
+            vcpus.push(st);
+        }
+        let gic = self.vm.gic.save().map_err(|e| e.to_string())?;
+        let serial = self.vm.serial.lock().unwrap_or_else(|p| p.into_inner()).save().map_err(|e| e.to_string())?;
+        let mut mem = vec![0u8; self.vm.mem_size as usize];
+        self.vm.mem.read_slice(&mut mem, GuestAddress(layout::RAM_BASE)).map_err(|e| e.to_string())?;
+        let state = VmState { version: STATE_VERSION, memory_bytes: self.vm.mem_size, vcpus, gic, serial, virtio: vec![] };
+        state.write(dir, &mem).map_err(|e| e.to_string())?;
+        Ok(self.vm.mem_size)
     }
 
     /// Parks every vCPU outside KVM_RUN. Idempotent.
@@ -435,11 +526,21 @@ fn vcpu_loop(id: usize, mut v: VcpuFd, bus: MmioBus, shared: Arc<VcpuShared>, rx
                 // Kicked: stop, or park while paused until told otherwise.
                 if shared.pause.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
                     shared.paused_count.fetch_add(1, Ordering::SeqCst);
-                    let cmd = rx.recv();
+                    // Parked: the VMM thread may ask for this vCPU's state (only
+                    // this thread holds its fd) until it resumes or stops it.
+                    let next = loop {
+                        match rx.recv() {
+                            Ok(VcpuCmd::Save(reply)) => {
+                                use crate::persist::Persist;
+                                let _ = reply.send(v.save().map_err(|e| format!("save vCPU {id}: {e}")));
+                            }
+                            Ok(VcpuCmd::Resume) => break true,
+                            Ok(VcpuCmd::Stop) | Err(_) => break false,
+                        }
+                    };
                     shared.paused_count.fetch_sub(1, Ordering::SeqCst);
-                    match cmd {
-                        Ok(VcpuCmd::Resume) => {}
-                        Ok(VcpuCmd::Stop) | Err(_) => return,
+                    if !next {
+                        return;
                     }
                 }
             }

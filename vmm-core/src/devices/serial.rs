@@ -31,13 +31,55 @@ impl SerialDevice {
         SerialDevice { uart: Serial::new(EventFdTrigger(irq), out), tx_bytes: 0 }
     }
 
-    pub fn state(&self) -> vm_superio::serial::SerialState {
-        self.uart.state()
-    }
-
     /// Input for the guest (a console attached later).
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl crate::persist::Persist for SerialDevice {
+    type State = crate::persist::SerialState;
+    type Error = std::io::Error;
+
+    fn save(&self) -> Result<Self::State, Self::Error> {
+        let s = self.uart.state();
+        Ok(crate::persist::SerialState {
+            version: crate::persist::STATE_VERSION,
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        })
+    }
+
+    fn restore(&mut self, s: &Self::State) -> Result<(), Self::Error> {
+        let st = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        // Rebuild the UART around its current output and interrupt eventfd
+        // (dup'd: both fds are the same eventfd, the KVM irqfd).
+        let irq = || self.uart.interrupt_evt().0.try_clone();
+        let placeholder = Serial::new(EventFdTrigger(irq()?), Box::new(std::io::sink()) as ConsoleOut);
+        let trigger = EventFdTrigger(irq()?);
+        let old = std::mem::replace(&mut self.uart, placeholder);
+        self.uart = Serial::from_state(&st, trigger, NoEvents, old.into_writer())
+            .map_err(|e| std::io::Error::other(format!("serial state: {e:?}")))?;
+        Ok(())
     }
 }
 

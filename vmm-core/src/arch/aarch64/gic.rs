@@ -5,7 +5,8 @@
 use kvm_bindings::{
     kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, KVM_DEV_ARM_VGIC_CTRL_INIT,
     KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_GRP_DIST_REGS,
-    KVM_DEV_ARM_VGIC_GRP_NR_IRQS, KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, KVM_VGIC_V3_ADDR_TYPE_DIST,
+    KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
+    KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, KVM_VGIC_V3_ADDR_TYPE_DIST,
     KVM_VGIC_V3_ADDR_TYPE_REDIST,
 };
 use serde::Serialize;
@@ -34,6 +35,8 @@ pub const GICD_ISPENDR: u32 = 0x0200;
 
 pub struct VGicV3 {
     fd: DeviceFd,
+    /// The vCPUs' MPIDRs, known once they are initialised (see `finalize`).
+    mpidrs: Vec<u64>,
 }
 
 impl VGicV3 {
@@ -42,12 +45,19 @@ impl VGicV3 {
     pub fn create(vm: &VmFd, vcpus: u64) -> Result<Self, GicError> {
         let mut dev = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, fd: 0, flags: 0 };
         let fd = vm.create_device(&mut dev).map_err(GicError::Unsupported)?;
-        let gic = VGicV3 { fd };
+        let gic = VGicV3 { fd, mpidrs: Vec::new() };
         assert!(vcpus <= layout::GIC_REDIST_MAX_CPUS, "vCPU count is validated by the VM config");
         gic.set_u64(KVM_DEV_ARM_VGIC_GRP_ADDR, u64::from(KVM_VGIC_V3_ADDR_TYPE_DIST), layout::GIC_DIST_BASE, "distributor address")?;
         gic.set_u64(KVM_DEV_ARM_VGIC_GRP_ADDR, u64::from(KVM_VGIC_V3_ADDR_TYPE_REDIST), layout::GIC_REDIST_BASE, "redistributor address")?;
         gic.set_u32(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, layout::GIC_NR_IRQS, "number of IRQs")?;
         Ok(gic)
+    }
+
+    /// Initialises the vGIC once every vCPU exists; `mpidrs` name them for
+    /// the per-CPU state views.
+    pub fn finalize_with(&mut self, mpidrs: &[u64]) -> Result<(), GicError> {
+        self.mpidrs = mpidrs.to_vec();
+        self.finalize()
     }
 
     pub fn finalize(&self) -> Result<(), GicError> {
@@ -151,6 +161,184 @@ impl VGicV3 {
     fn set_u64(&self, group: u32, attr: u64, val: u64, what: &'static str) -> Result<(), GicError> {
         let a = kvm_device_attr { group, attr, addr: &val as *const u64 as u64, flags: 0 };
         self.fd.set_device_attr(&a).map_err(|source| GicError::Attr { what, source })
+    }
+}
+
+// Register ranges saved for migration (arm-vgic-v3.rst; offsets for the SGI
+// frame of a redistributor are 0x10000 + the frame offset).
+const GICR_CTLR: u32 = 0x0000;
+const SGI_IGROUPR0: u32 = 0x1_0080;
+const SGI_ISENABLER0: u32 = 0x1_0100;
+const SGI_ICENABLER0: u32 = 0x1_0180;
+const SGI_ISPENDR0: u32 = 0x1_0200;
+const SGI_ICPENDR0: u32 = 0x1_0280;
+const SGI_ISACTIVER0: u32 = 0x1_0300;
+const SGI_ICACTIVER0: u32 = 0x1_0380;
+const SGI_IPRIORITYR: u32 = 0x1_0400;
+const SGI_ICFGR0: u32 = 0x1_0c00;
+
+/// ICC_* registers as KVM encodes them (op0, op1, CRn, CRm, op2), in the
+/// order they are restored: SRE first, as QEMU does, because it decides how
+/// the others are interpreted.
+fn icc_regs() -> Vec<u64> {
+    let e = |op0: u64, op1: u64, crn: u64, crm: u64, op2: u64| op0 << 14 | op1 << 11 | crn << 7 | crm << 3 | op2;
+    let mut v = vec![
+        e(3, 0, 12, 12, 5), // ICC_SRE_EL1
+        e(3, 0, 12, 12, 4), // ICC_CTLR_EL1
+        e(3, 0, 12, 12, 6), // ICC_IGRPEN0_EL1
+        e(3, 0, 12, 12, 7), // ICC_IGRPEN1_EL1
+        e(3, 0, 4, 6, 0),   // ICC_PMR_EL1
+        e(3, 0, 12, 8, 3),  // ICC_BPR0_EL1
+        e(3, 0, 12, 12, 3), // ICC_BPR1_EL1
+    ];
+    for n in 0..4 {
+        v.push(e(3, 0, 12, 8, 4 + n)); // ICC_AP0R<n>_EL1
+        v.push(e(3, 0, 12, 9, n)); // ICC_AP1R<n>_EL1
+    }
+    v
+}
+
+impl VGicV3 {
+    fn attr_u32(&self, group: u32, attr: u64) -> Option<u32> {
+        let mut val: u32 = 0;
+        let mut a = kvm_device_attr { group, attr, addr: &mut val as *mut u32 as u64, flags: 0 };
+        // SAFETY: `addr` points at a live u32.
+        unsafe { self.fd.get_device_attr(&mut a) }.ok().map(|_| val)
+    }
+
+    fn attr_u64(&self, group: u32, attr: u64) -> Option<u64> {
+        let mut val: u64 = 0;
+        let mut a = kvm_device_attr { group, attr, addr: &mut val as *mut u64 as u64, flags: 0 };
+        // SAFETY: `addr` points at a live u64.
+        unsafe { self.fd.get_device_attr(&mut a) }.ok().map(|_| val)
+    }
+
+    fn put_u32(&self, group: u32, attr: u64, val: u32, what: &'static str) -> Result<(), GicError> {
+        let a = kvm_device_attr { group, attr, addr: &val as *const u32 as u64, flags: 0 };
+        self.fd.set_device_attr(&a).map_err(|source| GicError::Attr { what, source })
+    }
+
+    fn put_u64(&self, group: u32, attr: u64, val: u64, what: &'static str) -> Result<(), GicError> {
+        let a = kvm_device_attr { group, attr, addr: &val as *const u64 as u64, flags: 0 };
+        self.fd.set_device_attr(&a).map_err(|source| GicError::Attr { what, source })
+    }
+
+    /// Distributor registers for SPIs, as (offset, "clear" twin if it is a set-register).
+    fn dist_offsets() -> Vec<u32> {
+        let n = layout::GIC_NR_IRQS;
+        let mut v = vec![GICD_CTLR];
+        for w in 1..n / 32 {
+            v.push(0x80 + 4 * w); // IGROUPR
+        }
+        for k in 8..n / 4 {
+            v.push(0x400 + 4 * k); // IPRIORITYR
+        }
+        for k in 2..n / 16 {
+            v.push(0xc00 + 4 * k); // ICFGR
+        }
+        for i in layout::GIC_SPI_BASE..n {
+            v.push(0x6000 + 8 * i); // IROUTER, low and high words
+            v.push(0x6004 + 8 * i);
+        }
+        for w in 1..n / 32 {
+            v.push(0x200 + 4 * w); // ISPENDR
+            v.push(0x300 + 4 * w); // ISACTIVER
+            v.push(0x100 + 4 * w); // ISENABLER, last: nothing fires half-configured
+        }
+        v
+    }
+
+    fn redist_offsets() -> Vec<u32> {
+        let mut v = vec![GICR_CTLR, SGI_IGROUPR0, SGI_ICFGR0, SGI_ICFGR0 + 4];
+        for k in 0..8 {
+            v.push(SGI_IPRIORITYR + 4 * k);
+        }
+        v.extend([SGI_ISPENDR0, SGI_ISACTIVER0, SGI_ISENABLER0]);
+        v
+    }
+}
+
+impl crate::persist::Persist for VGicV3 {
+    type State = crate::persist::GicState;
+    type Error = GicError;
+
+    /// Reads the distributor, every redistributor and CPU interface, and the
+    /// SPI line levels. KVM answers only while no vCPU runs.
+    fn save(&self) -> Result<Self::State, GicError> {
+        let grp_d = KVM_DEV_ARM_VGIC_GRP_DIST_REGS;
+        let dist = Self::dist_offsets()
+            .into_iter()
+            .filter_map(|o| self.attr_u32(grp_d, u64::from(o)).map(|v| (o, v)))
+            .collect();
+        let mut redist = Vec::new();
+        let mut icc = Vec::new();
+        for &m in &self.mpidrs {
+            let aff = packed_affinity(m) << 32;
+            let r = Self::redist_offsets()
+                .into_iter()
+                .filter_map(|o| self.attr_u32(KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, aff | u64::from(o)).map(|v| (o, v)))
+                .collect();
+            redist.push((m, r));
+            // Registers the CPU interface does not implement (AP0R1..3 with
+            // few priority bits) fail to read and are simply not saved.
+            let c = icc_regs()
+                .into_iter()
+                .filter_map(|enc| self.attr_u64(KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, aff | enc).map(|v| (enc, v)))
+                .collect();
+            icc.push((m, c));
+        }
+        let mut line_level = Vec::new();
+        for intid in (layout::GIC_SPI_BASE..layout::GIC_NR_IRQS).step_by(32) {
+            // VGIC_LEVEL_INFO_LINE_LEVEL (0) in the info field at bit 10.
+            if let Some(v) = self.attr_u32(KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, u64::from(intid)) {
+                line_level.push((intid, v));
+            }
+        }
+        Ok(crate::persist::GicState {
+            version: crate::persist::STATE_VERSION,
+            nr_irqs: layout::GIC_NR_IRQS,
+            dist,
+            redist,
+            icc,
+            line_level,
+        })
+    }
+
+    /// Restores into a freshly initialised vGIC, in QEMU's proven order:
+    /// GICD_CTLR, redistributors, distributor, line levels, CPU interfaces.
+    fn restore(&mut self, s: &Self::State) -> Result<(), GicError> {
+        let grp_d = KVM_DEV_ARM_VGIC_GRP_DIST_REGS;
+        if let Some((_, ctlr)) = s.dist.iter().find(|(o, _)| *o == GICD_CTLR) {
+            self.put_u32(grp_d, u64::from(GICD_CTLR), *ctlr, "restore GICD_CTLR")?;
+        }
+        for (m, regs) in &s.redist {
+            let aff = packed_affinity(*m) << 32;
+            let g = KVM_DEV_ARM_VGIC_GRP_REDIST_REGS;
+            for clear in [SGI_ICENABLER0, SGI_ICPENDR0, SGI_ICACTIVER0] {
+                self.put_u32(g, aff | u64::from(clear), u32::MAX, "clear redistributor state")?;
+            }
+            for (o, v) in regs {
+                self.put_u32(g, aff | u64::from(*o), *v, "restore redistributor register")?;
+            }
+        }
+        for w in 1..s.nr_irqs / 32 {
+            for clear in [0x180, 0x280, 0x380] {
+                self.put_u32(grp_d, u64::from(clear + 4 * w), u32::MAX, "clear distributor state")?;
+            }
+        }
+        for (o, v) in s.dist.iter().filter(|(o, _)| *o != GICD_CTLR) {
+            self.put_u32(grp_d, u64::from(*o), *v, "restore distributor register")?;
+        }
+        for (intid, v) in &s.line_level {
+            self.put_u32(KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, u64::from(*intid), *v, "restore line level")?;
+        }
+        for (m, regs) in &s.icc {
+            let aff = packed_affinity(*m) << 32;
+            for (enc, v) in regs {
+                self.put_u64(KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, aff | enc, *v, "restore ICC register")?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -33,3 +33,38 @@ pub fn mpidr(vcpu: &VcpuFd) -> Result<u64, kvm_ioctls::Error> {
     vcpu.get_one_reg(regs::MPIDR_EL1, &mut b)?;
     Ok(u64::from_le_bytes(b))
 }
+
+impl crate::persist::Persist for VcpuFd {
+    type State = crate::persist::VcpuState;
+    type Error = kvm_ioctls::Error;
+
+    /// Reads every register KVM lists for this vCPU; the vCPU must not be running.
+    fn save(&self) -> Result<Self::State, Self::Error> {
+        let mut list = kvm_bindings::RegList::new(500).map_err(|_| kvm_ioctls::Error::new(libc::ENOMEM))?;
+        self.get_reg_list(&mut list)?;
+        let mut regs = Vec::with_capacity(list.as_slice().len());
+        for &id in list.as_slice() {
+            let mut buf = vec![0u8; regs::reg_size(id)];
+            self.get_one_reg(id, &mut buf)?;
+            regs.push((id, buf));
+        }
+        Ok(crate::persist::VcpuState {
+            version: crate::persist::STATE_VERSION,
+            mpidr: mpidr(self)?,
+            regs,
+            mp_state: self.get_mp_state()?.mp_state,
+        })
+    }
+
+    /// Writes the registers back in the order they were listed (core, then
+    /// system and timer registers, then firmware), then the power state.
+    fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error> {
+        for (id, value) in &state.regs {
+            if value.len() != regs::reg_size(*id) {
+                return Err(kvm_ioctls::Error::new(libc::EINVAL));
+            }
+            self.set_one_reg(*id, value)?;
+        }
+        self.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: state.mp_state })
+    }
+}

@@ -1,0 +1,75 @@
+//! Save → restore round trip in one basalt-vmm process, inside the emulated
+//! arm64 host: a guest counting in memory is saved (vCPU registers, vGIC,
+//! console, RAM), keeps running for a while, then is restored from the
+//! snapshot into a fresh VM and continues counting from the saved value.
+
+use std::time::Duration;
+
+use basalt_tests::rig::{guest, Arm64Host, Artifacts};
+
+const HOST_SCRIPT: &str = r#"
+S=/tmp/vm.sock; C=/tmp/console
+basalt-vmm --kernel guest/Image --initrd guest/initrd --memory 256 --vcpus 2 \
+    --cmdline 'console=ttyS0 panic=-1 quiet' --console file:$C --control-socket $S &
+VMM=$!
+# console lines end in \r\n, so no '$' anchors
+for i in $(seq 1 600); do grep -q 'COUNT 10' $C 2>/dev/null && break; sleep 0.2; done
+echo "SAVE $(basalt-vmm ctl --socket $S save --args '{"path":"/tmp/snap"}')"
+echo "SAVED-AT $(grep COUNT $C | tail -1)"
+ls -la /tmp/snap
+echo "RESUME $(basalt-vmm ctl --socket $S resume)"
+sleep 2
+echo "BEFORE-RESTORE $(grep COUNT $C | tail -1)"
+echo "BAD-RESTORE $(basalt-vmm ctl --socket $S restore --args '{"path":"/nonexistent"}')"
+# Freeze the running guest so everything after this offset is the restored one's.
+echo "PAUSE $(basalt-vmm ctl --socket $S pause)"
+size=$(wc -c < $C)
+echo "RESTORE $(basalt-vmm ctl --socket $S restore --args '{"path":"/tmp/snap"}')"
+for i in $(seq 1 100); do basalt-vmm ctl --socket $S status >/dev/null 2>&1 && break; sleep 0.1; done
+sleep 3
+echo "--- console after restore"
+tail -c +$((size + 1)) $C | head -20
+echo "--- end"
+echo "SHUTDOWN $(basalt-vmm ctl --socket $S shutdown)"
+wait $VMM; rc=$?
+echo "VMM-EXIT rc=$rc"
+exit $rc
+"#;
+
+fn count_of(line: &str) -> Option<u64> {
+    line.trim().rsplit("COUNT ").next().and_then(|n| n.trim().parse().ok())
+}
+
+#[test]
+fn a_counting_guest_continues_from_its_snapshot() {
+    let arts = Artifacts::locate().expect("rig artifacts");
+    let initrd = guest::initramfs(&arts, "echo GUEST-READY\ni=0\nwhile true; do i=$((i+1)); echo COUNT $i; sleep 0.2; done")
+        .expect("guest initramfs");
+    let out = Arm64Host::new("vmm-snapshot")
+        .memory_mib(2048)
+        .timeout(Duration::from_secs(900))
+        .arm64_bin(&arts, "basalt-vmm")
+        .expect("arm64 basalt-vmm")
+        .file("guest/Image", guest::kernel(&arts).expect("kernel"), 0o644)
+        .file("guest/initrd", initrd, 0o644)
+        .script(HOST_SCRIPT)
+        .run()
+        .expect("host runs");
+    out.assert_success();
+    let text = out.command_output();
+    let line = |p: &str| text.lines().find_map(|l| l.strip_prefix(p)).unwrap_or_else(|| panic!("{p} in {text}"));
+    assert!(line("SAVE ").contains("\"ok\":true"), "{text}");
+    assert!(line("BAD-RESTORE ").contains("\"ok\":false"), "a bad snapshot is refused: {text}");
+    assert!(line("RESTORE ").contains("\"ok\":true"), "{text}");
+    let saved = count_of(line("SAVED-AT ")).expect("saved count");
+    let before = count_of(line("BEFORE-RESTORE ")).expect("count before restore");
+    assert!(before > saved + 2, "the guest ran on after the save ({saved} -> {before})");
+
+    let after: Vec<&str> = text.split("--- console after restore").nth(1).and_then(|t| t.split("--- end").next()).expect("after").lines().collect();
+    assert!(!after.iter().any(|l| l.contains("GUEST-READY")), "the guest did not reboot: {after:?}");
+    let counts: Vec<u64> = after.iter().filter_map(|l| l.contains("COUNT").then(|| count_of(l)).flatten()).collect();
+    assert!(counts.len() >= 3, "the restored guest keeps counting: {after:?}");
+    assert_eq!(counts[0], saved + 1, "it continues from the snapshot, not from where it was: {counts:?}");
+    assert!(counts.windows(2).all(|w| w[1] == w[0] + 1), "{counts:?}");
+    assert!(text.contains("VMM-EXIT rc=0"), "{text}");
+}
