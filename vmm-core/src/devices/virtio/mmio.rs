@@ -247,13 +247,10 @@ impl<D: ?Sized + VirtioDevice> MmioTransport<D> {
 
     /// The event loop saw the backend's completion fd readable.
     pub fn handle_backend_event(&mut self) {
-        if self.activated {
-            self.device.process_backend_events();
-        } else {
-            // Completions of requests from before a reset: consume them so
-            // the fd stops being readable. The device drops them unseen.
-            self.device.process_backend_events();
-        }
+        // Also when not activated: completions of requests from before a
+        // reset must be consumed so the fd stops being readable; the device
+        // drops them without touching guest memory.
+        self.device.process_backend_events();
     }
 
     /// Waits for the device to go quiet before its state is saved.
@@ -299,7 +296,7 @@ impl<D: ?Sized + VirtioDevice> MmioTransport<D> {
             }
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             self.invalid_access("read", offset, data.len());
             return;
         }
@@ -347,7 +344,7 @@ impl<D: ?Sized + VirtioDevice> MmioTransport<D> {
             self.invalid_access("write", offset, data.len());
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             self.invalid_access("write", offset, data.len());
             return;
         }
@@ -389,8 +386,8 @@ impl<D: ?Sized + VirtioDevice> MmioTransport<D> {
 
     fn write_queue_reg(&mut self, offset: u64, v: u32) {
         // Queues are configured after FEATURES_OK and before DRIVER_OK.
-        let configuring = self.status & S_FEATURES_OK != 0
-            && self.status & (S_DRIVER_OK | S_FAILED | S_NEEDS_RESET) == 0;
+        let configuring =
+            self.status & S_FEATURES_OK != 0 && self.status & (S_DRIVER_OK | S_FAILED | S_NEEDS_RESET) == 0;
         let sel = self.queue_sel as usize;
         let Some(q) = self.queues.get_mut(sel).filter(|_| configuring) else {
             self.ignored_write(offset, v);
@@ -496,6 +493,10 @@ impl<D: ?Sized + VirtioDevice> MmioTransport<D> {
                     .map_err(|e| invalid(format!("available ring {:#x}: {e}", cfg.driver)))?;
                 q.try_set_used_ring_address(GuestAddress(cfg.device))
                     .map_err(|e| invalid(format!("used ring {:#x}: {e}", cfg.device)))?;
+                // virtio-queue takes an available ring at 0 for an unconfigured queue.
+                if cfg.driver == 0 {
+                    return Err(invalid("available ring at address 0".into()));
+                }
                 q.set_event_idx(event_idx);
                 q.set_ready(true);
                 if !q.is_valid(&self.mem) {
@@ -596,8 +597,10 @@ impl<D: ?Sized + VirtioDevice> MmioTransport<D> {
         if let Some(i) = s.queues.iter().zip(max_sizes).position(|(q, &m)| q.max_size != m) {
             return Err(RestoreError::QueueMaxSize(i));
         }
+        // Mid-negotiation the register may hold anything the driver wrote;
+        // once FEATURES_OK is set it must be something this device offers.
         let offered = self.device.device_features();
-        if s.acked_features & !offered != 0 {
+        if s.status & S_FEATURES_OK != 0 && s.acked_features & !offered != 0 {
             return Err(RestoreError::Features { acked: s.acked_features, offered });
         }
         if s.status & !(DRIVER_STATUS_BITS | S_NEEDS_RESET) != 0 || (s.activated && s.status & S_DRIVER_OK == 0) {
@@ -610,7 +613,13 @@ impl<D: ?Sized + VirtioDevice> MmioTransport<D> {
         self.acked_features = s.acked_features;
         self.queue_sel = s.queue_sel;
         for (cfg, q) in self.queues.iter_mut().zip(&s.queues) {
-            *cfg = QueueConfig { size: q.size, ready: q.ready, desc: q.desc_table, driver: q.avail_ring, device: q.used_ring };
+            *cfg = QueueConfig {
+                size: q.size,
+                ready: q.ready,
+                desc: q.desc_table,
+                driver: q.avail_ring,
+                device: q.used_ring,
+            };
         }
         self.interrupt_status.store(s.interrupt_status, Ordering::SeqCst);
         self.config_generation.store(s.config_generation, Ordering::SeqCst);

@@ -37,8 +37,8 @@ pub mod mmio;
 #[cfg(test)]
 mod tests;
 
-pub use block::{BlockConfig, BlockCounters, VirtioBlock, VirtioBlockState};
-pub use mmio::{MmioCounters, MmioTransport, MmioTransportState, QueueSnapshot};
+pub use block::{BlockConfig, BlockCounters, BlockDeviceError, VirtioBlock, VirtioBlockState};
+pub use mmio::{MmioCounters, MmioTransport, MmioTransportState, QueueSnapshot, RestoreError};
 
 /// InterruptStatus bit: a used ring was updated.
 pub const INT_VRING: u32 = 1;
