@@ -23,7 +23,8 @@ pub struct FileBackend {
 impl FileBackend {
     pub fn open(path: &Path, read_only: bool) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        let size = file.metadata()?.len();
+        // Seeking to the end sizes block devices too (their metadata says 0).
+        let size = { use std::io::Seek; (&file).seek(std::io::SeekFrom::End(0))? };
         Ok(FileBackend { file, size, read_only, done: Vec::new(), evt: EventFd::new(EFD_NONBLOCK)? })
     }
 

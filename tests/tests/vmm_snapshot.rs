@@ -2,6 +2,7 @@
 //! arm64 host: a guest counting in memory is saved (vCPU registers, vGIC,
 //! console, RAM), keeps running for a while, then is restored from the
 //! snapshot into a fresh VM and continues counting from the saved value.
+//! Every count goes through its virtio disk, so the device state is restored too.
 
 use std::time::Duration;
 
@@ -9,7 +10,8 @@ use basalt_tests::rig::{guest, Arm64Host, Artifacts};
 
 const HOST_SCRIPT: &str = r#"
 S=/tmp/vm.sock; C=/tmp/console
-basalt-vmm --kernel guest/Image --initrd guest/initrd --memory 256 --vcpus 2 \
+dd if=/dev/zero of=/tmp/disk bs=1M count=8 2>/dev/null
+basalt-vmm --kernel guest/Image --initrd guest/initrd --memory 256 --vcpus 2 --disk /tmp/disk \
     --cmdline 'console=ttyS0 panic=-1 quiet' --console file:$C --control-socket $S &
 VMM=$!
 # console lines end in \r\n, so no '$' anchors
@@ -43,7 +45,14 @@ fn count_of(line: &str) -> Option<u64> {
 #[test]
 fn a_counting_guest_continues_from_its_snapshot() {
     let arts = Artifacts::locate().expect("rig artifacts");
-    let initrd = guest::initramfs(&arts, "echo GUEST-READY\ni=0\nwhile true; do i=$((i+1)); echo COUNT $i; sleep 0.2; done")
+    // Each count also writes and reads the disk (O_DIRECT, so it reaches the
+    // device): a virtio queue that came back wrong after restore would hang it.
+    let initrd = guest::initramfs(
+        &arts,
+        "echo GUEST-READY\ni=0\nwhile true; do i=$((i+1)); echo \"COUNT $i\" > /tmp/c; \
+         dd if=/tmp/c of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null; \
+         dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -1; sleep 0.2; done",
+    )
         .expect("guest initramfs");
     let out = Arm64Host::new("vmm-snapshot")
         .memory_mib(2048)

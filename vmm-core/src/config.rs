@@ -102,8 +102,8 @@ impl VmConfig {
         }
         for (i, d) in self.disks.iter().enumerate() {
             match &d.backend {
-                DiskBackend::File { path } if !path.is_file() => {
-                    return bad(format!("disk {i}: {} is not a file", path.display()));
+                DiskBackend::File { path } if !is_file_or_block_device(path) => {
+                    return bad(format!("disk {i}: {} is not a file or block device", path.display()));
                 }
                 DiskBackend::Rbd { pool, image, .. } if pool.is_empty() || image.is_empty() => {
                     return bad(format!("disk {i}: rbd disks need a pool and an image"));
@@ -120,6 +120,11 @@ impl VmConfig {
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }
+}
+
+fn is_file_or_block_device(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).map(|m| m.is_file() || m.file_type().is_block_device()).unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -194,7 +194,36 @@ fn run(_cfg: &VmConfig, _control: Option<&std::path::Path>) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// Device models log guest misbehaviour through the `log` crate: to stderr,
+/// warnings and up unless BASALT_VMM_LOG=debug|info|trace.
+struct StderrLog(log::LevelFilter);
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= self.0
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("basalt-vmm: [{}] {}: {}", r.level(), r.target(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_logging() {
+    let level = match std::env::var("BASALT_VMM_LOG").as_deref() {
+        Ok("trace") => log::LevelFilter::Trace,
+        Ok("debug") => log::LevelFilter::Debug,
+        Ok("info") => log::LevelFilter::Info,
+        _ => log::LevelFilter::Warn,
+    };
+    if log::set_logger(Box::leak(Box::new(StderrLog(level)))).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
 fn main() -> ExitCode {
+    init_logging();
     let args = Args::parse();
     if let Some(Client::Ctl { socket, command, args: a }) = &args.client {
         return ctl(socket, command, a.as_deref());

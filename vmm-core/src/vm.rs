@@ -25,8 +25,44 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::arch::aarch64::gic::VGicV3;
 use crate::arch::aarch64::{boot, fdt, layout, vcpu};
 use crate::config::{ConsoleConfig, VmConfig};
+use crate::config::{DiskBackend, DiskConfig};
 use crate::devices::bus::MmioBus;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
+use crate::devices::virtio::block::{BlockConfig, VirtioBlock};
+use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+use basalt_storage::BlockBackend;
+use kvm_ioctls::IoEventAddress;
+
+type Disk = Arc<Mutex<MmioTransport<VirtioBlock>>>;
+
+/// Opens a disk's backend: a raw file (or block device), or an RBD image
+/// with its exclusive lock (so the disk is never writable on two hosts).
+fn open_disk(i: usize, d: &DiskConfig) -> Result<Box<dyn BlockBackend>, VmError> {
+    match &d.backend {
+        DiskBackend::File { path } => basalt_storage::FileBackend::open(path, d.read_only)
+            .map(|b| Box::new(b) as Box<dyn BlockBackend>)
+            .map_err(|e| VmError::Setup(format!("disk {i}: {}: {e}", path.display()))),
+        #[cfg(feature = "rbd")]
+        DiskBackend::Rbd { pool, image, client } => {
+            use basalt_storage::ceph::{ClientConfig, Cluster};
+            let cfg = ClientConfig {
+                conf: client.conf.clone(),
+                id: client.id.clone().unwrap_or_else(|| "admin".into()),
+                keyring: client.keyring.clone(),
+                options: vec![],
+            };
+            let c = Cluster::connect(&cfg).map_err(|e| VmError::Setup(format!("disk {i}: {e}")))?;
+            let io = c.ioctx(pool).map_err(|e| VmError::Setup(format!("disk {i}: {e}")))?;
+            basalt_storage::RbdBackend::open(&io, image, true, d.read_only)
+                .map(|b| Box::new(b) as Box<dyn BlockBackend>)
+                .map_err(|e| VmError::Setup(format!("disk {i}: {e}")))
+        }
+        #[cfg(not(feature = "rbd"))]
+        DiskBackend::Rbd { .. } => {
+            Err(VmError::Setup(format!("disk {i}: this basalt-vmm was built without RBD support (feature `rbd`)")))
+        }
+    }
+}
 
 /// Why a VM stopped. The binary turns it into its exit status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +147,7 @@ pub struct Vm {
     gic: VGicV3,
     bus: MmioBus,
     pub serial: Arc<Mutex<SerialDevice>>,
+    disks: Vec<Disk>,
     shared: Arc<VcpuShared>,
     mem_size: u64,
 }
@@ -160,6 +197,11 @@ impl Vm {
             unsafe { fd.set_user_memory_region(region) }.map_err(kvm("map guest memory"))?;
         }
 
+        if let Some((_, bytes)) = snapshot {
+            // Devices re-activate from guest memory on restore: it goes in first.
+            mem.write_slice(bytes, GuestAddress(layout::RAM_BASE)).map_err(|e| VmError::Memory(e.to_string()))?;
+        }
+
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {
             vcpus.push(fd.create_vcpu(u64::from(id)).map_err(kvm(format!("create vCPU {id}")))?);
@@ -198,6 +240,39 @@ impl Vm {
         bus.insert(layout::SERIAL_BASE, layout::SERIAL_SIZE, serial.clone())
             .map_err(|e| VmError::Setup(e.to_string()))?;
 
+        let mut disks: Vec<Disk> = Vec::new();
+        let mut virtio_fdt = Vec::new();
+        for (i, d) in cfg.disks.iter().enumerate() {
+            let serial = d.serial.clone().unwrap_or_else(|| format!("basalt-disk{i}"));
+            let mut blk = VirtioBlock::new(open_disk(i, d)?, BlockConfig { serial, ..BlockConfig::default() })
+                .map_err(|e| VmError::Setup(format!("disk {i}: {e}")))?;
+            let saved = match snapshot {
+                Some((state, _)) => {
+                    let v = state.virtio.get(i).ok_or_else(|| VmError::Setup(format!("the snapshot has no state for disk {i}")))?;
+                    let st: DiskState = serde_json::from_value(v.clone()).map_err(|e| VmError::Setup(format!("disk {i} state: {e}")))?;
+                    blk.restore(&st.block).map_err(|e| VmError::Setup(format!("disk {i}: {e}")))?;
+                    Some(st.transport)
+                }
+                None => None,
+            };
+            let spi = layout::VIRTIO_SPI_BASE + i as u32;
+            let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup(format!("eventfd: {e}")))?;
+            fd.register_irqfd(&irq, layout::spi_gsi(spi)).map_err(kvm(format!("disk {i} irqfd")))?;
+            let mut t = MmioTransport::new(Box::new(blk), mem.clone(), irq).map_err(|e| VmError::Setup(format!("disk {i}: {e}")))?;
+            for (q, evt) in t.queue_evts().iter().enumerate() {
+                fd.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), q as u32)
+                    .map_err(kvm(format!("disk {i} ioeventfd")))?;
+            }
+            if let Some(ts) = saved {
+                t.restore(&ts).map_err(|e| VmError::Setup(format!("disk {i}: {e}")))?;
+            }
+            let t = Arc::new(Mutex::new(t));
+            bus.insert(base, layout::VIRTIO_MMIO_SIZE, t.clone()).map_err(|e| VmError::Setup(e.to_string()))?;
+            disks.push(t);
+            virtio_fdt.push((base, spi));
+        }
+
         match snapshot {
             None => {
                 let image = boot::load(&mem, mem_size, &cfg.kernel, cfg.initrd.as_deref())?;
@@ -206,14 +281,13 @@ impl Vm {
                     mem_size,
                     cmdline: &cfg.cmdline,
                     initrd: image.initrd,
-                    virtio: &[],
+                    virtio: &virtio_fdt,
                 })
                 .map_err(|e| VmError::Fdt(e.to_string()))?;
                 boot::write_fdt(&mem, image.fdt, &tree)?;
                 vcpu::set_boot_regs(&vcpus[0], image.entry, image.fdt).map_err(kvm("set boot registers"))?;
             }
-            Some((state, bytes)) => {
-                mem.write_slice(bytes, GuestAddress(layout::RAM_BASE)).map_err(|e| VmError::Memory(e.to_string()))?;
+            Some((state, _)) => {
                 for (i, (v, st)) in vcpus.iter_mut().zip(&state.vcpus).enumerate() {
                     v.restore(st).map_err(kvm(format!("restore vCPU {i}")))?;
                 }
@@ -226,7 +300,7 @@ impl Vm {
             }
         }
 
-        Ok(Vm { _kvm: kvm_, _fd: fd, mem, vcpus, mpidrs, gic, bus, serial, shared, mem_size })
+        Ok(Vm { _kvm: kvm_, _fd: fd, mem, vcpus, mpidrs, gic, bus, serial, disks, shared, mem_size })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -289,6 +363,19 @@ struct Running<'a> {
 
 const EXIT_TOKEN: u64 = 0;
 const LISTENER_TOKEN: u64 = 1;
+/// Disk `d`'s queue `q` is token ((d + 1) << 8) | q; its backend is slot 0xff.
+const BACKEND_SLOT: u64 = 0xff;
+
+fn disk_token(d: usize, slot: u64) -> u64 {
+    ((d as u64 + 1) << 8) | slot
+}
+
+/// A disk's saved state: its transport and the block device behind it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DiskState {
+    transport: crate::devices::virtio::mmio::MmioTransportState,
+    block: crate::devices::virtio::block::VirtioBlockState,
+}
 
 impl Running<'_> {
     fn event_loop(&mut self, listener: Option<&UnixListener>) -> Result<(), VmError> {
@@ -300,6 +387,15 @@ impl Running<'_> {
         add(self.vm.shared.exit_evt.as_raw_fd(), EXIT_TOKEN)?;
         if let Some(l) = listener {
             add(l.as_raw_fd(), LISTENER_TOKEN)?;
+        }
+        for (d, disk) in self.vm.disks.iter().enumerate() {
+            let t = disk.lock().unwrap_or_else(|p| p.into_inner());
+            for (q, evt) in t.queue_evts().iter().enumerate() {
+                add(evt.as_raw_fd(), disk_token(d, q as u64))?;
+            }
+            if let Some(fd) = t.backend_fd() {
+                add(fd, disk_token(d, BACKEND_SLOT))?;
+            }
         }
         let mut events = vec![EpollEvent::default(); 16];
         loop {
@@ -318,7 +414,17 @@ impl Running<'_> {
                             }
                         }
                     }
-                    _ => {}
+                    token => {
+                        let (d, slot) = ((token >> 8) as usize - 1, token & 0xff);
+                        if let Some(disk) = self.vm.disks.get(d) {
+                            let mut t = disk.lock().unwrap_or_else(|p| p.into_inner());
+                            if slot == BACKEND_SLOT {
+                                t.handle_backend_event();
+                            } else {
+                                t.handle_queue_event(slot as usize);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -419,11 +525,19 @@ impl Running<'_> {
             let st = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| format!("vCPU {i} did not answer"))??;
             vcpus.push(st);
         }
+        let mut virtio = Vec::new();
+        for (i, disk) in self.vm.disks.iter().enumerate() {
+            let mut t = disk.lock().unwrap_or_else(|p| p.into_inner());
+            // Requests in flight would be lost: let the backend finish them.
+            t.drain(Duration::from_secs(30)).map_err(|e| format!("disk {i}: {e}"))?;
+            let st = DiskState { transport: t.save(), block: t.device().save() };
+            virtio.push(serde_json::to_value(st).map_err(|e| e.to_string())?);
+        }
         let gic = self.vm.gic.save().map_err(|e| e.to_string())?;
         let serial = self.vm.serial.lock().unwrap_or_else(|p| p.into_inner()).save().map_err(|e| e.to_string())?;
         let mut mem = vec![0u8; self.vm.mem_size as usize];
         self.vm.mem.read_slice(&mut mem, GuestAddress(layout::RAM_BASE)).map_err(|e| e.to_string())?;
-        let state = VmState { version: STATE_VERSION, memory_bytes: self.vm.mem_size, vcpus, gic, serial, virtio: vec![] };
+        let state = VmState { version: STATE_VERSION, memory_bytes: self.vm.mem_size, vcpus, gic, serial, virtio };
         state.write(dir, &mem).map_err(|e| e.to_string())?;
         Ok(self.vm.mem_size)
     }
@@ -469,7 +583,16 @@ impl Running<'_> {
             })
             .collect();
         let tx = self.vm.serial.lock().map(|s| s.tx_bytes).unwrap_or(0);
-        json!({ "vcpus": per_vcpu, "serial_tx_bytes": tx })
+        let disks: Vec<Value> = self
+            .vm
+            .disks
+            .iter()
+            .map(|d| {
+                let t = d.lock().unwrap_or_else(|p| p.into_inner());
+                json!({ "transport": t.counters(), "block": t.device().counters(), "in_flight": t.device().in_flight() })
+            })
+            .collect();
+        json!({ "vcpus": per_vcpu, "serial_tx_bytes": tx, "disks": disks })
     }
 }
 
