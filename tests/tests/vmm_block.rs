@@ -1,5 +1,6 @@
-//! virtio-blk end to end: inside the emulated arm64 host, basalt-vmm gives a
-//! Linux guest two disks backed by the host's block devices (which are files
+//! basalt-vmm boots Debian's arm64 kernel with a small initramfs inside the
+//! emulated arm64 host (real KVM, real vGICv3), with 1 and 2 vCPUs, and
+//! gives the guest two disks backed by the host's block devices (which are files
 //! on this machine): the guest writes a pattern, reads it back, discards a
 //! range, reads its serial, and fails to write the read-only disk. The test
 //! then checks the bytes in the backing file itself.
@@ -17,6 +18,7 @@ rw=""; ro=""
 for b in /sys/block/vd*; do
   case $(cat $b/size) in 131072) rw=/dev/${b##*/};; 32768) ro=/dev/${b##*/};; esac
 done
+echo "BOOTED cpus=$(nproc)"
 echo "DISKS rw=$rw ro=$ro serial=$(cat /sys/block/${rw#/dev/}/serial) ro-flag=$(cat /sys/block/${ro#/dev/}/ro)"
 : > /tmp/p; i=0
 while [ $i -lt 200 ]; do echo "basalt-disk-pattern-line-$i" >> /tmp/p; i=$((i+1)); done
@@ -37,7 +39,7 @@ for b in /sys/block/vd*; do
   case $(cat $b/size) in 131072) d0=/dev/${b##*/};; 32768) d1=/dev/${b##*/};; esac
 done
 echo "HOST-DISKS $d0 $d1"
-basalt-vmm --kernel guest/Image --initrd guest/initrd --memory 256 --vcpus 2 \
+basalt-vmm --kernel guest/Image --initrd guest/initrd --memory 256 --vcpus VCPUS \
     --cmdline 'console=ttyS0 panic=-1 quiet' --disk $d0 --disk $d1,ro
 rc=$?
 echo "VMM-EXIT rc=$rc"
@@ -45,7 +47,16 @@ exit $rc
 "#;
 
 #[test]
-fn a_guest_writes_and_reads_its_disks() {
+fn one_vcpu_guest_boots_and_uses_its_disks() {
+    boot_and_use_disks(1);
+}
+
+#[test]
+fn two_vcpu_guest_boots_and_uses_its_disks() {
+    boot_and_use_disks(2);
+}
+
+fn boot_and_use_disks(vcpus: u32) {
     let arts = Artifacts::locate().expect("rig artifacts");
     let dir = tempfile::tempdir().expect("tmp");
     let rw = dir.path().join("rw.img");
@@ -58,7 +69,7 @@ fn a_guest_writes_and_reads_its_disks() {
     std::fs::write(&ro, &ro_bytes).expect("ro disk");
 
     let initrd = guest::initramfs(&arts, GUEST).expect("guest initramfs");
-    let out = Arm64Host::new("vmm-block")
+    let out = Arm64Host::new(&format!("vmm-block-{vcpus}"))
         .memory_mib(1536)
         .timeout(Duration::from_secs(900))
         .arm64_bin(&arts, "basalt-vmm")
@@ -67,11 +78,14 @@ fn a_guest_writes_and_reads_its_disks() {
         .file("guest/initrd", initrd, 0o644)
         .disk(&rw)
         .disk(&ro)
-        .script(HOST)
+        .script(&HOST.replace("VCPUS", &vcpus.to_string()))
         .run()
         .expect("host runs");
     out.assert_success();
     let text = out.command_output();
+    assert!(text.contains(&format!("BOOTED cpus={vcpus}")), "{text}");
+    assert!(text.contains("BASALT-GUEST-END"), "the guest's init ran to its end: {text}");
+    assert!(text.contains("basalt-vmm: the guest powered off"), "{text}");
     assert!(text.contains("serial=basalt-disk0 ro-flag=1"), "{text}");
     assert!(text.contains("PATTERN-READBACK-OK"), "{text}");
     assert!(!text.contains("WRITE-FAILED"), "{text}");
