@@ -1,6 +1,7 @@
 //! basalt-vmm's control socket on a running guest, inside the emulated arm64
 //! host: status, counters (KVM's binary stats), vgic-state, pause and resume
-//! (the guest's clock-driven output stops and restarts), shutdown.
+//! (the guest's clock-driven output stops and restarts), shutdown — with the
+//! console on a pseudo-terminal that carries input to the guest too.
 
 use std::time::Duration;
 
@@ -10,10 +11,18 @@ use serde_json::Value;
 const HOST_SCRIPT: &str = r#"
 S=/tmp/vm.sock; C=/tmp/console
 basalt-vmm --kernel guest/Image --initrd guest/initrd --memory 256 --vcpus 2 \
-    --cmdline 'console=ttyS0 panic=-1 quiet' --console file:$C --control-socket $S &
+    --cmdline 'console=ttyS0 panic=-1 quiet' --console pty --control-socket $S &
 VMM=$!
+for i in $(seq 1 100); do [ -S $S ] && break; sleep 0.1; done
+PTY=$(basalt-vmm ctl --socket $S status | sed -n 's/.*"console":"\([^"]*\)".*/\1/p')
+echo "PTY $PTY"
+cat $PTY > $C &
+CAT=$!
 for i in $(seq 1 600); do grep -q GUEST-READY $C 2>/dev/null && break; sleep 0.2; done
 grep -q GUEST-READY $C || { echo "guest never became ready"; cat $C; exit 5; }
+echo "typed-on-the-console" > $PTY
+for i in $(seq 1 100); do grep -q GOT-INPUT $C && break; sleep 0.1; done
+echo "GUEST-SAID $(grep GOT-INPUT $C)"
 ctl() { echo "CTL-$1 $(basalt-vmm ctl --socket $S $1)"; }
 ctl status
 ctl counters
@@ -28,6 +37,7 @@ echo "RESUMED-GROWTH $((c - b))"
 echo "CTL-bogus $(basalt-vmm ctl --socket $S reboot-now)"
 ctl shutdown
 wait $VMM; rc=$?
+kill $CAT 2>/dev/null
 echo "VMM-EXIT rc=$rc"
 exit $rc
 "#;
@@ -49,7 +59,7 @@ fn control_socket_status_counters_vgic_pause_resume_shutdown() {
     let arts = Artifacts::locate().expect("rig artifacts");
     let initrd = guest::initramfs(
         &arts,
-        "echo GUEST-READY\ni=0\nwhile [ $i -lt 400 ]; do echo TICK $i; i=$((i+1)); sleep 0.1; done",
+        "echo GUEST-READY\nread -t 60 line\necho \"GOT-INPUT $line\"\ni=0\nwhile [ $i -lt 400 ]; do echo TICK $i; i=$((i+1)); sleep 0.1; done",
     )
     .expect("guest initramfs");
     let out = Arm64Host::new("vmm-control")
@@ -65,6 +75,8 @@ fn control_socket_status_counters_vgic_pause_resume_shutdown() {
     out.assert_success();
     let text = out.command_output();
 
+    assert!(text.contains("PTY /dev/pts/"), "{text}");
+    assert!(text.contains("GUEST-SAID GOT-INPUT typed-on-the-console"), "console input reaches the guest: {text}");
     let status = &ctl(text, "status")[0];
     assert_eq!(status["ok"], true, "{status}");
     assert_eq!(status["result"]["state"], "running");

@@ -70,6 +70,9 @@ pub enum ConsoleConfig {
     #[default]
     Stdout,
     File { path: PathBuf },
+    /// A new pseudo-terminal; its path is logged and shown by `status`.
+    /// Attach with any terminal program (screen, picocom, `basaltctl vm console`).
+    Pty,
     None,
 }
 

@@ -38,7 +38,7 @@ struct Args {
     /// A raw disk image file, `PATH` or `PATH,ro` (repeatable).
     #[arg(long)]
     disk: Vec<String>,
-    /// Serial console: `stdout`, `none` or `file:PATH`.
+    /// Serial console: `stdout`, `pty`, `none` or `file:PATH`.
     #[arg(long)]
     console: Option<String>,
 }
@@ -119,9 +119,10 @@ fn build_config(a: &Args) -> Result<VmConfig, String> {
         cfg.console = match c.as_str() {
             "stdout" => ConsoleConfig::Stdout,
             "none" => ConsoleConfig::None,
+            "pty" => ConsoleConfig::Pty,
             f => match f.strip_prefix("file:") {
                 Some(p) => ConsoleConfig::File { path: p.into() },
-                None => return Err(format!("--console {c:?}: use stdout, none or file:PATH")),
+                None => return Err(format!("--console {c:?}: use stdout, pty, none or file:PATH")),
             },
         };
     }

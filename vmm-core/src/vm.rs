@@ -148,6 +148,9 @@ pub struct Vm {
     bus: MmioBus,
     pub serial: Arc<Mutex<SerialDevice>>,
     disks: Vec<Disk>,
+    /// The console's pseudo-terminal, when it has one: read for guest input.
+    pty: Option<crate::devices::pty::Pty>,
+    console_path: Option<std::path::PathBuf>,
     shared: Arc<VcpuShared>,
     mem_size: u64,
 }
@@ -226,6 +229,8 @@ impl Vm {
         });
 
         let mut bus = MmioBus::default();
+        let mut pty = None;
+        let mut console_path = None;
         let out: ConsoleOut = match &cfg.console {
             ConsoleConfig::Stdout => Box::new(std::io::stdout()),
             // Appended to, so a reset or restored VM continues the same log.
@@ -233,6 +238,14 @@ impl Vm {
                 Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(VmError::Console)?)
             }
             ConsoleConfig::None => Box::new(std::io::sink()),
+            ConsoleConfig::Pty => {
+                let p = crate::devices::pty::Pty::open().map_err(VmError::Console)?;
+                eprintln!("basalt-vmm: console on {}", p.path.display());
+                let out = p.master.try_clone().map_err(VmError::Console)?;
+                console_path = Some(p.path.clone());
+                pty = Some(p);
+                Box::new(out)
+            }
         };
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup(format!("eventfd: {e}")))?;
         fd.register_irqfd(&serial_irq, layout::spi_gsi(layout::SERIAL_SPI)).map_err(kvm("serial irqfd"))?;
@@ -300,7 +313,7 @@ impl Vm {
             }
         }
 
-        Ok(Vm { _kvm: kvm_, _fd: fd, mem, vcpus, mpidrs, gic, bus, serial, disks, shared, mem_size })
+        Ok(Vm { _kvm: kvm_, _fd: fd, mem, vcpus, mpidrs, gic, bus, serial, disks, pty, console_path, shared, mem_size })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -363,6 +376,7 @@ struct Running<'a> {
 
 const EXIT_TOKEN: u64 = 0;
 const LISTENER_TOKEN: u64 = 1;
+const CONSOLE_IN_TOKEN: u64 = 2;
 /// Disk `d`'s queue `q` is token ((d + 1) << 8) | q; its backend is slot 0xff.
 const BACKEND_SLOT: u64 = 0xff;
 
@@ -388,6 +402,9 @@ impl Running<'_> {
         if let Some(l) = listener {
             add(l.as_raw_fd(), LISTENER_TOKEN)?;
         }
+        if let Some(p) = &self.vm.pty {
+            add(p.master.as_raw_fd(), CONSOLE_IN_TOKEN)?;
+        }
         for (d, disk) in self.vm.disks.iter().enumerate() {
             let t = disk.lock().unwrap_or_else(|p| p.into_inner());
             for (q, evt) in t.queue_evts().iter().enumerate() {
@@ -407,6 +424,7 @@ impl Running<'_> {
             for ev in &events[..n] {
                 match ev.data() {
                     EXIT_TOKEN => return Ok(()),
+                    CONSOLE_IN_TOKEN => self.console_input(),
                     LISTENER_TOKEN => {
                         if let Some(l) = listener {
                             while let Ok((conn, _)) = l.accept() {
@@ -428,6 +446,21 @@ impl Running<'_> {
                 }
             }
         }
+    }
+
+    /// Typed console input goes to the UART's receive FIFO; what does not
+    /// fit stays in the pty until the guest has read some.
+    fn console_input(&mut self) {
+        use std::io::Read;
+        let Some(p) = &self.vm.pty else { return };
+        let mut serial = self.vm.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let room = serial.input_room();
+        if room == 0 {
+            return;
+        }
+        let mut buf = [0u8; 64];
+        let n = (&p.master).read(&mut buf[..room.min(64)]).unwrap_or(0);
+        serial.enqueue_input(&buf[..n]);
     }
 
     /// One request per connection; a client that sends nothing within a few
@@ -457,6 +490,7 @@ impl Running<'_> {
                 "state": if self.vm.shared.pause.load(Ordering::SeqCst) { "paused" } else { "running" },
                 "vcpus": self.vcpus.len(),
                 "memory_mib": self.vm.mem_size >> 20,
+                "console": self.vm.console_path.as_ref().map(|p| p.display().to_string()),
                 "uptime_s": self.started.elapsed().as_secs_f64(),
             })),
             "pause" => match self.pause() {

@@ -31,9 +31,14 @@ impl SerialDevice {
         SerialDevice { uart: Serial::new(EventFdTrigger(irq), out), tx_bytes: 0 }
     }
 
-    /// Input for the guest (a console attached later).
+    /// Input for the guest (typed on an attached console).
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
+    /// How many input bytes the receive FIFO can take now.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
     }
 }
 
