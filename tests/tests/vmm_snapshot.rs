@@ -2,7 +2,8 @@
 //! arm64 host: a guest counting in memory is saved (vCPU registers, vGIC,
 //! console, RAM), keeps running for a while, then is restored from the
 //! snapshot into a fresh VM and continues counting from the saved value.
-//! Every count goes through its virtio disk, so the device state is restored too.
+//! Every count goes through its virtio disk, so the device state is restored
+//! too; the VM has a GICv3 ITS, whose tables and registers travel as well.
 
 use std::time::Duration;
 
@@ -11,11 +12,12 @@ use basalt_tests::rig::{guest, Arm64Host, Artifacts};
 const HOST_SCRIPT: &str = r#"
 S=/tmp/vm.sock; C=/tmp/console
 dd if=/dev/zero of=/tmp/disk bs=1M count=8 2>/dev/null
-basalt-vmm --kernel guest/Image --initrd guest/initrd --memory 256 --vcpus 2 --disk /tmp/disk \
+basalt-vmm --kernel guest/Image --initrd guest/initrd --memory 256 --vcpus 2 --disk /tmp/disk --its \
     --cmdline 'console=ttyS0 panic=-1 quiet' --console file:$C --control-socket $S &
 VMM=$!
 # console lines end in \r\n, so no '$' anchors
 for i in $(seq 1 600); do grep -q 'COUNT 10' $C 2>/dev/null && break; sleep 0.2; done
+grep GUEST-ITS $C
 echo "SAVE $(basalt-vmm ctl --socket $S save --args '{"path":"/tmp/snap"}')"
 echo "SAVED-AT $(grep COUNT $C | tail -1)"
 ls -la /tmp/snap
@@ -49,7 +51,7 @@ fn a_counting_guest_continues_from_its_snapshot() {
     // device): a virtio queue that came back wrong after restore would hang it.
     let initrd = guest::initramfs(
         &arts,
-        "echo GUEST-READY\ni=0\nwhile true; do i=$((i+1)); echo \"COUNT $i\" > /tmp/c; \
+        "echo \"GUEST-ITS $(dmesg | grep -m1 -o 'ITS@0x[0-9a-f]*')\"\necho GUEST-READY\ni=0\nwhile true; do i=$((i+1)); echo \"COUNT $i\" > /tmp/c; \
          dd if=/tmp/c of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null; \
          dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -1; sleep 0.2; done",
     )
@@ -67,6 +69,7 @@ fn a_counting_guest_continues_from_its_snapshot() {
     out.assert_success();
     let text = out.command_output();
     let line = |p: &str| text.lines().find_map(|l| l.strip_prefix(p)).unwrap_or_else(|| panic!("{p} in {text}"));
+    assert!(text.contains("ITS@0x0000000008080000"), "the guest found its ITS: {text}");
     assert!(line("SAVE ").contains("\"ok\":true"), "{text}");
     assert!(line("BAD-RESTORE ").contains("\"ok\":false"), "a bad snapshot is refused: {text}");
     assert!(line("RESTORE ").contains("\"ok\":true"), "{text}");

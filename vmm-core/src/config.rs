@@ -29,6 +29,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// Give the guest a GICv3 ITS (for MSIs).
+    #[serde(default)]
+    pub its: bool,
 }
 
 fn one() -> u32 {
@@ -143,6 +146,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             disks: vec![],
             console: ConsoleConfig::Stdout,
+            its: false,
         }
     }
 

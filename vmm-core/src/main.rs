@@ -38,6 +38,9 @@ struct Args {
     /// A raw disk image file, `PATH` or `PATH,ro` (repeatable).
     #[arg(long)]
     disk: Vec<String>,
+    /// Give the guest a GICv3 ITS (MSI translation).
+    #[arg(long)]
+    its: bool,
     /// Serial console: `stdout`, `pty`, `none` or `file:PATH`.
     #[arg(long)]
     console: Option<String>,
@@ -91,8 +94,10 @@ fn build_config(a: &Args) -> Result<VmConfig, String> {
             cmdline: "console=ttyS0".into(),
             disks: vec![],
             console: ConsoleConfig::Stdout,
+            its: false,
         },
     };
+    cfg.its |= a.its;
     if let Some(k) = &a.kernel {
         cfg.kernel = k.clone();
     }

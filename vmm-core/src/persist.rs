@@ -45,6 +45,15 @@ pub struct GicState {
     pub line_level: Vec<(u32, u32)>,
 }
 
+/// The GICv3 ITS: its registers after KVM_DEV_ARM_ITS_SAVE_TABLES has
+/// flushed its tables into guest memory (arm-vgic-its.rst).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItsState {
+    pub version: u32,
+    /// (offset, value) of GITS_* registers, GITS_CTLR included.
+    pub regs: Vec<(u32, u64)>,
+}
+
 /// The 16550 console's registers and unread input.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SerialState {
@@ -68,6 +77,8 @@ pub struct VmState {
     pub memory_bytes: u64,
     pub vcpus: Vec<VcpuState>,
     pub gic: GicState,
+    #[serde(default)]
+    pub its: Option<ItsState>,
     pub serial: SerialState,
     /// Per virtio-mmio device, its transport+device state (serialized by the device).
     #[serde(default)]
@@ -139,6 +150,7 @@ mod tests {
             memory_bytes: 8,
             vcpus: vec![VcpuState { version: 1, mpidr: 0x8000_0000, regs: vec![(0x6030_0000_0010_0040, vec![0; 8])], mp_state: 0 }],
             gic: GicState { version: 1, nr_irqs: 128, redist: vec![(0, vec![])], icc: vec![(0, vec![])], ..Default::default() },
+            its: None,
             serial: SerialState::default(),
             virtio: vec![],
         }

@@ -22,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::arch::aarch64::gic::VGicV3;
+use crate::arch::aarch64::gic::{Its, VGicV3};
 use crate::arch::aarch64::{boot, fdt, layout, vcpu};
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::config::{DiskBackend, DiskConfig};
@@ -145,6 +145,7 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     mpidrs: Vec<u64>,
     gic: VGicV3,
+    its: Option<Its>,
     bus: MmioBus,
     pub serial: Arc<Mutex<SerialDevice>>,
     disks: Vec<Disk>,
@@ -217,6 +218,7 @@ impl Vm {
         }
         // KVM requires every vCPU to exist before the vGIC is initialised.
         gic.finalize_with(&mpidrs)?;
+        let mut its = if cfg.its { Some(Its::create(&fd)?) } else { None };
 
         let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup(format!("eventfd: {e}")))?;
         let shared = Arc::new(VcpuShared {
@@ -295,6 +297,7 @@ impl Vm {
                     cmdline: &cfg.cmdline,
                     initrd: image.initrd,
                     virtio: &virtio_fdt,
+                    its: cfg.its,
                 })
                 .map_err(|e| VmError::Fdt(e.to_string()))?;
                 boot::write_fdt(&mem, image.fdt, &tree)?;
@@ -305,6 +308,13 @@ impl Vm {
                     v.restore(st).map_err(kvm(format!("restore vCPU {i}")))?;
                 }
                 gic.restore(&state.gic)?;
+                match (&mut its, &state.its) {
+                    (Some(its), Some(st)) => its.restore(st)?,
+                    (None, None) => {}
+                    _ => {
+                        return Err(crate::persist::StateError::Shape("the snapshot and the config disagree on the ITS".into()).into())
+                    }
+                }
                 serial
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -313,7 +323,7 @@ impl Vm {
             }
         }
 
-        Ok(Vm { _kvm: kvm_, _fd: fd, mem, vcpus, mpidrs, gic, bus, serial, disks, pty, console_path, shared, mem_size })
+        Ok(Vm { _kvm: kvm_, _fd: fd, mem, vcpus, mpidrs, gic, its, bus, serial, disks, pty, console_path, shared, mem_size })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -567,11 +577,16 @@ impl Running<'_> {
             let st = DiskState { transport: t.save(), block: t.device().save() };
             virtio.push(serde_json::to_value(st).map_err(|e| e.to_string())?);
         }
+        // The ITS writes its tables into guest memory: before memory is copied.
+        let its = match &self.vm.its {
+            Some(i) => Some(i.save().map_err(|e| e.to_string())?),
+            None => None,
+        };
         let gic = self.vm.gic.save().map_err(|e| e.to_string())?;
         let serial = self.vm.serial.lock().unwrap_or_else(|p| p.into_inner()).save().map_err(|e| e.to_string())?;
         let mut mem = vec![0u8; self.vm.mem_size as usize];
         self.vm.mem.read_slice(&mut mem, GuestAddress(layout::RAM_BASE)).map_err(|e| e.to_string())?;
-        let state = VmState { version: STATE_VERSION, memory_bytes: self.vm.mem_size, vcpus, gic, serial, virtio };
+        let state = VmState { version: STATE_VERSION, memory_bytes: self.vm.mem_size, vcpus, gic, its, serial, virtio };
         state.write(dir, &mem).map_err(|e| e.to_string())?;
         Ok(self.vm.mem_size)
     }

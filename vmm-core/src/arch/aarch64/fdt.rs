@@ -23,6 +23,8 @@ pub struct FdtParams<'a> {
     pub initrd: Option<(u64, u64)>,
     /// Base address and SPI of each virtio-mmio transport.
     pub virtio: &'a [(u64, u32)],
+    /// Describe the GICv3 ITS.
+    pub its: bool,
 }
 
 pub fn create_fdt(p: &FdtParams) -> FdtWriterResult<Vec<u8>> {
@@ -76,6 +78,14 @@ pub fn create_fdt(p: &FdtParams) -> FdtWriterResult<Vec<u8>> {
     f.property_u32("#address-cells", 2)?;
     f.property_u32("#size-cells", 2)?;
     f.property_null("ranges")?;
+    if p.its {
+        let its = f.begin_node(&format!("msi-controller@{:x}", layout::GIC_ITS_BASE))?;
+        f.property_string("compatible", "arm,gic-v3-its")?;
+        f.property_null("msi-controller")?;
+        f.property_u32("#msi-cells", 1)?;
+        f.property_array_u64("reg", &[layout::GIC_ITS_BASE, layout::GIC_ITS_SIZE])?;
+        f.end_node(its)?;
+    }
     f.end_node(gic)?;
 
     let timer = f.begin_node("timer")?;
@@ -120,6 +130,7 @@ mod tests {
             cmdline: "console=ttyS0 panic=-1",
             initrd: Some((0x4800_0000, 0x4810_0000)),
             virtio: &[(layout::VIRTIO_MMIO_BASE, layout::VIRTIO_SPI_BASE)],
+            its: true,
         })
         .expect("fdt");
         assert_eq!(&fdt[..4], &[0xd0, 0x0d, 0xfe, 0xed], "FDT magic");
@@ -127,7 +138,7 @@ mod tests {
         assert_eq!(total, fdt.len());
         assert!((fdt.len() as u64) < layout::FDT_MAX_SIZE);
         let text = String::from_utf8_lossy(&fdt);
-        for needle in ["console=ttyS0 panic=-1", "arm,gic-v3", "arm,psci-0.2", "virtio,mmio", "ns16550a", "cpu@1"] {
+        for needle in ["console=ttyS0 panic=-1", "arm,gic-v3", "arm,psci-0.2", "virtio,mmio", "ns16550a", "cpu@1", "arm,gic-v3-its"] {
             assert!(text.contains(needle), "{needle}");
         }
     }

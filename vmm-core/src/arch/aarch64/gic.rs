@@ -249,7 +249,10 @@ impl VGicV3 {
     }
 
     fn redist_offsets() -> Vec<u32> {
-        let mut v = vec![GICR_CTLR, SGI_IGROUPR0, SGI_ICFGR0, SGI_ICFGR0 + 4];
+        // GICR_PROPBASER and GICR_PENDBASER (LPI tables, used with an ITS)
+        // as 32-bit halves, before GICR_CTLR: once EnableLPIs is set they
+        // can no longer be written.
+        let mut v = vec![0x70, 0x74, 0x78, 0x7c, GICR_CTLR, SGI_IGROUPR0, SGI_ICFGR0, SGI_ICFGR0 + 4];
         for k in 0..8 {
             v.push(SGI_IPRIORITYR + 4 * k);
         }
@@ -359,4 +362,103 @@ pub struct IrqState {
     pub active: bool,
     pub priority: u8,
     pub edge: bool,
+}
+
+/// The in-kernel GICv3 ITS (Documentation/virt/kvm/devices/arm-vgic-its.rst).
+pub struct Its {
+    fd: DeviceFd,
+}
+
+// GITS_* register offsets: CBASER first and CTLR last when restoring.
+const GITS_CTLR: u32 = 0x0000;
+const GITS_IIDR: u32 = 0x0004;
+const GITS_CBASER: u32 = 0x0080;
+const GITS_CWRITER: u32 = 0x0088;
+const GITS_CREADR: u32 = 0x0090;
+const GITS_BASER: u32 = 0x0100;
+
+impl Its {
+    /// Creates the ITS at [`layout::GIC_ITS_BASE`] and initialises it; the
+    /// GICv3 must exist already.
+    pub fn create(vm: &VmFd) -> Result<Self, GicError> {
+        use kvm_bindings::{kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS, KVM_VGIC_ITS_ADDR_TYPE};
+        let mut dev = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_ITS, fd: 0, flags: 0 };
+        let fd = vm.create_device(&mut dev).map_err(GicError::Unsupported)?;
+        let its = Its { fd };
+        let base = layout::GIC_ITS_BASE;
+        let a = kvm_device_attr {
+            group: KVM_DEV_ARM_VGIC_GRP_ADDR,
+            attr: u64::from(KVM_VGIC_ITS_ADDR_TYPE),
+            addr: &base as *const u64 as u64,
+            flags: 0,
+        };
+        its.fd.set_device_attr(&a).map_err(|source| GicError::Attr { what: "ITS address", source })?;
+        its.ctrl(u64::from(KVM_DEV_ARM_VGIC_CTRL_INIT), "ITS CTRL_INIT")?;
+        Ok(its)
+    }
+
+    fn ctrl(&self, attr: u64, what: &'static str) -> Result<(), GicError> {
+        let a = kvm_device_attr { group: KVM_DEV_ARM_VGIC_GRP_CTRL, attr, addr: 0, flags: 0 };
+        self.fd.set_device_attr(&a).map_err(|source| GicError::Attr { what, source })
+    }
+
+    fn reg(&self, offset: u32) -> Result<u64, GicError> {
+        let mut val: u64 = 0;
+        let mut a = kvm_device_attr {
+            group: kvm_bindings::KVM_DEV_ARM_VGIC_GRP_ITS_REGS,
+            attr: u64::from(offset),
+            addr: &mut val as *mut u64 as u64,
+            flags: 0,
+        };
+        // SAFETY: `addr` points at a live u64, the size of ITS register accesses.
+        unsafe { self.fd.get_device_attr(&mut a) }.map_err(|source| GicError::Attr { what: "read ITS register", source })?;
+        Ok(val)
+    }
+
+    fn set_reg(&self, offset: u32, val: u64) -> Result<(), GicError> {
+        let a = kvm_device_attr {
+            group: kvm_bindings::KVM_DEV_ARM_VGIC_GRP_ITS_REGS,
+            attr: u64::from(offset),
+            addr: &val as *const u64 as u64,
+            flags: 0,
+        };
+        self.fd.set_device_attr(&a).map_err(|source| GicError::Attr { what: "write ITS register", source })
+    }
+}
+
+impl crate::persist::Persist for Its {
+    type State = crate::persist::ItsState;
+    type Error = GicError;
+
+    /// Flushes the ITS tables (device, collection, interrupt translation)
+    /// into guest memory, then reads the registers that locate them.
+    fn save(&self) -> Result<Self::State, GicError> {
+        self.ctrl(u64::from(kvm_bindings::KVM_DEV_ARM_ITS_SAVE_TABLES), "ITS SAVE_TABLES")?;
+        let mut regs = Vec::new();
+        for o in [GITS_IIDR, GITS_CBASER, GITS_CREADR, GITS_CWRITER].into_iter().chain((0..8).map(|n| GITS_BASER + 8 * n)) {
+            regs.push((o, self.reg(o)?));
+        }
+        regs.push((GITS_CTLR, self.reg(GITS_CTLR)?));
+        Ok(crate::persist::ItsState { version: crate::persist::STATE_VERSION, regs })
+    }
+
+    /// arm-vgic-its.rst's order: GITS_CBASER, the other registers but
+    /// GITS_CTLR, RESTORE_TABLES (guest memory must hold them), GITS_CTLR.
+    fn restore(&mut self, s: &Self::State) -> Result<(), GicError> {
+        let get = |o: u32| s.regs.iter().find(|(r, _)| *r == o).map(|(_, v)| *v);
+        if let Some(v) = get(GITS_IIDR) {
+            self.set_reg(GITS_IIDR, v)?;
+        }
+        if let Some(v) = get(GITS_CBASER) {
+            self.set_reg(GITS_CBASER, v)?;
+        }
+        for (o, v) in s.regs.iter().filter(|(o, _)| ![GITS_CTLR, GITS_IIDR, GITS_CBASER].contains(o)) {
+            self.set_reg(*o, *v)?;
+        }
+        self.ctrl(u64::from(kvm_bindings::KVM_DEV_ARM_ITS_RESTORE_TABLES), "ITS RESTORE_TABLES")?;
+        if let Some(v) = get(GITS_CTLR) {
+            self.set_reg(GITS_CTLR, v)?;
+        }
+        Ok(())
+    }
 }

@@ -6,6 +6,9 @@
 /// GICv3 distributor (64 KiB).
 pub const GIC_DIST_BASE: u64 = 0x0800_0000;
 pub const GIC_DIST_SIZE: u64 = 0x1_0000;
+/// GICv3 ITS (128 KiB: control frame + translation frame), when asked for.
+pub const GIC_ITS_BASE: u64 = 0x0808_0000;
+pub const GIC_ITS_SIZE: u64 = 0x2_0000;
 /// GICv3 redistributors: two 64 KiB frames (RD + SGI) per vCPU, contiguous.
 pub const GIC_REDIST_BASE: u64 = 0x080A_0000;
 pub const GIC_REDIST_SIZE_PER_CPU: u64 = 0x2_0000;
@@ -59,6 +62,7 @@ mod tests {
     fn device_windows_do_not_overlap_and_stay_below_ram() {
         let windows = [
             (GIC_DIST_BASE, GIC_DIST_SIZE),
+            (GIC_ITS_BASE, GIC_ITS_SIZE),
             (GIC_REDIST_BASE, GIC_REDIST_SIZE_PER_CPU * GIC_REDIST_MAX_CPUS),
             (SERIAL_BASE, SERIAL_SIZE),
             (VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE * 32),
