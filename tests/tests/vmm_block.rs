@@ -5,9 +5,7 @@
 //! range, reads its serial, and fails to write the read-only disk. The test
 //! then checks the bytes in the backing file itself.
 
-use std::time::Duration;
-
-use basalt_tests::rig::{guest, Arm64Host, Artifacts};
+use basalt_tests::rig::{guest, Artifacts};
 
 const RW_SIZE: u64 = 64 << 20;
 const RO_SIZE: u64 = 16 << 20;
@@ -68,14 +66,8 @@ fn boot_and_use_disks(vcpus: u32) {
     ro_bytes[..22].copy_from_slice(b"BASALT-RO-DISK-CONTENT");
     std::fs::write(&ro, &ro_bytes).expect("ro disk");
 
-    let initrd = guest::initramfs(&arts, GUEST).expect("guest initramfs");
-    let out = Arm64Host::new(&format!("vmm-block-{vcpus}"))
-        .memory_mib(1536)
-        .timeout(Duration::from_secs(900))
-        .arm64_bin(&arts, "basalt-vmm")
-        .expect("arm64 basalt-vmm")
-        .file("guest/Image", guest::kernel(&arts).expect("kernel"), 0o644)
-        .file("guest/initrd", initrd, 0o644)
+    let out = guest::vmm_host(&arts, &format!("vmm-block-{vcpus}"), GUEST)
+        .expect("VMM host")
         .disk(&rw)
         .disk(&ro)
         .script(&HOST.replace("VCPUS", &vcpus.to_string()))

@@ -3,9 +3,7 @@
 //! (the guest's clock-driven output stops and restarts), shutdown — with the
 //! console on a pseudo-terminal that carries input to the guest too.
 
-use std::time::Duration;
-
-use basalt_tests::rig::{guest, Arm64Host, Artifacts};
+use basalt_tests::rig::{guest, Artifacts};
 use serde_json::Value;
 
 const HOST_SCRIPT: &str = r#"
@@ -57,18 +55,8 @@ fn growth(text: &str, key: &str) -> i64 {
 #[test]
 fn control_socket_status_counters_vgic_pause_resume_shutdown() {
     let arts = Artifacts::locate().expect("rig artifacts");
-    let initrd = guest::initramfs(
-        &arts,
-        "echo GUEST-READY\nread -t 60 line\necho \"GOT-INPUT $line\"\ni=0\nwhile [ $i -lt 400 ]; do echo TICK $i; i=$((i+1)); sleep 0.1; done",
-    )
-    .expect("guest initramfs");
-    let out = Arm64Host::new("vmm-control")
-        .memory_mib(1536)
-        .timeout(Duration::from_secs(900))
-        .arm64_bin(&arts, "basalt-vmm")
-        .expect("arm64 basalt-vmm")
-        .file("guest/Image", guest::kernel(&arts).expect("kernel"), 0o644)
-        .file("guest/initrd", initrd, 0o644)
+    let out = guest::vmm_host(&arts, "vmm-control", "echo GUEST-READY\nread -t 60 line\necho \"GOT-INPUT $line\"\ni=0\nwhile [ $i -lt 400 ]; do echo TICK $i; i=$((i+1)); sleep 0.1; done")
+        .expect("VMM host")
         .script(HOST_SCRIPT)
         .run()
         .expect("host runs");

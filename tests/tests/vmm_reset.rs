@@ -2,9 +2,7 @@
 //! same process: it boots a second time, remembers on its disk that it
 //! already rebooted, and powers off; the VMM then exits 0.
 
-use std::time::Duration;
-
-use basalt_tests::rig::{guest, Arm64Host, Artifacts};
+use basalt_tests::rig::{guest, Artifacts};
 
 const GUEST: &str = r#"
 if [ "$(head -c 7 /dev/vda)" = "REBOOTED" ] || [ "$(head -c 8 /dev/vda)" = "REBOOTED" ]; then
@@ -19,14 +17,8 @@ fi
 #[test]
 fn a_rebooting_guest_is_restarted_then_powers_off() {
     let arts = Artifacts::locate().expect("rig artifacts");
-    let initrd = guest::initramfs(&arts, GUEST).expect("guest initramfs");
-    let out = Arm64Host::new("vmm-reset")
-        .memory_mib(1536)
-        .timeout(Duration::from_secs(900))
-        .arm64_bin(&arts, "basalt-vmm")
-        .expect("arm64 basalt-vmm")
-        .file("guest/Image", guest::kernel(&arts).expect("kernel"), 0o644)
-        .file("guest/initrd", initrd, 0o644)
+    let out = guest::vmm_host(&arts, "vmm-reset", GUEST)
+        .expect("VMM host")
         .script(
             "dd if=/dev/zero of=/tmp/disk bs=1M count=4 2>/dev/null\n\
              basalt-vmm --kernel guest/Image --initrd guest/initrd --memory 256 --disk /tmp/disk \

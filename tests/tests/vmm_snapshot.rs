@@ -5,9 +5,7 @@
 //! Every count goes through its virtio disk, so the device state is restored
 //! too; the VM has a GICv3 ITS, whose tables and registers travel as well.
 
-use std::time::Duration;
-
-use basalt_tests::rig::{guest, Arm64Host, Artifacts};
+use basalt_tests::rig::{guest, Artifacts};
 
 const HOST_SCRIPT: &str = r#"
 S=/tmp/vm.sock; C=/tmp/console
@@ -49,20 +47,10 @@ fn a_counting_guest_continues_from_its_snapshot() {
     let arts = Artifacts::locate().expect("rig artifacts");
     // Each count also writes and reads the disk (O_DIRECT, so it reaches the
     // device): a virtio queue that came back wrong after restore would hang it.
-    let initrd = guest::initramfs(
-        &arts,
-        "echo \"GUEST-ITS $(dmesg | grep -m1 -o 'ITS@0x[0-9a-f]*')\"\necho GUEST-READY\ni=0\nwhile true; do i=$((i+1)); echo \"COUNT $i\" > /tmp/c; \
+    let out = guest::vmm_host(&arts, "vmm-snapshot", "echo \"GUEST-ITS $(dmesg | grep -m1 -o 'ITS@0x[0-9a-f]*')\"\necho GUEST-READY\ni=0\nwhile true; do i=$((i+1)); echo \"COUNT $i\" > /tmp/c; \
          dd if=/tmp/c of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null; \
-         dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -1; sleep 0.2; done",
-    )
-        .expect("guest initramfs");
-    let out = Arm64Host::new("vmm-snapshot")
-        .memory_mib(2048)
-        .timeout(Duration::from_secs(900))
-        .arm64_bin(&arts, "basalt-vmm")
-        .expect("arm64 basalt-vmm")
-        .file("guest/Image", guest::kernel(&arts).expect("kernel"), 0o644)
-        .file("guest/initrd", initrd, 0o644)
+         dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -1; sleep 0.2; done")
+        .expect("VMM host")
         .script(HOST_SCRIPT)
         .run()
         .expect("host runs");

@@ -6,9 +6,9 @@
 
 use std::fmt::Write as _;
 
-use kvm_bindings::{kvm_userspace_memory_region, kvm_vcpu_init, KVM_ARM_VCPU_PSCI_0_2, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{kvm_vcpu_init, KVM_ARM_VCPU_PSCI_0_2, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::aarch64::gic::{VGicV3, GICD_ISENABLER, GICD_TYPER};
 use crate::arch::aarch64::{layout, regs};
@@ -106,22 +106,9 @@ pub fn run() -> Result<Report, CheckError> {
     report.api_version = kvm.get_api_version();
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
 
-    let mem: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[(GuestAddress(layout::RAM_BASE), GUEST_RAM)])
-        .map_err(|e| CheckError::Memory(e.to_string()))?;
+    let (mem, _ram) = crate::memory::create(&vm, layout::RAM_BASE, GUEST_RAM).map_err(CheckError::Memory)?;
     let code: Vec<u8> = GUEST_CODE.iter().flat_map(|w| w.to_le_bytes()).collect();
     mem.write_slice(&code, GuestAddress(layout::RAM_BASE)).map_err(|e| CheckError::Memory(e.to_string()))?;
-    for (slot, region) in mem.iter().enumerate() {
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: the region stays mapped for as long as `mem` lives, which
-        // outlives the VM in this function.
-        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-    }
 
     let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     let gic = VGicV3::create(&vm, 1)?;

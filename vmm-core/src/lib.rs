@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod kvm_stats;
+pub mod memory;
 pub mod persist;
 #[cfg(target_arch = "aarch64")]
 pub mod kvm_check;

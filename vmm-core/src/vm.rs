@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -154,6 +154,9 @@ pub struct Vm {
     console_path: Option<std::path::PathBuf>,
     shared: Arc<VcpuShared>,
     mem_size: u64,
+    /// Guest RAM's mapping: declared last so it is unmapped after every
+    /// field holding a view of it (devices, `mem`) is gone.
+    _ram: crate::memory::Mapping,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -186,20 +189,7 @@ impl Vm {
         let fd = kvm_.create_vm().map_err(kvm("create VM"))?;
 
         let mem_size = cfg.memory_bytes();
-        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(layout::RAM_BASE), mem_size as usize)])
-            .map_err(|e| VmError::Memory(e.to_string()))?;
-        for (slot, r) in mem.iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: r.start_addr().0,
-                memory_size: r.len(),
-                userspace_addr: r.as_ptr() as u64,
-            };
-            // SAFETY: the mapping belongs to `mem`, which the Vm owns and keeps
-            // alive (and unmoved: the mmap does not move) as long as the VM fd.
-            unsafe { fd.set_user_memory_region(region) }.map_err(kvm("map guest memory"))?;
-        }
+        let (mem, ram) = crate::memory::create(&fd, layout::RAM_BASE, mem_size as usize).map_err(VmError::Memory)?;
 
         if let Some((_, bytes)) = snapshot {
             // Devices re-activate from guest memory on restore: it goes in first.
@@ -323,7 +313,7 @@ impl Vm {
             }
         }
 
-        Ok(Vm { _kvm: kvm_, _fd: fd, mem, vcpus, mpidrs, gic, its, bus, serial, disks, pty, console_path, shared, mem_size })
+        Ok(Vm { _kvm: kvm_, _fd: fd, mem, vcpus, mpidrs, gic, its, bus, serial, disks, pty, console_path, shared, mem_size, _ram: ram })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {

@@ -44,3 +44,15 @@ pub fn kernel(arts: &Artifacts) -> Result<Vec<u8>, RigError> {
 fn arm64_dir(arts: &Artifacts) -> PathBuf {
     arts.kernel.parent().map(Path::to_path_buf).unwrap_or_default()
 }
+
+/// An emulated arm64 host ready to run `basalt-vmm` on a nested guest:
+/// the VMM in `/basalt/bin`, the guest kernel and an initramfs running
+/// `guest_script` in `/basalt/guest/` (the host script runs in `/basalt`).
+pub fn vmm_host(arts: &Artifacts, name: &str, guest_script: &str) -> Result<super::Arm64Host, RigError> {
+    Ok(super::Arm64Host::new(name)
+        .memory_mib(2048)
+        .timeout(std::time::Duration::from_secs(900))
+        .arm64_bin(arts, "basalt-vmm")?
+        .file("guest/Image", kernel(arts)?, 0o644)
+        .file("guest/initrd", initramfs(arts, guest_script)?, 0o644))
+}

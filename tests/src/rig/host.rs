@@ -152,6 +152,12 @@ impl Arm64Host {
         self.disks.push(path.into());
         self
     }
+    /// A raw disk image attached read-only as a virtio-blk device; the
+    /// script mounts it (`/init` mounts only the libs disk).
+    pub fn read_only_disk(mut self, path: &Path) -> Self {
+        self.read_only_disks.push(path.into());
+        self
+    }
     pub fn nic(mut self, nic: Nic) -> Self {
         self.nic = Some(nic);
         self
