@@ -5,7 +5,10 @@
 //!
 //! Needs the dev Ceph (`deploy/ceph-dev/up`) and fio (`deploy/install-deps`).
 //!   cargo bench -p basalt-storage --bench rbd_vs_fio
-//! Env: BENCH_RUNTIME (seconds per run, default 10), BENCH_IMAGE_MIB (256).
+//! Env: BENCH_RUNTIME (seconds per run, default 6), BENCH_REPEAT (3),
+//! BENCH_IMAGE_MIB (256). Each case runs BENCH_REPEAT times per tool,
+//! alternating which tool goes first; the table shows medians, because a
+//! shared 2-core machine makes single runs vary by tens of percent.
 
 use std::process::Command;
 use std::time::Duration;
@@ -28,6 +31,13 @@ struct Result_ {
     mib_s: f64,
     p99_us: f64,
     cpu_us_per_op: f64,
+}
+
+/// The run with the median IOPS (its other figures come with it).
+fn median(v: &[Result_]) -> &Result_ {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|a, b| v[*a].iops.total_cmp(&v[*b].iops));
+    &v[idx[idx.len() / 2]]
 }
 
 fn env_u64(k: &str, d: u64) -> u64 {
@@ -108,7 +118,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // cargo test --benches probes with --list
     }
-    let runtime = env_u64("BENCH_RUNTIME", 10);
+    let runtime = env_u64("BENCH_RUNTIME", 6);
+    let repeat = env_u64("BENCH_REPEAT", 3).max(1);
     let size = env_u64("BENCH_IMAGE_MIB", 256) << 20;
     let dir = ceph_dir();
     let cfg = ClientConfig {
@@ -147,24 +158,44 @@ fn main() {
         let b: Vec<Box<dyn BlockBackend>> = vec![Box::new(RbdBackend::open(&io, &image, false, false).expect("open"))];
         bench::run(&fill_w, b).expect("fill image");
         for case in &cases {
-            let ours = basalt(&c, &image, case, runtime);
-            let theirs = fio(&image, case, runtime);
-            match (ours, theirs) {
-                (Ok(o), Ok(f)) => println!(
-                    "| {kind} | {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |",
-                    case.name,
-                    o.iops,
-                    f.iops,
-                    o.iops / f.iops.max(1e-9),
-                    o.mib_s,
-                    f.mib_s,
-                    o.p99_us,
-                    f.p99_us,
-                    o.cpu_us_per_op,
-                    f.cpu_us_per_op
-                ),
-                (o, f) => println!("| {kind} | {} | error: {:?} / {:?} |", case.name, o.err(), f.err()),
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            let mut err = None;
+            for r in 0..repeat {
+                let run_ours = || basalt(&c, &image, case, runtime);
+                let run_fio = || fio(&image, case, runtime);
+                let (o, f) = if r % 2 == 0 {
+                    let o = run_ours();
+                    (o, run_fio())
+                } else {
+                    let f = run_fio();
+                    (run_ours(), f)
+                };
+                match (o, f) {
+                    (Ok(o), Ok(f)) => {
+                        ours.push(o);
+                        theirs.push(f);
+                    }
+                    (o, f) => err = Some(format!("{:?} / {:?}", o.err(), f.err())),
+                }
             }
+            if let Some(e) = err {
+                println!("| {kind} | {} | error: {e} |", case.name);
+                continue;
+            }
+            let (o, f) = (median(&ours), median(&theirs));
+            println!(
+                "| {kind} | {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |",
+                case.name,
+                o.iops,
+                f.iops,
+                o.iops / f.iops.max(1e-9),
+                o.mib_s,
+                f.mib_s,
+                o.p99_us,
+                f.p99_us,
+                o.cpu_us_per_op,
+                f.cpu_us_per_op
+            );
         }
         rbd::remove(&io, &image).expect("remove bench image");
     }
