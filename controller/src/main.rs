@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-mod config;
+use basalt_controller::config;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Basalt controller: Raft-replicated cluster state and the public gRPC API")]

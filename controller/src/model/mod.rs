@@ -1,0 +1,16 @@
+//! The cluster model: the records the Raft state machine holds. Each type
+//! checks what it can check alone; checks across records (does the volume
+//! exist, is the node Ready) are the state machine's.
+
+pub mod events;
+pub mod names;
+pub mod nodes;
+pub mod profiles;
+pub mod vms;
+pub mod volumes;
+
+pub use events::{Event, EventKind, EventLog, EventQuery};
+pub use nodes::{Capacity, Node, NodeId, NodeRegistration, NodeState};
+pub use profiles::{ProfileKind, StorageProfile};
+pub use vms::{Boot, Disk, Observed, Power, Vm, VmPhase, VmSpec};
+pub use volumes::Volume;

@@ -1,0 +1,122 @@
+//! Hosts that run VMs: what they offer and whether the scheduler may use them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::names::{validate_labels, validate_name};
+use crate::error::{invalid, CommandError};
+
+pub type NodeId = String;
+
+/// The only guest architecture Basalt's VMM runs.
+pub const SUPPORTED_ARCH: &str = "aarch64";
+pub const MAX_NODE_VCPUS: u32 = 4096;
+pub const MIN_NODE_MEMORY_MIB: u64 = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capacity {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum NodeState {
+    Ready,
+    /// Runs what it has but takes nothing new (maintenance).
+    Cordoned,
+    /// Missed heartbeats past the lease; its VMs may still be running.
+    Unreachable,
+    /// Blocklisted in Ceph and its RBD locks broken: nothing it runs can write,
+    /// so its HA VMs may start elsewhere.
+    Fenced,
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeState::Ready => "Ready",
+            NodeState::Cordoned => "Cordoned",
+            NodeState::Unreachable => "Unreachable",
+            NodeState::Fenced => "Fenced",
+        })
+    }
+}
+
+impl NodeState {
+    /// The transitions a command may make. Fencing is one-way through
+    /// Unreachable so a node is never fenced while it is known to be healthy,
+    /// and a fenced node never goes straight back to Ready: an operator first
+    /// brings it back Cordoned after making sure the host was cleaned up.
+    pub fn may_become(self, to: NodeState) -> bool {
+        use NodeState::*;
+        matches!(
+            (self, to),
+            (Ready, Cordoned)
+                | (Cordoned, Ready)
+                | (Ready, Unreachable)
+                | (Cordoned, Unreachable)
+                | (Unreachable, Ready)
+                | (Unreachable, Cordoned)
+                | (Unreachable, Fenced)
+                | (Fenced, Cordoned)
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: NodeId,
+    /// `host:port` the node's VMMs use for migration traffic.
+    pub address: String,
+    pub arch: String,
+    pub capacity: Capacity,
+    pub labels: BTreeMap<String, String>,
+    pub state: NodeState,
+}
+
+/// What an agent reports when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRegistration {
+    pub id: NodeId,
+    pub address: String,
+    pub arch: String,
+    pub capacity: Capacity,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl NodeRegistration {
+    pub fn validate(&self) -> Result<(), CommandError> {
+        validate_name("node", &self.id)?;
+        let what = format!("node {}", self.id);
+        let port_ok = self
+            .address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+        if !port_ok {
+            return Err(invalid(format!("{what}: address {:?} must be host:port", self.address)));
+        }
+        if self.arch != SUPPORTED_ARCH {
+            return Err(invalid(format!(
+                "{what}: arch {:?} is not supported (Basalt runs {SUPPORTED_ARCH} guests only)",
+                self.arch
+            )));
+        }
+        let c = self.capacity;
+        if c.vcpus == 0 || c.vcpus > MAX_NODE_VCPUS {
+            return Err(invalid(format!(
+                "{what}: capacity of {} vCPUs must be between 1 and {MAX_NODE_VCPUS}",
+                c.vcpus
+            )));
+        }
+        if c.memory_mib < MIN_NODE_MEMORY_MIB {
+            return Err(invalid(format!(
+                "{what}: capacity of {} MiB memory is below the minimum of {MIN_NODE_MEMORY_MIB} MiB",
+                c.memory_mib
+            )));
+        }
+        validate_labels(&what, &self.labels)
+    }
+}

@@ -1,0 +1,790 @@
+//! The replicated state machine: the cluster model plus the commands that
+//! change it. Raft feeds it committed commands one at a time, in log order,
+//! with the time the leader stamped on each; given the same commands every
+//! controller reaches the same state, so nothing here reads a clock, a random
+//! number or a hash map's iteration order.
+//!
+//! Every handler checks everything before changing anything, so a refused
+//! command leaves the state exactly as it was (the revision included). Openraft
+//! still counts the entry as applied; its last-applied log id is kept beside
+//! this state, not in it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, precondition, CommandError};
+use crate::model::names::validate_name;
+use crate::model::{
+    Event, EventKind, EventLog, EventQuery, Node, NodeId, NodeRegistration, NodeState, Observed, Power, StorageProfile,
+    Vm, VmPhase, VmSpec, Volume,
+};
+use crate::scheduler::{check_node, NodeView, VmRequirements};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// An agent announces its host; registering again refreshes address, capacity and labels.
+    RegisterNode(NodeRegistration),
+    /// The failure detector's and fencing's transitions (see [`NodeState::may_become`]).
+    SetNodeState {
+        id: NodeId,
+        state: NodeState,
+        reason: String,
+    },
+    CordonNode {
+        id: NodeId,
+    },
+    UncordonNode {
+        id: NodeId,
+    },
+    /// Forget a node that has no VMs assigned.
+    RemoveNode {
+        id: NodeId,
+    },
+    CreateProfile(StorageProfile),
+    DeleteProfile {
+        name: String,
+    },
+    CreateVolume(Volume),
+    /// Volumes only grow: shrinking would cut off a guest's file system.
+    ResizeVolume {
+        name: String,
+        size_bytes: u64,
+    },
+    DeleteVolume {
+        name: String,
+    },
+    CreateVm {
+        name: String,
+        spec: VmSpec,
+        desired_power: Power,
+    },
+    /// Replace the spec if the VM is still at `expected_generation`.
+    UpdateVmSpec {
+        name: String,
+        expected_generation: u64,
+        spec: VmSpec,
+    },
+    /// `expected_generation: None` sets the power whatever the generation.
+    SetVmPower {
+        name: String,
+        power: Power,
+        expected_generation: Option<u64>,
+    },
+    DeleteVm {
+        name: String,
+        delete_disks: bool,
+    },
+    AssignVm {
+        name: String,
+        node: NodeId,
+    },
+    UnassignVm {
+        name: String,
+        reason: String,
+    },
+    ReportVmStatus {
+        name: String,
+        node: NodeId,
+        phase: VmPhase,
+        message: String,
+    },
+    /// The reconciler could not place a VM; recorded so users can see why.
+    RecordUnschedulable {
+        name: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The revision this command produced.
+    pub revision: u64,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Done,
+    /// The VM's generation after the change, for the next compare-and-set.
+    VmGeneration(u64),
+    /// The VM is gone, and with it these volumes.
+    VmDeleted {
+        deleted_volumes: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Snapshot")]
+pub struct ClusterState {
+    revision: u64,
+    nodes: BTreeMap<NodeId, Node>,
+    vms: BTreeMap<String, Vm>,
+    volumes: BTreeMap<String, Volume>,
+    profiles: BTreeMap<String, StorageProfile>,
+    events: EventLog,
+    /// Names of the VMs placed on each node: derived from `vms`, so it is not
+    /// in snapshots, but it keeps `AssignVm` from scanning every VM.
+    #[serde(skip)]
+    by_node: BTreeMap<NodeId, BTreeSet<String>>,
+}
+
+/// What a snapshot holds; the derived index is rebuilt from it.
+#[derive(Deserialize)]
+struct Snapshot {
+    revision: u64,
+    nodes: BTreeMap<NodeId, Node>,
+    vms: BTreeMap<String, Vm>,
+    volumes: BTreeMap<String, Volume>,
+    profiles: BTreeMap<String, StorageProfile>,
+    events: EventLog,
+}
+
+impl From<Snapshot> for ClusterState {
+    fn from(s: Snapshot) -> Self {
+        let mut by_node: BTreeMap<NodeId, BTreeSet<String>> = BTreeMap::new();
+        for vm in s.vms.values() {
+            if let Some(p) = &vm.placement {
+                by_node.entry(p.clone()).or_default().insert(vm.name.clone());
+            }
+        }
+        ClusterState {
+            revision: s.revision,
+            nodes: s.nodes,
+            vms: s.vms,
+            volumes: s.volumes,
+            profiles: s.profiles,
+            events: s.events,
+            by_node,
+        }
+    }
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        ClusterState::new()
+    }
+}
+
+/// Events a handler wants recorded once it has succeeded.
+type Changes = Vec<(EventKind, String, String)>;
+
+fn not_found(what: &str, name: &str) -> CommandError {
+    CommandError::NotFound(format!("{what} {name} does not exist"))
+}
+
+fn list3(names: &[&str]) -> String {
+    let mut s = names.iter().take(3).copied().collect::<Vec<_>>().join(", ");
+    if names.len() > 3 {
+        s.push_str(&format!(" and {} more", names.len() - 3));
+    }
+    s
+}
+
+impl ClusterState {
+    pub fn new() -> Self {
+        ClusterState::with_event_capacity(crate::model::events::DEFAULT_EVENT_CAPACITY)
+    }
+
+    pub fn with_event_capacity(capacity: usize) -> Self {
+        ClusterState {
+            revision: 0,
+            nodes: BTreeMap::new(),
+            vms: BTreeMap::new(),
+            volumes: BTreeMap::new(),
+            profiles: BTreeMap::new(),
+            events: EventLog::with_capacity(capacity),
+            by_node: BTreeMap::new(),
+        }
+    }
+
+    // ---- reads ----
+
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+    pub fn node(&self, id: &str) -> Option<&Node> {
+        self.nodes.get(id)
+    }
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+    pub fn vm(&self, name: &str) -> Option<&Vm> {
+        self.vms.get(name)
+    }
+    pub fn vms(&self) -> impl Iterator<Item = &Vm> {
+        self.vms.values()
+    }
+    pub fn volume(&self, name: &str) -> Option<&Volume> {
+        self.volumes.get(name)
+    }
+    pub fn volumes(&self) -> impl Iterator<Item = &Volume> {
+        self.volumes.values()
+    }
+    pub fn profile(&self, name: &str) -> Option<&StorageProfile> {
+        self.profiles.get(name)
+    }
+    pub fn profiles(&self) -> impl Iterator<Item = &StorageProfile> {
+        self.profiles.values()
+    }
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+    pub fn query_events(&self, q: &EventQuery) -> Vec<&Event> {
+        self.events.query(q)
+    }
+
+    /// VMs on a node, in name order: what the node's agent must run.
+    pub fn vms_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Vm> + 'a {
+        self.by_node.get(node).into_iter().flatten().filter_map(|name| self.vms.get(name))
+    }
+
+    /// VMs that should run but have no node, in the order the scheduler takes them.
+    pub fn pending_vms(&self) -> Vec<&Vm> {
+        let mut v: Vec<&Vm> =
+            self.vms.values().filter(|v| v.desired_power == Power::Running && v.placement.is_none()).collect();
+        v.sort_by(|a, b| a.created_revision.cmp(&b.created_revision).then_with(|| a.name.cmp(&b.name)));
+        v
+    }
+
+    /// Every node with what its assigned VMs use, in id order.
+    pub fn node_views(&self) -> Vec<NodeView> {
+        let mut views: BTreeMap<&str, NodeView> = self.nodes.values().map(|n| (n.id.as_str(), view(n))).collect();
+        for vm in self.vms.values() {
+            if let Some(v) = vm.placement.as_deref().and_then(|p| views.get_mut(p)) {
+                v.add(&VmRequirements::of(vm));
+            }
+        }
+        views.into_values().collect()
+    }
+
+    /// One node's view, leaving out VM `except` (a VM whose spec is being replaced).
+    fn node_view(&self, node: &Node, except: Option<&str>) -> NodeView {
+        let mut v = view(node);
+        for vm in self.vms_on(&node.id).filter(|vm| Some(vm.name.as_str()) != except) {
+            v.add(&VmRequirements::of(vm));
+        }
+        v
+    }
+
+    // ---- apply ----
+
+    /// Apply one committed command. On `Err` nothing changed.
+    pub fn apply(&mut self, cmd: Command, now_ms: u64) -> Result<Response, CommandError> {
+        let revision = self.revision + 1;
+        let mut changes = Changes::new();
+        let outcome = match cmd {
+            Command::RegisterNode(reg) => self.register_node(reg, &mut changes)?,
+            Command::SetNodeState { id, state, reason } => self.set_node_state(&id, state, &reason, &mut changes)?,
+            Command::CordonNode { id } => self.set_node_state(&id, NodeState::Cordoned, "cordoned", &mut changes)?,
+            Command::UncordonNode { id } => {
+                match self.nodes.get(&id).map(|n| n.state) {
+                    Some(NodeState::Cordoned) | None => {}
+                    Some(s) => {
+                        return Err(precondition(format!(
+                            "node {id} is {s}, not Cordoned; only a cordoned node can be uncordoned"
+                        )))
+                    }
+                }
+                self.set_node_state(&id, NodeState::Ready, "uncordoned", &mut changes)?
+            }
+            Command::RemoveNode { id } => self.remove_node(&id, &mut changes)?,
+            Command::CreateProfile(p) => self.create_profile(p, &mut changes)?,
+            Command::DeleteProfile { name } => self.delete_profile(&name, &mut changes)?,
+            Command::CreateVolume(v) => self.create_volume(v, &mut changes)?,
+            Command::ResizeVolume { name, size_bytes } => self.resize_volume(&name, size_bytes, &mut changes)?,
+            Command::DeleteVolume { name } => self.delete_volume(&name, &mut changes)?,
+            Command::CreateVm { name, spec, desired_power } => {
+                self.create_vm(name, spec, desired_power, revision, &mut changes)?
+            }
+            Command::UpdateVmSpec { name, expected_generation, spec } => {
+                self.update_vm_spec(&name, expected_generation, spec, revision, &mut changes)?
+            }
+            Command::SetVmPower { name, power, expected_generation } => {
+                self.set_vm_power(&name, power, expected_generation, revision, &mut changes)?
+            }
+            Command::DeleteVm { name, delete_disks } => self.delete_vm(&name, delete_disks, &mut changes)?,
+            Command::AssignVm { name, node } => self.assign_vm(&name, &node, revision, now_ms, &mut changes)?,
+            Command::UnassignVm { name, reason } => self.unassign_vm(&name, &reason, revision, now_ms, &mut changes)?,
+            Command::ReportVmStatus { name, node, phase, message } => {
+                self.report_vm_status(&name, &node, phase, message, revision, now_ms, &mut changes)?
+            }
+            Command::RecordUnschedulable { name, reason } => {
+                if !self.vms.contains_key(&name) {
+                    return Err(not_found("vm", &name));
+                }
+                changes.push((EventKind::VmUnschedulable, format!("vm/{name}"), reason));
+                Outcome::Done
+            }
+        };
+        self.revision = revision;
+        for (kind, subject, message) in changes {
+            self.events.push(Event { revision, time_ms: now_ms, kind, subject, message });
+        }
+        Ok(Response { revision, outcome })
+    }
+
+    fn register_node(&mut self, reg: NodeRegistration, ch: &mut Changes) -> Result<Outcome, CommandError> {
+        reg.validate()?;
+        let subject = format!("node/{}", reg.id);
+        let c = reg.capacity;
+        match self.nodes.get_mut(&reg.id) {
+            Some(n) if n.state == NodeState::Fenced => {
+                return Err(precondition(format!(
+                    "node {} is Fenced; an operator must set it Cordoned (after cleaning up the host) before it can register again",
+                    reg.id
+                )))
+            }
+            Some(n) => {
+                n.address = reg.address;
+                n.arch = reg.arch;
+                n.capacity = reg.capacity;
+                n.labels = reg.labels;
+                let msg = format!("re-registered at {} with {} vCPUs, {} MiB; state {}", n.address, c.vcpus, c.memory_mib, n.state);
+                ch.push((EventKind::NodeUpdated, subject, msg));
+            }
+            None => {
+                let msg = format!("registered at {} with {} vCPUs, {} MiB", reg.address, c.vcpus, c.memory_mib);
+                let node = Node {
+                    id: reg.id.clone(),
+                    address: reg.address,
+                    arch: reg.arch,
+                    capacity: reg.capacity,
+                    labels: reg.labels,
+                    state: NodeState::Ready,
+                };
+                self.nodes.insert(reg.id, node);
+                ch.push((EventKind::NodeRegistered, subject, msg));
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn set_node_state(
+        &mut self,
+        id: &str,
+        to: NodeState,
+        reason: &str,
+        ch: &mut Changes,
+    ) -> Result<Outcome, CommandError> {
+        let node = self.nodes.get_mut(id).ok_or_else(|| not_found("node", id))?;
+        let from = node.state;
+        if from == to {
+            return Err(precondition(format!("node {id} is already {to}")));
+        }
+        if !from.may_become(to) {
+            let hint = match to {
+                NodeState::Fenced => " (a node is fenced only after it has been marked Unreachable)",
+                NodeState::Ready if from == NodeState::Fenced => " (bring a fenced node back as Cordoned first)",
+                _ => "",
+            };
+            return Err(precondition(format!("node {id} cannot go from {from} to {to}{hint}")));
+        }
+        node.state = to;
+        let msg = if reason.is_empty() { format!("{from} -> {to}") } else { format!("{from} -> {to}: {reason}") };
+        ch.push((EventKind::NodeStateChanged, format!("node/{id}"), msg));
+        Ok(Outcome::Done)
+    }
+
+    fn remove_node(&mut self, id: &str, ch: &mut Changes) -> Result<Outcome, CommandError> {
+        if !self.nodes.contains_key(id) {
+            return Err(not_found("node", id));
+        }
+        let on: Vec<&str> = self.vms_on(id).map(|v| v.name.as_str()).collect();
+        if !on.is_empty() {
+            return Err(precondition(format!("node {id} still has {} VMs assigned: {}", on.len(), list3(&on))));
+        }
+        self.nodes.remove(id);
+        ch.push((EventKind::NodeRemoved, format!("node/{id}"), "removed".into()));
+        Ok(Outcome::Done)
+    }
+
+    fn create_profile(&mut self, p: StorageProfile, ch: &mut Changes) -> Result<Outcome, CommandError> {
+        p.validate()?;
+        if self.profiles.contains_key(&p.name) {
+            return Err(CommandError::AlreadyExists(format!("storage profile {} already exists", p.name)));
+        }
+        let msg = match &p.kind {
+            crate::model::ProfileKind::Replicated { size, min_size } => {
+                format!("replicated size {size} min_size {min_size}")
+            }
+            crate::model::ProfileKind::ErasureCoded { k, m, plugin, .. } => {
+                format!("erasure-coded k={k} m={m} {plugin}")
+            }
+        };
+        ch.push((EventKind::ProfileCreated, format!("profile/{}", p.name), msg));
+        self.profiles.insert(p.name.clone(), p);
+        Ok(Outcome::Done)
+    }
+
+    fn delete_profile(&mut self, name: &str, ch: &mut Changes) -> Result<Outcome, CommandError> {
+        if !self.profiles.contains_key(name) {
+            return Err(not_found("storage profile", name));
+        }
+        let users: Vec<&str> = self.volumes.values().filter(|v| v.profile == name).map(|v| v.name.as_str()).collect();
+        if !users.is_empty() {
+            return Err(precondition(format!(
+                "storage profile {name} is used by {} volumes: {}",
+                users.len(),
+                list3(&users)
+            )));
+        }
+        self.profiles.remove(name);
+        ch.push((EventKind::ProfileDeleted, format!("profile/{name}"), "deleted".into()));
+        Ok(Outcome::Done)
+    }
+
+    fn create_volume(&mut self, v: Volume, ch: &mut Changes) -> Result<Outcome, CommandError> {
+        v.validate()?;
+        if self.volumes.contains_key(&v.name) {
+            return Err(CommandError::AlreadyExists(format!("volume {} already exists", v.name)));
+        }
+        let profile = self.profiles.get(&v.profile).ok_or_else(|| not_found("storage profile", &v.profile))?;
+        profile.pool_spec(&v.pool).validate().map_err(|e| invalid(format!("volume {}: {e}", v.name)))?;
+        if let Some(other) = self.volumes.values().find(|o| o.pool == v.pool && o.image == v.image) {
+            return Err(CommandError::AlreadyExists(format!(
+                "image {}/{} already belongs to volume {}",
+                v.pool, v.image, other.name
+            )));
+        }
+        let msg = format!("{}/{} {} bytes, profile {}", v.pool, v.image, v.size_bytes, v.profile);
+        ch.push((EventKind::VolumeCreated, format!("volume/{}", v.name), msg));
+        self.volumes.insert(v.name.clone(), v);
+        Ok(Outcome::Done)
+    }
+
+    fn resize_volume(&mut self, name: &str, size: u64, ch: &mut Changes) -> Result<Outcome, CommandError> {
+        let vol = self.volumes.get(name).ok_or_else(|| not_found("volume", name))?;
+        let mut resized = vol.clone();
+        resized.size_bytes = size;
+        resized.validate()?;
+        if size < vol.size_bytes {
+            return Err(invalid(format!(
+                "volume {name}: {size} bytes is smaller than its {} bytes; volumes only grow",
+                vol.size_bytes
+            )));
+        }
+        let msg = format!("{} -> {size} bytes", vol.size_bytes);
+        self.volumes.insert(name.to_string(), resized);
+        ch.push((EventKind::VolumeResized, format!("volume/{name}"), msg));
+        Ok(Outcome::Done)
+    }
+
+    /// VMs other than `except` using `volume`, with whether each writes to it.
+    fn volume_users<'a>(
+        &'a self,
+        volume: &'a str,
+        except: Option<&'a str>,
+    ) -> impl Iterator<Item = (&'a str, bool)> + 'a {
+        self.vms.values().filter(move |vm| Some(vm.name.as_str()) != except).flat_map(move |vm| {
+            vm.spec.attachments().filter(move |(v, _)| *v == volume).map(move |(_, w)| (vm.name.as_str(), w))
+        })
+    }
+
+    fn delete_volume(&mut self, name: &str, ch: &mut Changes) -> Result<Outcome, CommandError> {
+        if !self.volumes.contains_key(name) {
+            return Err(not_found("volume", name));
+        }
+        let users: Vec<&str> = self.volume_users(name, None).map(|(vm, _)| vm).collect();
+        if !users.is_empty() {
+            return Err(precondition(format!(
+                "volume {name} is attached to vm {}; delete or change the vm first",
+                list3(&users)
+            )));
+        }
+        self.volumes.remove(name);
+        ch.push((EventKind::VolumeDeleted, format!("volume/{name}"), "deleted".into()));
+        Ok(Outcome::Done)
+    }
+
+    /// A spec's volumes exist, and none is written by two VMs: RBD's exclusive
+    /// lock would let only one of them run, so refuse it up front.
+    fn check_attachments(&self, vm: &str, spec: &VmSpec) -> Result<(), CommandError> {
+        for (volume, writes) in spec.attachments() {
+            if !self.volumes.contains_key(volume) {
+                return Err(CommandError::NotFound(format!("vm {vm}: volume {volume} does not exist")));
+            }
+            if let Some((other, other_writes)) = self.volume_users(volume, Some(vm)).find(|(_, w)| writes || *w) {
+                let how = if other_writes { "read-write" } else { "read-only" };
+                return Err(precondition(format!(
+                    "vm {vm}: volume {volume} is attached {how} to vm {other}; a volume shared by VMs must be read-only in all of them"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn create_vm(
+        &mut self,
+        name: String,
+        spec: VmSpec,
+        power: Power,
+        rev: u64,
+        ch: &mut Changes,
+    ) -> Result<Outcome, CommandError> {
+        validate_name("vm", &name)?;
+        spec.validate(&name)?;
+        if self.vms.contains_key(&name) {
+            return Err(CommandError::AlreadyExists(format!("vm {name} already exists")));
+        }
+        self.check_attachments(&name, &spec)?;
+        let msg = format!("{} vCPUs, {} MiB, desired {:?}", spec.vcpus, spec.memory_mib, power);
+        let vm = Vm {
+            name: name.clone(),
+            spec,
+            desired_power: power,
+            placement: None,
+            observed: Observed::default(),
+            generation: 1,
+            created_revision: rev,
+            updated_revision: rev,
+        };
+        self.vms.insert(name.clone(), vm);
+        ch.push((EventKind::VmCreated, format!("vm/{name}"), msg));
+        Ok(Outcome::VmGeneration(1))
+    }
+
+    fn vm_at(&self, name: &str, expected: Option<u64>) -> Result<&Vm, CommandError> {
+        let vm = self.vms.get(name).ok_or_else(|| not_found("vm", name))?;
+        match expected {
+            Some(g) if g != vm.generation => Err(precondition(format!(
+                "vm {name} is at generation {}, not {g}: it changed since it was read; read it again and retry",
+                vm.generation
+            ))),
+            _ => Ok(vm),
+        }
+    }
+
+    fn update_vm_spec(
+        &mut self,
+        name: &str,
+        expected: u64,
+        spec: VmSpec,
+        rev: u64,
+        ch: &mut Changes,
+    ) -> Result<Outcome, CommandError> {
+        let vm = self.vm_at(name, Some(expected))?;
+        spec.validate(name)?;
+        self.check_attachments(name, &spec)?;
+        // A placed VM keeps its node, so the new spec must still fit there.
+        if let Some(node_id) = &vm.placement {
+            if let Some(node) = self.nodes.get(node_id) {
+                let mut req = VmRequirements::of(vm);
+                req.vcpus = spec.vcpus;
+                req.memory_mib = spec.memory_mib;
+                req.required_labels = spec.required_labels.clone();
+                req.anti_affinity_group = spec.anti_affinity_group.clone();
+                let mut v = self.node_view(node, Some(name));
+                // Its node's state is not the new spec's concern.
+                v.state = NodeState::Ready;
+                if let Err(r) = check_node(&req, &v) {
+                    return Err(precondition(format!(
+                        "vm {name} is assigned to node {node_id}, which cannot take the new spec: {r}; unassign it first"
+                    )));
+                }
+            }
+        }
+        let vm = self.vms.get_mut(name).ok_or_else(|| not_found("vm", name))?;
+        vm.spec = spec;
+        vm.generation += 1;
+        vm.updated_revision = rev;
+        let g = vm.generation;
+        ch.push((EventKind::VmSpecUpdated, format!("vm/{name}"), format!("spec replaced, generation {g}")));
+        Ok(Outcome::VmGeneration(g))
+    }
+
+    fn set_vm_power(
+        &mut self,
+        name: &str,
+        power: Power,
+        expected: Option<u64>,
+        rev: u64,
+        ch: &mut Changes,
+    ) -> Result<Outcome, CommandError> {
+        let vm = self.vm_at(name, expected)?;
+        if vm.desired_power == power {
+            // Asking again is not a conflict: the caller's intent already holds.
+            return Ok(Outcome::VmGeneration(vm.generation));
+        }
+        let vm = self.vms.get_mut(name).ok_or_else(|| not_found("vm", name))?;
+        vm.desired_power = power;
+        vm.generation += 1;
+        vm.updated_revision = rev;
+        ch.push((EventKind::VmPowerChanged, format!("vm/{name}"), format!("desired power {power:?}")));
+        Ok(Outcome::VmGeneration(vm.generation))
+    }
+
+    fn delete_vm(&mut self, name: &str, delete_disks: bool, ch: &mut Changes) -> Result<Outcome, CommandError> {
+        let vm = self.vms.get(name).ok_or_else(|| not_found("vm", name))?;
+        let volumes: Vec<String> = vm.spec.volumes().map(String::from).collect();
+        if delete_disks {
+            if let Some(node) = &vm.placement {
+                return Err(precondition(format!(
+                    "vm {name} is still assigned to node {node}, which may have its disks open; stop and unassign it before deleting its disks"
+                )));
+            }
+            for v in &volumes {
+                if let Some((other, _)) = self.volume_users(v, Some(name)).next() {
+                    return Err(precondition(format!(
+                        "vm {name}: volume {v} is also attached to vm {other}, so it cannot be deleted with it"
+                    )));
+                }
+            }
+        }
+        if let Some(node) = self.vms.remove(name).and_then(|vm| vm.placement) {
+            self.unindex(&node, name);
+        }
+        ch.push((EventKind::VmDeleted, format!("vm/{name}"), "deleted".into()));
+        let mut deleted = Vec::new();
+        if delete_disks {
+            for v in volumes {
+                // A dangling reference cannot exist (DeleteVolume refuses attached volumes), but be safe.
+                if self.volumes.remove(&v).is_some() {
+                    ch.push((EventKind::VolumeDeleted, format!("volume/{v}"), format!("deleted with vm {name}")));
+                    deleted.push(v);
+                }
+            }
+        }
+        Ok(Outcome::VmDeleted { deleted_volumes: deleted })
+    }
+
+    fn assign_vm(
+        &mut self,
+        name: &str,
+        node_id: &str,
+        rev: u64,
+        now: u64,
+        ch: &mut Changes,
+    ) -> Result<Outcome, CommandError> {
+        let vm = self.vms.get(name).ok_or_else(|| not_found("vm", name))?;
+        let node = self.nodes.get(node_id).ok_or_else(|| not_found("node", node_id))?;
+        if let Some(p) = &vm.placement {
+            return Err(precondition(format!("vm {name} is already assigned to node {p}; unassign it first")));
+        }
+        let req = VmRequirements::of(vm);
+        let view = self.node_view(node, None);
+        if let Err(r) = check_node(&req, &view) {
+            let free = view.free();
+            return Err(precondition(format!(
+                "node {node_id} cannot take vm {name}: {r} (node {}, {} of {} vCPUs and {} of {} MiB free; vm needs {} vCPUs, {} MiB)",
+                node.state, free.vcpus, view.capacity.vcpus, free.memory_mib, view.capacity.memory_mib, req.vcpus, req.memory_mib
+            )));
+        }
+        let vm = self.vms.get_mut(name).ok_or_else(|| not_found("vm", name))?;
+        vm.placement = Some(node_id.to_string());
+        self.by_node.entry(node_id.to_string()).or_default().insert(name.to_string());
+        vm.observed = Observed { phase: VmPhase::Unknown, node: None, message: String::new(), at_ms: now };
+        vm.updated_revision = rev;
+        ch.push((EventKind::VmAssigned, format!("vm/{name}"), format!("assigned to node {node_id}")));
+        Ok(Outcome::Done)
+    }
+
+    fn unassign_vm(
+        &mut self,
+        name: &str,
+        reason: &str,
+        rev: u64,
+        now: u64,
+        ch: &mut Changes,
+    ) -> Result<Outcome, CommandError> {
+        let vm = self.vms.get(name).ok_or_else(|| not_found("vm", name))?;
+        let Some(node_id) = vm.placement.clone() else {
+            return Err(precondition(format!("vm {name} is not assigned to any node")));
+        };
+        // The one rule that keeps a VM from running writable on two hosts: it
+        // leaves a node only once it is known stopped there or the node is fenced.
+        let fenced = self.nodes.get(&node_id).is_none_or(|n| n.state == NodeState::Fenced);
+        let live = matches!(vm.observed.phase, VmPhase::Starting | VmPhase::Running | VmPhase::Paused);
+        if live && !fenced {
+            return Err(precondition(format!(
+                "vm {name} is {} on node {node_id}; stop it first, or wait until the node is fenced",
+                vm.observed.phase
+            )));
+        }
+        let vm = self.vms.get_mut(name).ok_or_else(|| not_found("vm", name))?;
+        vm.placement = None;
+        vm.observed =
+            Observed { phase: VmPhase::Unknown, node: None, message: format!("unassigned from {node_id}"), at_ms: now };
+        vm.updated_revision = rev;
+        let msg = if reason.is_empty() {
+            format!("unassigned from node {node_id}")
+        } else {
+            format!("unassigned from node {node_id}: {reason}")
+        };
+        self.unindex(&node_id, name);
+        ch.push((EventKind::VmUnassigned, format!("vm/{name}"), msg));
+        Ok(Outcome::Done)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn report_vm_status(
+        &mut self,
+        name: &str,
+        node_id: &str,
+        phase: VmPhase,
+        message: String,
+        rev: u64,
+        now: u64,
+        ch: &mut Changes,
+    ) -> Result<Outcome, CommandError> {
+        let vm = self.vms.get(name).ok_or_else(|| not_found("vm", name))?;
+        let node = self.nodes.get(node_id).ok_or_else(|| not_found("node", node_id))?;
+        if node.state == NodeState::Fenced {
+            return Err(precondition(format!("node {node_id} is Fenced; its reports are not accepted")));
+        }
+        // A late report from a VM's previous node must not overwrite the new one's.
+        if vm.placement.as_deref() != Some(node_id) {
+            let at = vm.placement.as_deref().map_or("no node".to_string(), |p| format!("node {p}"));
+            return Err(precondition(format!("vm {name} is assigned to {at}, not node {node_id}")));
+        }
+        if message.len() > 1024 {
+            return Err(invalid(format!("vm {name}: status message is {} bytes, at most 1024", message.len())));
+        }
+        let changed = vm.observed.phase != phase;
+        let vm = self.vms.get_mut(name).ok_or_else(|| not_found("vm", name))?;
+        let from = vm.observed.phase;
+        vm.observed = Observed { phase, node: Some(node_id.to_string()), message, at_ms: now };
+        vm.updated_revision = rev;
+        // Repeated reports of the same phase would flood the bounded log.
+        if changed {
+            let mut msg = format!("{from} -> {phase} on node {node_id}");
+            if !vm.observed.message.is_empty() {
+                msg.push_str(&format!(": {}", vm.observed.message));
+            }
+            ch.push((EventKind::VmStatusChanged, format!("vm/{name}"), msg));
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn unindex(&mut self, node: &str, vm: &str) {
+        if let Some(set) = self.by_node.get_mut(node) {
+            set.remove(vm);
+            if set.is_empty() {
+                self.by_node.remove(node);
+            }
+        }
+    }
+
+    /// The state as bytes for a Raft snapshot.
+    pub fn snapshot(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+
+    pub fn restore(bytes: &[u8]) -> Result<ClusterState, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+fn view(n: &Node) -> NodeView {
+    NodeView {
+        id: n.id.clone(),
+        state: n.state,
+        capacity: n.capacity,
+        used: Default::default(),
+        labels: n.labels.clone(),
+        anti_affinity_groups: Default::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
