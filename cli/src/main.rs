@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod storage_bench;
+
 #[derive(Parser, Debug)]
 #[command(version, about = "Administer a Basalt cluster")]
 struct Cli {
@@ -28,6 +30,18 @@ enum Output {
 enum Command {
     /// Print basaltctl's version and the endpoints it would use.
     Version,
+    /// Storage: measure a disk.
+    Storage {
+        #[command(subcommand)]
+        cmd: StorageCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StorageCmd {
+    /// Benchmark an RBD image (POOL/IMAGE) or a file: IOPS, MB/s and MiB/s,
+    /// latency percentiles, CPU per request.
+    Bench(storage_bench::BenchArgs),
 }
 
 fn parse_endpoint(s: &str) -> Result<String, String> {
@@ -52,6 +66,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Storage { cmd: StorageCmd::Bench(a) } => match storage_bench::run(&a, cli.output == Output::Json) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("basaltctl storage bench: {e}");
+                return ExitCode::from(1);
+            }
+        },
     }
     ExitCode::SUCCESS
 }
