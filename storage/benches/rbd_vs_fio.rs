@@ -6,7 +6,8 @@
 //! Needs the dev Ceph (`deploy/ceph-dev/up`) and fio (`deploy/install-deps`).
 //!   cargo bench -p basalt-storage --bench rbd_vs_fio
 //! Env: BENCH_RUNTIME (seconds per run, default 6), BENCH_REPEAT (3),
-//! BENCH_IMAGE_MIB (256). Each case runs BENCH_REPEAT times per tool,
+//! BENCH_IMAGE_MIB (256), BENCH_ONLY (run only cases whose "image workload"
+//! contains this text, e.g. "EC 2+1 data pool 4K randwrite QD32"). Each case runs BENCH_REPEAT times per tool,
 //! alternating which tool goes first; the table shows medians, because a
 //! shared 2-core machine makes single runs vary by tens of percent.
 
@@ -142,7 +143,9 @@ fn main() {
     ];
     println!("| image | workload | Basalt IOPS | fio IOPS | ratio | Basalt MiB/s | fio MiB/s | Basalt p99 µs | fio p99 µs | Basalt CPU µs/op | fio CPU µs/op |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for (kind, opts) in [("replicated", ImageOptions::default()), ("EC 2+1 data pool", ImageOptions { data_pool: Some("rbd-ec".into()), ..Default::default() })] {
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let kinds = [("replicated", ImageOptions::default()), ("EC 2+1 data pool", ImageOptions { data_pool: Some("rbd-ec".into()), ..Default::default() })];
+    for (kind, opts) in kinds.into_iter().filter(|(k, _)| cases.iter().any(|c| format!("{k} {}", c.name).contains(&only))) {
         let image = format!("bench-{}-{}", kind.split(' ').next().unwrap_or("x"), std::process::id());
         rbd::create(&io, &image, size, &opts).expect("create bench image");
         // Reads of never-written objects cost nothing in Ceph: fill the image first.
@@ -157,7 +160,8 @@ fn main() {
         };
         let b: Vec<Box<dyn BlockBackend>> = vec![Box::new(RbdBackend::open(&io, &image, false, false).expect("open"))];
         bench::run(&fill_w, b).expect("fill image");
-        for case in &cases {
+        let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+        for case in cases.iter().filter(|c| format!("{kind} {}", c.name).contains(&only)) {
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             let mut err = None;
             for r in 0..repeat {
