@@ -766,13 +766,38 @@ impl ClusterState {
     }
 
     /// The state as bytes for a Raft snapshot.
+    /// The state as a versioned snapshot (what Raft snapshots carry).
     pub fn snapshot(&self) -> Result<Vec<u8>, serde_json::Error> {
-        serde_json::to_vec(self)
+        serde_json::to_vec(&SnapshotOut { format: SNAPSHOT_FORMAT, state: self })
     }
 
+    /// Reads a snapshot; one of another format version is refused rather than guessed at.
     pub fn restore(bytes: &[u8]) -> Result<ClusterState, serde_json::Error> {
-        serde_json::from_slice(bytes)
+        use serde::de::Error;
+        let s: SnapshotIn = serde_json::from_slice(bytes)?;
+        if s.format != SNAPSHOT_FORMAT {
+            return Err(serde_json::Error::custom(format!(
+                "snapshot format {} is not supported (this controller reads {SNAPSHOT_FORMAT})",
+                s.format
+            )));
+        }
+        Ok(s.state)
     }
+}
+
+/// Version of the snapshot format; bump when a field changes meaning.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+#[derive(serde::Serialize)]
+struct SnapshotOut<'a> {
+    format: u32,
+    state: &'a ClusterState,
+}
+
+#[derive(serde::Deserialize)]
+struct SnapshotIn {
+    format: u32,
+    state: ClusterState,
 }
 
 fn view(n: &Node) -> NodeView {

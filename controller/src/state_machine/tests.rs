@@ -546,6 +546,9 @@ fn snapshot_round_trip() {
     assert_eq!(original.apply(next.clone(), T + 50), restored.apply(next, T + 50));
     assert_eq!(original, restored);
     assert!(ClusterState::restore(b"{\"revision\":1}").is_err());
+    let future = String::from_utf8(bytes.clone()).expect("utf8").replacen("\"format\":1", "\"format\":2", 1);
+    let e = ClusterState::restore(future.as_bytes()).expect_err("newer format refused");
+    assert!(e.to_string().contains("format 2"), "{e}");
 }
 
 #[test]
