@@ -52,7 +52,9 @@ pub struct BenchArgs {
 pub enum Rw {
     Read,
     Write,
-    Rw,
+    /// Sequential mixed reads and writes.
+    #[value(name = "rw")]
+    Mixed,
     Randread,
     Randwrite,
     Randrw,
@@ -75,7 +77,7 @@ impl BenchArgs {
         let (pattern, mix) = match self.rw {
             Rw::Read => (Pattern::Sequential, Mix::Read),
             Rw::Write => (Pattern::Sequential, Mix::Write),
-            Rw::Rw => (Pattern::Sequential, Mix::Mixed { read_percent: self.rwmix_read }),
+            Rw::Mixed => (Pattern::Sequential, Mix::Mixed { read_percent: self.rwmix_read }),
             Rw::Randread => (Pattern::Random, Mix::Read),
             Rw::Randwrite => (Pattern::Random, Mix::Write),
             Rw::Randrw => (Pattern::Random, Mix::Mixed { read_percent: self.rwmix_read }),
@@ -97,7 +99,7 @@ impl BenchArgs {
     }
 
     fn open(&self) -> Result<Vec<Box<dyn BlockBackend>>, String> {
-        let ro = !matches!(self.rw, Rw::Write | Rw::Rw | Rw::Randwrite | Rw::Randrw);
+        let ro = !matches!(self.rw, Rw::Write | Rw::Mixed | Rw::Randwrite | Rw::Randrw);
         let mut v: Vec<Box<dyn BlockBackend>> = Vec::new();
         if let Some(f) = &self.file {
             for _ in 0..self.jobs {

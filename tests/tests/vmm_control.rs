@@ -40,7 +40,7 @@ echo "VMM-EXIT rc=$rc"
 exit $rc
 "#;
 
-fn ctl<'a>(text: &'a str, name: &str) -> Vec<Value> {
+fn ctl(text: &str, name: &str) -> Vec<Value> {
     let prefix = format!("CTL-{name} ");
     text.lines()
         .filter_map(|l| l.strip_prefix(&prefix))

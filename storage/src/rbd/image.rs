@@ -49,7 +49,7 @@ impl ImageOptions {
         match (self.stripe_unit, self.stripe_count) {
             (Some(su), Some(sc)) => {
                 let obj = 1u64 << self.order.unwrap_or(22);
-                if su == 0 || sc == 0 || obj % su != 0 {
+                if su == 0 || sc == 0 || !obj.is_multiple_of(su) {
                     return Err(CephError::invalid("striping", format!("stripe unit {su} must divide the object size {obj}, and count {sc} must be at least 1")));
                 }
             }

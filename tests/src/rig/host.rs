@@ -283,9 +283,9 @@ impl Running {
         let console = self.console.lock().map(|c| c.clone()).unwrap_or_default();
         let exit_code = console
             .lines()
+            .rev()
             .filter_map(|l| l.split_once(EXIT_MARKER))
-            .filter_map(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
-            .last();
+            .find_map(|(_, rest)| rest.split_whitespace().next()?.parse().ok());
         Ok(Outcome { name: self.name.clone(), exit_code, timed_out, console, wall: self.started.elapsed() })
     }
 }
