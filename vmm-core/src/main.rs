@@ -139,6 +139,7 @@ fn build_config(a: &Args) -> Result<VmConfig, String> {
 fn run(cfg: &VmConfig, control: Option<&std::path::Path>) -> ExitCode {
     use basalt_vmm::vm::{Vm, VmExit};
     use std::time::Instant;
+    let started = Instant::now();
     let mut resets: Vec<Instant> = Vec::new();
     let mut snapshot: Option<std::path::PathBuf> = None;
     loop {
@@ -155,6 +156,7 @@ fn run(cfg: &VmConfig, control: Option<&std::path::Path>) -> ExitCode {
                 }
             },
         };
+        let setup_ms = started.elapsed().as_millis();
         let vm = match built {
             Ok(vm) => vm,
             Err(e) => {
@@ -162,6 +164,7 @@ fn run(cfg: &VmConfig, control: Option<&std::path::Path>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        log::info!("VM ready to run {setup_ms} ms after the VMM started");
         match vm.run(control) {
             Ok(VmExit::PowerOff) => {
                 eprintln!("basalt-vmm: the guest powered off");
