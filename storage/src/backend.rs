@@ -97,6 +97,50 @@ pub trait BlockBackend: Send {
     fn take_completions(&mut self, out: &mut Vec<Completion>);
 }
 
+/// Checks a request before any backend acts on it: its range (see
+/// [`check_range`]) and, on a read-only device, that it does not write.
+pub fn check_request(op: &Op, size: u64, read_only: bool) -> Result<(), BlockError> {
+    check_range(op, size)?;
+    if read_only && !matches!(op, Op::Read { .. } | Op::Flush) {
+        return Err(BlockError::ReadOnly);
+    }
+    Ok(())
+}
+
+/// Finished requests waiting to be taken, and the eventfd that says so.
+/// Shared by every backend; safe to push from another thread (librbd's
+/// completion callbacks).
+pub struct CompletionQueue {
+    done: std::sync::Mutex<Vec<Completion>>,
+    evt: vmm_sys_util::eventfd::EventFd,
+}
+
+impl CompletionQueue {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(CompletionQueue {
+            done: std::sync::Mutex::new(Vec::new()),
+            evt: vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
+        })
+    }
+
+    pub fn push(&self, c: Completion) -> Result<(), BlockError> {
+        self.done.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+        self.evt.write(1).map_err(|e| BlockError::io("eventfd", &e))
+    }
+
+    pub fn fd(&self) -> RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.evt)
+    }
+
+    /// Moves every finished request into `out`. The counter is reset first:
+    /// a completion that lands after this read re-arms the eventfd, so none
+    /// is ever missed.
+    pub fn take(&self, out: &mut Vec<Completion>) {
+        let _ = self.evt.read();
+        out.append(&mut self.done.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
 /// Checks a request's range against the device size, with overflow in mind:
 /// offsets and lengths come from the guest.
 pub fn check_range(op: &Op, size: u64) -> Result<(), BlockError> {

@@ -8,16 +8,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-use crate::backend::{check_range, BlockBackend, BlockError, Completion, Op, Request};
+use crate::backend::{check_request, BlockBackend, BlockError, Completion, CompletionQueue, Op, Request};
 
 pub struct FileBackend {
     file: File,
     size: u64,
     read_only: bool,
-    done: Vec<Completion>,
-    evt: EventFd,
+    done: CompletionQueue,
 }
 
 impl FileBackend {
@@ -25,14 +22,11 @@ impl FileBackend {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         // Seeking to the end sizes block devices too (their metadata says 0).
         let size = { use std::io::Seek; (&file).seek(std::io::SeekFrom::End(0))? };
-        Ok(FileBackend { file, size, read_only, done: Vec::new(), evt: EventFd::new(EFD_NONBLOCK)? })
+        Ok(FileBackend { file, size, read_only, done: CompletionQueue::new()? })
     }
 
     fn execute(&self, op: Op) -> Result<Vec<u8>, BlockError> {
-        check_range(&op, self.size)?;
-        if self.read_only && !matches!(op, Op::Read { .. } | Op::Flush) {
-            return Err(BlockError::ReadOnly);
-        }
+        check_request(&op, self.size, self.read_only)?;
         match op {
             Op::Read { offset, len } => {
                 let mut buf = vec![0u8; len as usize];
@@ -95,19 +89,15 @@ impl BlockBackend for FileBackend {
 
     fn submit(&mut self, req: Request) -> Result<(), BlockError> {
         let result = self.execute(req.op);
-        self.done.push(Completion { tag: req.tag, result });
-        self.evt.write(1).map_err(|e| BlockError::io("eventfd", &e))
+        self.done.push(Completion { tag: req.tag, result })
     }
 
     fn completion_fd(&self) -> RawFd {
-        self.evt.as_raw_fd()
+        self.done.fd()
     }
 
     fn take_completions(&mut self, out: &mut Vec<Completion>) {
-        // Reset the counter first: a completion that lands after this read
-        // re-arms the eventfd, so none is ever missed.
-        let _ = self.evt.read();
-        out.append(&mut self.done);
+        self.done.take(out);
     }
 }
 

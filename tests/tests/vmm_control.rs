@@ -33,6 +33,7 @@ ctl resume
 sleep 3; c=$(wc -c < $C)
 echo "RESUMED-GROWTH $((c - b))"
 echo "CTL-bogus $(basalt-vmm ctl --socket $S reboot-now)"
+echo "CTL-badsave $(basalt-vmm ctl --socket $S save)"
 ctl shutdown
 wait $VMM; rc=$?
 kill $CAT 2>/dev/null
@@ -98,6 +99,9 @@ fn control_socket_status_counters_vgic_pause_resume_shutdown() {
     let bogus = &ctl(text, "bogus")[0];
     assert_eq!(bogus["ok"], false);
     assert!(bogus["error"].as_str().unwrap_or("").contains("unknown command"), "{bogus}");
+    let badsave = &ctl(text, "badsave")[0];
+    assert_eq!(badsave["ok"], false, "save without a path is refused: {badsave}");
+    assert!(badsave["error"].as_str().unwrap_or("").contains("path"), "{badsave}");
     assert_eq!(ctl(text, "shutdown")[0]["ok"], true);
     assert!(text.contains("VMM-EXIT rc=0"), "{text}");
 }

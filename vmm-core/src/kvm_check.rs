@@ -6,12 +6,12 @@
 
 use std::fmt::Write as _;
 
-use kvm_bindings::{kvm_vcpu_init, KVM_ARM_VCPU_PSCI_0_2, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN;
 use kvm_ioctls::{Kvm, VcpuExit};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::aarch64::gic::{VGicV3, GICD_ISENABLER, GICD_TYPER};
-use crate::arch::aarch64::{layout, regs};
+use crate::arch::aarch64::{layout, regs, vcpu};
 
 /// The byte the guest writes to the serial window.
 pub const GUEST_BYTE: u8 = b'B';
@@ -112,11 +112,7 @@ pub fn run() -> Result<Report, CheckError> {
 
     let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     let gic = VGicV3::create(&vm, 1)?;
-    let mut kvi = kvm_vcpu_init::default();
-    vm.get_preferred_target(&mut kvi).map_err(kvm_err("KVM_ARM_PREFERRED_TARGET"))?;
-    report.target = kvi.target;
-    kvi.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
-    vcpu.vcpu_init(&kvi).map_err(kvm_err("KVM_ARM_VCPU_INIT (PSCI 0.2)"))?;
+    report.target = vcpu::init(&vm, &vcpu, 0).map_err(kvm_err("KVM_ARM_VCPU_INIT (PSCI 0.2)"))?;
     gic.finalize()?;
     vcpu.set_one_reg(regs::core_reg(regs::PC_OFFSET), &layout::RAM_BASE.to_le_bytes())
         .map_err(kvm_err("set PC"))?;
@@ -161,9 +157,10 @@ pub fn run() -> Result<Report, CheckError> {
             report.regs_readable += 1;
         }
     }
-    report.mpidr = read_u64(&vcpu, regs::MPIDR_EL1)?;
-    report.pc = read_u64(&vcpu, regs::core_reg(regs::PC_OFFSET))?;
-    report.x9 = read_u64(&vcpu, regs::core_reg(regs::xreg_offset(9)))?;
+    let read = |id| vcpu::read_u64(&vcpu, id).map_err(kvm_err("KVM_GET_ONE_REG"));
+    report.mpidr = read(regs::MPIDR_EL1)?;
+    report.pc = read(regs::core_reg(regs::PC_OFFSET))?;
+    report.x9 = read(regs::core_reg(regs::xreg_offset(9)))?;
     if report.x9 != u64::from(MMIO_READ_VALUE) {
         return Err(CheckError::Guest(format!("MMIO read completion not in x9 ({:#x})", report.x9)));
     }
@@ -177,10 +174,4 @@ pub fn run() -> Result<Report, CheckError> {
         return Err(CheckError::Guest(format!("vGIC state does not match what was set: {report}")));
     }
     Ok(report)
-}
-
-fn read_u64(vcpu: &kvm_ioctls::VcpuFd, id: u64) -> Result<u64, CheckError> {
-    let mut b = [0u8; 8];
-    vcpu.get_one_reg(id, &mut b).map_err(kvm_err("KVM_GET_ONE_REG"))?;
-    Ok(u64::from_le_bytes(b))
 }

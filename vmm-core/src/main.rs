@@ -245,3 +245,26 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Result<VmConfig, String> {
+        build_config(&Args::try_parse_from(args).map_err(|e| e.to_string())?)
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_the_reason() {
+        let k = tempfile::NamedTempFile::new().expect("tmp");
+        let kernel = k.path().to_str().expect("utf8");
+        assert!(config(&["basalt-vmm", "--kernel", kernel]).is_ok());
+        assert!(config(&["basalt-vmm"]).unwrap_err().contains("--kernel"));
+        assert!(config(&["basalt-vmm", "--kernel", kernel, "--console", "serial0"]).unwrap_err().contains("pty"));
+        assert!(config(&["basalt-vmm", "--kernel", kernel, "--memory", "1"]).unwrap_err().contains("memory_mib"));
+        assert!(config(&["basalt-vmm", "--kernel", kernel, "--disk", "/nonexistent,ro"]).unwrap_err().contains("disk 0"));
+        assert!(config(&["basalt-vmm", "--config", "/nonexistent.json"]).unwrap_err().contains("cannot read"));
+        let ok = config(&["basalt-vmm", "--kernel", kernel, "--console", "pty", "--its", "--vcpus", "2"]).expect("valid");
+        assert_eq!((ok.console, ok.its, ok.vcpus), (ConsoleConfig::Pty, true, 2));
+    }
+}

@@ -2,33 +2,47 @@
 //! delivered by librbd's callback into a queue plus an eventfd, so the VMM
 //! polls one fd and no thread is spent per request.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::raw::{c_char, c_void};
 use std::ptr;
-use std::sync::{Arc, Mutex};
-
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use std::sync::Arc;
 
 use super::image::Image;
-use crate::backend::{check_range, BlockBackend, BlockError, Completion, Op, Request};
+use crate::backend::{check_request, BlockBackend, BlockError, Completion, CompletionQueue, Op, Request};
 use crate::ceph::cluster::IoCtx;
 use crate::ceph::error::CephError;
 use crate::ceph::ffi;
 
-/// What completion callbacks share with the backend. Each in-flight request
-/// holds an Arc, so a late callback never touches freed memory.
-struct Shared {
-    done: Mutex<Vec<Completion>>,
-    evt: EventFd,
+/// Which librbd aio call a request becomes.
+#[derive(Clone, Copy)]
+enum AioKind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
 }
 
-/// One request in flight; its buffer lives here until librbd is done with it.
+impl AioKind {
+    fn name(self) -> &'static str {
+        match self {
+            AioKind::Read => "rbd aio read",
+            AioKind::Write => "rbd aio write",
+            AioKind::Flush => "rbd aio flush",
+            AioKind::Discard => "rbd aio discard",
+            AioKind::WriteZeroes => "rbd aio write-zeroes",
+        }
+    }
+}
+
+/// One request in flight; its buffer lives here until librbd is done with
+/// it. It holds an Arc of the queue, so a late callback never touches freed
+/// memory.
 struct Pending {
     tag: u64,
-    op: &'static str,
+    kind: AioKind,
     buf: Vec<u8>,
-    is_read: bool,
-    shared: Arc<Shared>,
+    done: Arc<CompletionQueue>,
 }
 
 unsafe extern "C" fn on_complete(c: ffi::rbd_completion_t, arg: *mut c_void) {
@@ -41,10 +55,10 @@ unsafe extern "C" fn on_complete(c: ffi::rbd_completion_t, arg: *mut c_void) {
         ffi::rbd_aio_release(c);
         r
     };
-    let Pending { tag, op, mut buf, is_read, shared } = *p;
+    let Pending { tag, kind, mut buf, done } = *p;
     let result = if ret < 0 {
-        Err(BlockError::Ceph(CephError::call(op, ret as i64)))
-    } else if is_read {
+        Err(BlockError::Ceph(CephError::call(kind.name(), ret as i64)))
+    } else if matches!(kind, AioKind::Read) {
         // librbd returns the bytes read; past the end of a short image it is
         // fewer, and those bytes read as zeroes.
         let n = (ret as usize).min(buf.len());
@@ -53,15 +67,16 @@ unsafe extern "C" fn on_complete(c: ffi::rbd_completion_t, arg: *mut c_void) {
     } else {
         Ok(Vec::new())
     };
-    shared.done.lock().unwrap_or_else(|e| e.into_inner()).push(Completion { tag, result });
-    let _ = shared.evt.write(1);
+    // Nothing to do if the eventfd write fails: the completion is queued and
+    // the next take collects it.
+    let _ = done.push(Completion { tag, result });
 }
 
 pub struct RbdBackend {
     image: Image,
     size: u64,
     read_only: bool,
-    shared: Arc<Shared>,
+    done: Arc<CompletionQueue>,
 }
 
 impl RbdBackend {
@@ -74,8 +89,9 @@ impl RbdBackend {
             image.lock_exclusive()?;
         }
         let size = image.size()?;
-        let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| CephError::call("eventfd", -i64::from(e.raw_os_error().unwrap_or(libc::EIO))))?;
-        Ok(RbdBackend { image, size, read_only, shared: Arc::new(Shared { done: Mutex::new(Vec::new()), evt }) })
+        let done = CompletionQueue::new()
+            .map_err(|e| CephError::call("eventfd", -i64::from(e.raw_os_error().unwrap_or(libc::EIO))))?;
+        Ok(RbdBackend { image, size, read_only, done: Arc::new(done) })
     }
 
     pub fn image(&self) -> &Image {
@@ -83,19 +99,15 @@ impl RbdBackend {
     }
 
     fn start(&self, req: Request) -> Result<(), BlockError> {
-        check_range(&req.op, self.size)?;
-        if self.read_only && !matches!(req.op, Op::Read { .. } | Op::Flush) {
-            return Err(BlockError::ReadOnly);
-        }
-        // (what, offset, length, buffer, is_read)
-        let (op, offset, len, buf, is_read) = match req.op {
-            Op::Read { offset, len } => ("rbd aio read", offset, u64::from(len), vec![0u8; len as usize], true),
-            Op::Write { offset, data } => ("rbd aio write", offset, data.len() as u64, data, false),
-            Op::Flush => ("rbd aio flush", 0, 0, Vec::new(), false),
-            Op::Discard { offset, len } => ("rbd aio discard", offset, len, Vec::new(), false),
-            Op::WriteZeroes { offset, len } => ("rbd aio write-zeroes", offset, len, Vec::new(), false),
+        check_request(&req.op, self.size, self.read_only)?;
+        let (kind, offset, len, buf) = match req.op {
+            Op::Read { offset, len } => (AioKind::Read, offset, u64::from(len), vec![0u8; len as usize]),
+            Op::Write { offset, data } => (AioKind::Write, offset, data.len() as u64, data),
+            Op::Flush => (AioKind::Flush, 0, 0, Vec::new()),
+            Op::Discard { offset, len } => (AioKind::Discard, offset, len, Vec::new()),
+            Op::WriteZeroes { offset, len } => (AioKind::WriteZeroes, offset, len, Vec::new()),
         };
-        let mut pending = Box::new(Pending { tag: req.tag, op, buf, is_read, shared: self.shared.clone() });
+        let mut pending = Box::new(Pending { tag: req.tag, kind, buf, done: self.done.clone() });
         // The Vec's heap buffer does not move when the Box is turned into a raw pointer.
         let data = pending.buf.as_mut_ptr() as *mut c_char;
         let arg = Box::into_raw(pending) as *mut c_void;
@@ -111,12 +123,12 @@ impl RbdBackend {
         // SAFETY: open image; `data` points at `len` bytes owned by the
         // Pending that on_complete frees, so it outlives the operation.
         let r = unsafe {
-            match op {
-                "rbd aio read" => ffi::rbd_aio_read(h, offset, len as usize, data, c),
-                "rbd aio write" => ffi::rbd_aio_write(h, offset, len as usize, data, c),
-                "rbd aio flush" => ffi::rbd_aio_flush(h, c),
-                "rbd aio discard" => ffi::rbd_aio_discard(h, offset, len, c),
-                _ => ffi::rbd_aio_write_zeroes(h, offset, len as usize, c, 0, 0),
+            match kind {
+                AioKind::Read => ffi::rbd_aio_read(h, offset, len as usize, data, c),
+                AioKind::Write => ffi::rbd_aio_write(h, offset, len as usize, data, c),
+                AioKind::Flush => ffi::rbd_aio_flush(h, c),
+                AioKind::Discard => ffi::rbd_aio_discard(h, offset, len, c),
+                AioKind::WriteZeroes => ffi::rbd_aio_write_zeroes(h, offset, len as usize, c, 0, 0),
             }
         };
         if r < 0 {
@@ -127,7 +139,7 @@ impl RbdBackend {
                 ffi::rbd_aio_release(c);
                 drop(Box::from_raw(arg as *mut Pending));
             }
-            return Err(BlockError::Ceph(CephError::call(op, i64::from(r))));
+            return Err(BlockError::Ceph(CephError::call(kind.name(), i64::from(r))));
         }
         Ok(())
     }
@@ -149,18 +161,16 @@ impl BlockBackend for RbdBackend {
             // Like the file backend: a request refused up front still
             // completes, with its error, so the device model has one path.
             Err(e) => {
-                self.shared.done.lock().unwrap_or_else(|p| p.into_inner()).push(Completion { tag, result: Err(e) });
-                self.shared.evt.write(1).map_err(|e| BlockError::io("eventfd", &e))
+                self.done.push(Completion { tag, result: Err(e) })
             }
         }
     }
 
     fn completion_fd(&self) -> RawFd {
-        self.shared.evt.as_raw_fd()
+        self.done.fd()
     }
 
     fn take_completions(&mut self, out: &mut Vec<Completion>) {
-        let _ = self.shared.evt.read();
-        out.append(&mut self.shared.done.lock().unwrap_or_else(|p| p.into_inner()));
+        self.done.take(out);
     }
 }

@@ -11,14 +11,16 @@ use super::regs;
 /// EL1h with D, A, I and F masked: how Linux expects to be entered.
 const PSTATE_EL1H_ALL_MASKED: u64 = 0x3c5;
 
-pub fn init(vm: &VmFd, vcpu: &VcpuFd, id: u32) -> Result<(), kvm_ioctls::Error> {
+/// Initialises vCPU `id`; returns the target KVM chose (for reports).
+pub fn init(vm: &VmFd, vcpu: &VcpuFd, id: u32) -> Result<u32, kvm_ioctls::Error> {
     let mut kvi = kvm_vcpu_init::default();
     vm.get_preferred_target(&mut kvi)?;
     kvi.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
     if id > 0 {
         kvi.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
     }
-    vcpu.vcpu_init(&kvi)
+    vcpu.vcpu_init(&kvi)?;
+    Ok(kvi.target)
 }
 
 pub fn set_boot_regs(vcpu: &VcpuFd, entry: u64, fdt: u64) -> Result<(), kvm_ioctls::Error> {
@@ -28,10 +30,15 @@ pub fn set_boot_regs(vcpu: &VcpuFd, entry: u64, fdt: u64) -> Result<(), kvm_ioct
     Ok(())
 }
 
-pub fn mpidr(vcpu: &VcpuFd) -> Result<u64, kvm_ioctls::Error> {
+/// Reads a 64-bit register by its KVM id.
+pub fn read_u64(vcpu: &VcpuFd, id: u64) -> Result<u64, kvm_ioctls::Error> {
     let mut b = [0u8; 8];
-    vcpu.get_one_reg(regs::MPIDR_EL1, &mut b)?;
+    vcpu.get_one_reg(id, &mut b)?;
     Ok(u64::from_le_bytes(b))
+}
+
+pub fn mpidr(vcpu: &VcpuFd) -> Result<u64, kvm_ioctls::Error> {
+    read_u64(vcpu, regs::MPIDR_EL1)
 }
 
 impl crate::persist::Persist for VcpuFd {
