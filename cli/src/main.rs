@@ -1,10 +1,13 @@
-//! `basaltctl`: the cluster admin CLI. Today it parses its global options and
-//! validates endpoints; the commands arrive with the agent/CLI issue.
+//! `basaltctl`: the cluster admin CLI.
+//!
+//! Exit codes: 0 done; 1 the cluster refused or failed the request (the
+//! message says why); 2 bad command line; 3 no controller reachable.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod cluster;
 mod storage_bench;
 
 #[derive(Parser, Debug)]
@@ -30,10 +33,30 @@ enum Output {
 enum Command {
     /// Print basaltctl's version and the endpoints it would use.
     Version,
+    /// Cluster overview: controllers, leader, term, counts of nodes and VMs.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+    /// Controller membership (Raft): list, add a learner, promote, remove.
+    Controller {
+        #[command(subcommand)]
+        cmd: cluster::ControllerCmd,
+    },
     /// Storage: measure a disk.
     Storage {
         #[command(subcommand)]
         cmd: StorageCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Show the cluster's status (a linearizable read unless --stale).
+    Status {
+        /// Answer from the contacted controller's local state.
+        #[arg(long)]
+        stale: bool,
     },
 }
 
@@ -66,6 +89,12 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Cluster { cmd: ClusterCmd::Status { stale } } => {
+            return finish(cluster::status(&cli.endpoints, stale, cli.output == Output::Json), "cluster status")
+        }
+        Command::Controller { cmd } => {
+            return finish(cluster::controller(&cli.endpoints, &cmd, cli.output == Output::Json), "controller")
+        }
         Command::Storage { cmd: StorageCmd::Bench(a) } => match storage_bench::run(&a, cli.output == Output::Json) {
             Ok(text) => println!("{text}"),
             Err(e) => {
@@ -75,6 +104,19 @@ fn main() -> ExitCode {
         },
     }
     ExitCode::SUCCESS
+}
+
+fn finish(r: Result<String, cluster::CliError>, what: &str) -> ExitCode {
+    match r {
+        Ok(text) => {
+            println!("{}", text.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("basaltctl {what}: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,22 +1,94 @@
-//! Controller configuration: a TOML file, validated before anything starts.
+//! Controller configuration: a TOML file and/or command-line flags (flags
+//! win), validated as a whole before anything starts.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
-#[derive(Debug, Deserialize, PartialEq)]
+/// What the file may say; every field can also come from a flag.
+#[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: Option<u64>,
+    pub listen: Option<SocketAddr>,
+    pub advertise: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub bootstrap: bool,
+    #[serde(default)]
+    pub peers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub raft: RaftTuning,
+    #[serde(default)]
+    pub timing: TimingConfig,
+    pub event_capacity: Option<usize>,
+}
+
+/// Raft timing and compaction. Defaults suit a LAN (or loopback) cluster.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Take a snapshot (and compact the log) after this many entries.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind a snapshot, so slightly lagging
+    /// followers catch up from the log rather than a full snapshot.
+    pub keep_entries_after_snapshot: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 700,
+            election_timeout_max_ms: 1400,
+            snapshot_after_entries: 5000,
+            keep_entries_after_snapshot: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimingConfig {
+    pub node_lease_ms: u64,
+    pub agent_heartbeat_ms: u64,
+    pub reconcile_ms: u64,
+    /// How long a call waits for a leader before answering UNAVAILABLE.
+    pub leader_wait_ms: u64,
+}
+
+impl Default for TimingConfig {
+    fn default() -> Self {
+        TimingConfig { node_lease_ms: 10_000, agent_heartbeat_ms: 2_000, reconcile_ms: 500, leader_wait_ms: 10_000 }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Raft node id, unique in the cluster, never 0.
     pub node_id: u64,
-    /// Address the gRPC port (public API and Raft) listens on.
+    /// Address the gRPC port (public API, agent API and Raft) listens on.
     pub listen: SocketAddr,
+    /// host:port other controllers and clients use to reach this one.
+    pub advertise: String,
     /// Where RocksDB keeps this controller's log and state machine.
     pub data_dir: PathBuf,
-    /// The other controllers, `id = "host:port"`.
-    #[serde(default)]
-    pub peers: std::collections::BTreeMap<String, String>,
+    pub metrics_listen: Option<SocketAddr>,
+    /// Initialise a new cluster of this controller and `peers` if this data
+    /// dir has never been part of one. Give it to one controller only.
+    pub bootstrap: bool,
+    pub peers: BTreeMap<u64, String>,
+    pub raft: RaftTuning,
+    pub timing: TimingConfig,
+    pub event_capacity: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -24,30 +96,97 @@ pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    Parse { path: PathBuf, message: String },
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+fn host_port_ok(addr: &str) -> bool {
+    addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    }
+
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let bad = |m: String| ConfigError::Invalid(m);
+        let node_id = self.node_id.ok_or_else(|| bad("node_id is required (--node-id or node_id = N)".into()))?;
+        if node_id == 0 {
+            return Err(bad("node_id must be at least 1 (0 means \"no node\" in Raft)".into()));
+        }
+        let listen = self.listen.ok_or_else(|| bad("listen is required (--listen HOST:PORT)".into()))?;
+        let data_dir = self.data_dir.ok_or_else(|| bad("data_dir is required (--data-dir DIR)".into()))?;
+        let advertise = self.advertise.unwrap_or_else(|| listen.to_string());
+        if !host_port_ok(&advertise) {
+            return Err(bad(format!("advertise address {advertise:?} must be host:port")));
+        }
+        if listen.ip().is_unspecified() && advertise == listen.to_string() {
+            return Err(bad(format!("listen is {listen}: give --advertise, the address peers should dial")));
+        }
+        let mut peers = BTreeMap::new();
+        for (id, addr) in self.peers {
+            let n: u64 = id.parse().map_err(|_| bad(format!("peer id {id:?} is not a number")))?;
+            if n == 0 {
+                return Err(bad("peer id 0 is reserved".into()));
+            }
+            if n == node_id {
+                return Err(bad(format!("peer {n} has this controller's own node_id")));
+            }
+            if !host_port_ok(&addr) {
+                return Err(bad(format!("peer {n} address {addr:?} must be host:port")));
+            }
+            peers.insert(n, addr);
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+            return Err(bad(format!(
+                "raft.election_timeout_min_ms ({}) must exceed twice raft.heartbeat_ms ({})",
+                r.election_timeout_min_ms, r.heartbeat_ms
+            )));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(bad("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into()));
+        }
+        if r.snapshot_after_entries == 0 {
+            return Err(bad("raft.snapshot_after_entries must be at least 1".into()));
+        }
+        let t = &self.timing;
+        if t.node_lease_ms <= t.agent_heartbeat_ms {
+            return Err(bad(format!(
+                "timing.node_lease_ms ({}) must exceed timing.agent_heartbeat_ms ({})",
+                t.node_lease_ms, t.agent_heartbeat_ms
+            )));
+        }
+        if t.reconcile_ms == 0 || t.leader_wait_ms == 0 || t.agent_heartbeat_ms == 0 {
+            return Err(bad("timing values must be positive".into()));
+        }
+        Ok(Config {
+            node_id,
+            listen,
+            advertise,
+            data_dir,
+            metrics_listen: self.metrics_listen,
+            bootstrap: self.bootstrap,
+            peers,
+            raft: self.raft,
+            timing: self.timing,
+            event_capacity: self.event_capacity.unwrap_or(crate::model::events::DEFAULT_EVENT_CAPACITY),
+        })
+    }
 }
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Config::parse(&text).map_err(|message| ConfigError::Invalid { path: path.into(), message })
-    }
-
-    pub fn parse(text: &str) -> Result<Config, String> {
-        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        if cfg.node_id == 0 {
-            return Err("node_id must be at least 1 (0 means \"no node\" in Raft)".into());
+    pub fn timing(&self) -> crate::node::Timing {
+        let ms = Duration::from_millis;
+        crate::node::Timing {
+            leader_wait: ms(self.timing.leader_wait_ms),
+            node_lease: ms(self.timing.node_lease_ms),
+            heartbeat_interval: ms(self.timing.agent_heartbeat_ms),
+            reconcile_interval: ms(self.timing.reconcile_ms),
         }
-        for (id, addr) in &cfg.peers {
-            let n: u64 = id.parse().map_err(|_| format!("peer id {id:?} is not a number"))?;
-            if n == cfg.node_id {
-                return Err(format!("peer {n} has this controller's own node_id"));
-            }
-            if !addr.contains(':') {
-                return Err(format!("peer {n} address {addr:?} must be host:port"));
-            }
-        }
-        Ok(cfg)
     }
 }
 
@@ -55,23 +194,38 @@ impl Config {
 mod tests {
     use super::*;
 
+    fn parse(text: &str) -> Result<Config, String> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        f.validate().map_err(|e| e.to_string())
+    }
+
     #[test]
     fn a_valid_config_parses() {
-        let cfg = Config::parse(
-            "node_id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/var/lib/basalt/c1\"\n[peers]\n2 = \"127.0.0.1:7002\"\n",
+        let cfg = parse(
+            "node_id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/var/lib/basalt/c1\"\nbootstrap = true\n\
+             [peers]\n2 = \"127.0.0.1:7002\"\n[raft]\nheartbeat_ms = 50\n",
         )
         .expect("valid");
         assert_eq!(cfg.node_id, 1);
-        assert_eq!(cfg.peers.get("2").map(String::as_str), Some("127.0.0.1:7002"));
+        assert_eq!(cfg.advertise, "127.0.0.1:7001");
+        assert_eq!(cfg.peers.get(&2).map(String::as_str), Some("127.0.0.1:7002"));
+        assert_eq!(cfg.raft.heartbeat_ms, 50);
+        assert_eq!(cfg.raft.election_timeout_min_ms, RaftTuning::default().election_timeout_min_ms);
     }
 
     #[test]
     fn bad_configs_say_what_is_wrong() {
         let base = "listen = \"127.0.0.1:7001\"\ndata_dir = \"/d\"\n";
-        assert!(Config::parse(&format!("node_id = 0\n{base}")).unwrap_err().contains("node_id"));
-        assert!(Config::parse(&format!("node_id = 1\n{base}[peers]\n1 = \"h:1\"\n")).unwrap_err().contains("own node_id"));
-        assert!(Config::parse(&format!("node_id = 1\n{base}[peers]\nx = \"h:1\"\n")).unwrap_err().contains("not a number"));
-        assert!(Config::parse(&format!("node_id = 1\n{base}bogus = 3\n")).unwrap_err().contains("bogus"));
-        assert!(Config::parse("node_id = 1\nlisten = \"nowhere\"\ndata_dir = \"/d\"\n").is_err());
+        let err = |t: String| parse(&t).unwrap_err();
+        assert!(err(format!("node_id = 0\n{base}")).contains("node_id"));
+        assert!(err(base.to_string()).contains("node_id is required"));
+        assert!(err(format!("node_id = 1\n{base}[peers]\n1 = \"h:1\"\n")).contains("own node_id"));
+        assert!(err(format!("node_id = 1\n{base}[peers]\nx = \"h:1\"\n")).contains("not a number"));
+        assert!(err(format!("node_id = 1\n{base}[peers]\n2 = \"h\"\n")).contains("host:port"));
+        assert!(err(format!("node_id = 1\n{base}bogus = 3\n")).contains("bogus"));
+        assert!(err(format!("node_id = 1\n{base}[raft]\nheartbeat_ms = 500\n")).contains("twice"));
+        assert!(err(format!("node_id = 1\n{base}[timing]\nnode_lease_ms = 100\n")).contains("node_lease_ms"));
+        assert!(err("node_id = 1\nlisten = \"0.0.0.0:7001\"\ndata_dir = \"/d\"\n".into()).contains("advertise"));
+        assert!(parse("node_id = 1\nlisten = \"nowhere\"\ndata_dir = \"/d\"\n").is_err());
     }
 }

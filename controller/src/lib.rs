@@ -1,12 +1,18 @@
 //! Basalt controller library: the cluster model, the deterministic state
-//! machine that applies validated commands to it, and the scheduler. The Raft
-//! node, storage and gRPC API are layered on top of these and add no rules of
-//! their own.
+//! machine that applies validated commands to it, and the scheduler; then the
+//! Raft node (openraft over RocksDB and gRPC), the gRPC API and the leader's
+//! reconciler layered on top, adding no rules of their own.
 
+pub mod api;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod model;
+pub mod node;
+pub mod raft;
+pub mod reconciler;
 pub mod scheduler;
+pub mod server;
 pub mod state_machine;
 
 pub use error::{Code, CommandError};

@@ -1,30 +1,92 @@
-//! `basalt-controller`: loads and validates its configuration. The Raft node
-//! and the gRPC API arrive with the controller issue; until then it says so.
+//! `basalt-controller`: one member of the Raft group that holds the cluster
+//! state. Configuration from a TOML file and/or flags (flags win).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use basalt_controller::config;
+use basalt_controller::config::{Config, FileConfig};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Basalt controller: Raft-replicated cluster state and the public gRPC API")]
 struct Args {
-    /// TOML configuration file.
+    /// TOML configuration file (see controller/README.md); flags override it.
     #[arg(long, short, env = "BASALT_CONTROLLER_CONFIG")]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Raft node id, unique in the cluster, at least 1.
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Address of the gRPC port (public, agent and Raft services).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// host:port peers and clients dial (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Directory for this controller's RocksDB.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Another controller, ID=HOST:PORT (repeatable): the initial members for --bootstrap.
+    #[arg(long = "peer", value_name = "ID=HOST:PORT")]
+    peers: Vec<String>,
+    /// Initialise a new cluster of this controller and its --peer list, unless the data dir already belongs to one.
+    #[arg(long)]
+    bootstrap: bool,
+    /// Log filter (tracing EnvFilter syntax), e.g. "info,openraft=warn".
+    #[arg(long, env = "BASALT_LOG", default_value = "info,openraft=warn")]
+    log: String,
+}
+
+fn config(args: &Args) -> Result<Config, String> {
+    let mut f = match &args.config {
+        Some(p) => FileConfig::load(p).map_err(|e| e.to_string())?,
+        None => FileConfig::default(),
+    };
+    f.node_id = args.node_id.or(f.node_id);
+    f.listen = args.listen.or(f.listen);
+    f.advertise = args.advertise.clone().or(f.advertise);
+    f.data_dir = args.data_dir.clone().or(f.data_dir);
+    f.metrics_listen = args.metrics_listen.or(f.metrics_listen);
+    f.bootstrap |= args.bootstrap;
+    for p in &args.peers {
+        let (id, addr) = p.split_once('=').ok_or_else(|| format!("--peer {p:?}: expected ID=HOST:PORT"))?;
+        f.peers.insert(id.to_string(), addr.to_string());
+    }
+    f.validate().map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match config::Config::load(&args.config) {
-        Ok(cfg) => {
-            eprintln!("basalt-controller: config for node {} is valid; serving is not implemented yet", cfg.node_id);
-            ExitCode::from(2)
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("basalt-controller: --log {:?}: {e}", args.log);
+            return ExitCode::from(2);
         }
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let cfg = match config(&args) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("basalt-controller: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("basalt-controller: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(basalt_controller::server::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
             ExitCode::FAILURE
         }
     }

@@ -59,10 +59,11 @@ pub enum Command {
         spec: VmSpec,
         desired_power: Power,
     },
-    /// Replace the spec if the VM is still at `expected_generation`.
+    /// Replace the spec if the VM is still at `expected_generation`
+    /// (`None`: whatever the generation, a blind write).
     UpdateVmSpec {
         name: String,
-        expected_generation: u64,
+        expected_generation: Option<u64>,
         spec: VmSpec,
     },
     /// `expected_generation: None` sets the power whatever the generation.
@@ -96,6 +97,23 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The VM whose assignment, spec or power this command may change: its
+    /// node's agent must hear about it. Status reports come from the agent
+    /// itself, so they are not echoed back.
+    fn assignment_vm(&self) -> Option<&str> {
+        match self {
+            Command::CreateVm { name, .. }
+            | Command::UpdateVmSpec { name, .. }
+            | Command::SetVmPower { name, .. }
+            | Command::DeleteVm { name, .. }
+            | Command::AssignVm { name, .. }
+            | Command::UnassignVm { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
     /// The revision this command produced.
@@ -123,6 +141,11 @@ pub struct ClusterState {
     volumes: BTreeMap<String, Volume>,
     profiles: BTreeMap<String, StorageProfile>,
     events: EventLog,
+    /// Revision of the last change to the set of VMs assigned to each node
+    /// (or to one of their specs or power states): what an agent's watch
+    /// resumes from.
+    #[serde(default)]
+    node_revisions: BTreeMap<NodeId, u64>,
     /// Names of the VMs placed on each node: derived from `vms`, so it is not
     /// in snapshots, but it keeps `AssignVm` from scanning every VM.
     #[serde(skip)]
@@ -138,6 +161,8 @@ struct Snapshot {
     volumes: BTreeMap<String, Volume>,
     profiles: BTreeMap<String, StorageProfile>,
     events: EventLog,
+    #[serde(default)]
+    node_revisions: BTreeMap<NodeId, u64>,
 }
 
 impl From<Snapshot> for ClusterState {
@@ -155,6 +180,7 @@ impl From<Snapshot> for ClusterState {
             volumes: s.volumes,
             profiles: s.profiles,
             events: s.events,
+            node_revisions: s.node_revisions,
             by_node,
         }
     }
@@ -194,6 +220,7 @@ impl ClusterState {
             volumes: BTreeMap::new(),
             profiles: BTreeMap::new(),
             events: EventLog::with_capacity(capacity),
+            node_revisions: BTreeMap::new(),
             by_node: BTreeMap::new(),
         }
     }
@@ -202,6 +229,10 @@ impl ClusterState {
 
     pub fn revision(&self) -> u64 {
         self.revision
+    }
+    /// Revision of the last change to what node `id` must run (0: none yet).
+    pub fn node_revision(&self, id: &str) -> u64 {
+        self.node_revisions.get(id).copied().unwrap_or(0)
     }
     pub fn node(&self, id: &str) -> Option<&Node> {
         self.nodes.get(id)
@@ -272,6 +303,8 @@ impl ClusterState {
     /// Apply one committed command. On `Err` nothing changed.
     pub fn apply(&mut self, cmd: Command, now_ms: u64) -> Result<Response, CommandError> {
         let revision = self.revision + 1;
+        let assignment_vm = cmd.assignment_vm().map(str::to_string);
+        let placed_before = assignment_vm.as_deref().and_then(|n| self.vms.get(n)).and_then(|v| v.placement.clone());
         let mut changes = Changes::new();
         let outcome = match cmd {
             Command::RegisterNode(reg) => self.register_node(reg, &mut changes)?,
@@ -318,6 +351,10 @@ impl ClusterState {
             }
         };
         self.revision = revision;
+        let placed_after = assignment_vm.as_deref().and_then(|n| self.vms.get(n)).and_then(|v| v.placement.clone());
+        for node in placed_before.into_iter().chain(placed_after) {
+            self.node_revisions.insert(node, revision);
+        }
         for (kind, subject, message) in changes {
             self.events.push(Event { revision, time_ms: now_ms, kind, subject, message });
         }
@@ -558,12 +595,12 @@ impl ClusterState {
     fn update_vm_spec(
         &mut self,
         name: &str,
-        expected: u64,
+        expected: Option<u64>,
         spec: VmSpec,
         rev: u64,
         ch: &mut Changes,
     ) -> Result<Outcome, CommandError> {
-        let vm = self.vm_at(name, Some(expected))?;
+        let vm = self.vm_at(name, expected)?;
         spec.validate(name)?;
         self.check_attachments(name, &spec)?;
         // A placed VM keeps its node, so the new spec must still fit there.

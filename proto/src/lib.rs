@@ -8,6 +8,16 @@ pub mod v1 {
     tonic::include_proto!("basalt.v1");
 }
 
+/// Package `basalt.raft.v1`: controller-to-controller Raft traffic (internal).
+pub mod raft {
+    pub mod v1 {
+        tonic::include_proto!("basalt.raft.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every service, for tonic-reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("basalt_descriptor");
+
 #[cfg(test)]
 mod tests {
     use super::v1::{ClusterStatus, ControllerInfo};
@@ -18,11 +28,12 @@ mod tests {
         let status = ClusterStatus {
             version: "0.1.0".into(),
             controllers: vec![
-                ControllerInfo { id: 1, address: "127.0.0.1:7001".into(), is_leader: true },
-                ControllerInfo { id: 2, address: "127.0.0.1:7002".into(), is_leader: false },
+                ControllerInfo { id: 1, address: "127.0.0.1:7001".into(), is_leader: true, is_voter: true },
+                ControllerInfo { id: 2, address: "127.0.0.1:7002".into(), is_leader: false, is_voter: false },
             ],
             leader_id: 1,
             term: 7,
+            ..Default::default()
         };
         let bytes = status.encode_to_vec();
         let back = ClusterStatus::decode(bytes.as_slice()).expect("decodes");

@@ -5,4 +5,6 @@
 //! (TCG), so the kernel inside has a real `/dev/kvm` with a vGICv3. Basalt's
 //! arm64 binaries run there.
 
+pub mod controllers;
+pub mod linearizability;
 pub mod rig;

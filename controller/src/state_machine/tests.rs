@@ -322,11 +322,11 @@ fn create_vm_is_validated() {
 fn update_vm_spec_is_compare_and_set() {
     let mut st = cluster();
     ok(&mut st, create_vm("a", spec(2, 1024)));
-    let update = |g, s| Command::UpdateVmSpec { name: "a".into(), expected_generation: g, spec: s };
+    let update = |g, s| Command::UpdateVmSpec { name: "a".into(), expected_generation: Some(g), spec: s };
     refused(&mut st, update(2, spec(4, 1024)), Code::FailedPrecondition, "vm a is at generation 1, not 2");
     refused(
         &mut st,
-        Command::UpdateVmSpec { name: "x".into(), expected_generation: 1, spec: spec(1, 512) },
+        Command::UpdateVmSpec { name: "x".into(), expected_generation: Some(1), spec: spec(1, 512) },
         Code::NotFound,
         "vm x",
     );

@@ -1,0 +1,237 @@
+//! Between the wire types of `basalt.v1` and the cluster model. Proto3 has no
+//! "absent" for scalars, so empty strings and zeros mean "not given" here, and
+//! a missing required oneof is an INVALID_ARGUMENT naming the field.
+
+use std::collections::BTreeMap;
+
+use basalt_proto::v1 as pb;
+
+use crate::error::CommandError;
+use crate::model::{
+    Boot, Capacity, Disk, Event, EventKind, Node, NodeRegistration, NodeState, Power, ProfileKind, StorageProfile, Vm,
+    VmPhase, VmSpec, Volume,
+};
+use crate::scheduler::NodeView;
+
+fn invalid(msg: impl Into<String>) -> CommandError {
+    CommandError::InvalidArgument(msg.into())
+}
+
+fn opt(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn labels(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().collect()
+}
+
+pub fn node_state(s: NodeState) -> pb::NodeState {
+    match s {
+        NodeState::Ready => pb::NodeState::Ready,
+        NodeState::Cordoned => pb::NodeState::Cordoned,
+        NodeState::Unreachable => pb::NodeState::Unreachable,
+        NodeState::Fenced => pb::NodeState::Fenced,
+    }
+}
+
+fn capacity(c: Capacity) -> pb::Capacity {
+    pb::Capacity { vcpus: c.vcpus, memory_mib: c.memory_mib }
+}
+
+pub fn node(n: &Node, view: Option<&NodeView>, vms: Vec<String>, heartbeat_age_ms: Option<u64>) -> pb::Node {
+    pb::Node {
+        id: n.id.clone(),
+        address: n.address.clone(),
+        arch: n.arch.clone(),
+        capacity: Some(capacity(n.capacity)),
+        labels: n.labels.clone().into_iter().collect(),
+        state: node_state(n.state) as i32,
+        used: view.map(|v| capacity(v.used)),
+        vms,
+        last_heartbeat_age_ms: heartbeat_age_ms.map(|a| a as i64).unwrap_or(-1),
+    }
+}
+
+pub fn registration(r: pb::RegisterRequest) -> NodeRegistration {
+    let c = r.capacity.unwrap_or_default();
+    NodeRegistration {
+        id: r.id,
+        address: r.address,
+        arch: r.arch,
+        capacity: Capacity { vcpus: c.vcpus, memory_mib: c.memory_mib },
+        labels: labels(r.labels),
+    }
+}
+
+pub fn power(p: Power) -> pb::Power {
+    match p {
+        Power::Running => pb::Power::Running,
+        Power::Stopped => pb::Power::Stopped,
+    }
+}
+
+/// `default` for an unspecified power (create: running); None refuses it.
+pub fn power_from(p: i32, default: Option<Power>) -> Result<Power, CommandError> {
+    match pb::Power::try_from(p) {
+        Ok(pb::Power::Running) => Ok(Power::Running),
+        Ok(pb::Power::Stopped) => Ok(Power::Stopped),
+        Ok(pb::Power::Unspecified) => default.ok_or_else(|| invalid("power: give POWER_RUNNING or POWER_STOPPED")),
+        Err(_) => Err(invalid(format!("power: {p} is not a known power state"))),
+    }
+}
+
+pub fn phase(p: VmPhase) -> pb::VmPhase {
+    match p {
+        VmPhase::Unknown => pb::VmPhase::Unknown,
+        VmPhase::Starting => pb::VmPhase::Starting,
+        VmPhase::Running => pb::VmPhase::Running,
+        VmPhase::Paused => pb::VmPhase::Paused,
+        VmPhase::Stopped => pb::VmPhase::Stopped,
+        VmPhase::Failed => pb::VmPhase::Failed,
+    }
+}
+
+pub fn phase_from(p: i32) -> Result<VmPhase, CommandError> {
+    Ok(match pb::VmPhase::try_from(p).map_err(|_| invalid(format!("phase: {p} is not a known VM phase")))? {
+        pb::VmPhase::Unknown => VmPhase::Unknown,
+        pb::VmPhase::Starting => VmPhase::Starting,
+        pb::VmPhase::Running => VmPhase::Running,
+        pb::VmPhase::Paused => VmPhase::Paused,
+        pb::VmPhase::Stopped => VmPhase::Stopped,
+        pb::VmPhase::Failed => VmPhase::Failed,
+    })
+}
+
+pub fn vm_spec(s: &VmSpec) -> pb::VmSpec {
+    pb::VmSpec {
+        vcpus: s.vcpus,
+        memory_mib: s.memory_mib,
+        boot: Some(match &s.boot {
+            Boot::Kernel { kernel, initrd, cmdline } => pb::vm_spec::Boot::Kernel(pb::KernelBoot {
+                kernel: kernel.clone(),
+                initrd: initrd.clone().unwrap_or_default(),
+                cmdline: cmdline.clone(),
+            }),
+            Boot::Volume { volume } => pb::vm_spec::Boot::BootVolume(volume.clone()),
+        }),
+        disks: s.disks.iter().map(|d| pb::Disk { volume: d.volume.clone(), read_only: d.read_only }).collect(),
+        labels: s.labels.clone().into_iter().collect(),
+        anti_affinity_group: s.anti_affinity_group.clone().unwrap_or_default(),
+        required_labels: s.required_labels.clone().into_iter().collect(),
+        ha: s.ha,
+    }
+}
+
+pub fn vm_spec_from(s: Option<pb::VmSpec>) -> Result<VmSpec, CommandError> {
+    let s = s.ok_or_else(|| invalid("spec is missing"))?;
+    let boot = match s.boot {
+        Some(pb::vm_spec::Boot::Kernel(k)) => Boot::Kernel { kernel: k.kernel, initrd: opt(k.initrd), cmdline: k.cmdline },
+        Some(pb::vm_spec::Boot::BootVolume(v)) => Boot::Volume { volume: v },
+        None => return Err(invalid("spec.boot is missing: give a kernel (kernel, initrd, cmdline) or a boot_volume")),
+    };
+    Ok(VmSpec {
+        vcpus: s.vcpus,
+        memory_mib: s.memory_mib,
+        boot,
+        disks: s.disks.into_iter().map(|d| Disk { volume: d.volume, read_only: d.read_only }).collect(),
+        labels: labels(s.labels),
+        anti_affinity_group: opt(s.anti_affinity_group),
+        required_labels: labels(s.required_labels),
+        ha: s.ha,
+    })
+}
+
+pub fn vm(v: &Vm, unschedulable_reason: Option<String>) -> pb::Vm {
+    pb::Vm {
+        name: v.name.clone(),
+        spec: Some(vm_spec(&v.spec)),
+        desired_power: power(v.desired_power) as i32,
+        placement: v.placement.clone().unwrap_or_default(),
+        observed: Some(pb::VmStatus {
+            phase: phase(v.observed.phase) as i32,
+            node: v.observed.node.clone().unwrap_or_default(),
+            message: v.observed.message.clone(),
+            at_ms: v.observed.at_ms,
+        }),
+        generation: v.generation,
+        created_revision: v.created_revision,
+        updated_revision: v.updated_revision,
+        unschedulable_reason: unschedulable_reason.unwrap_or_default(),
+    }
+}
+
+pub fn volume(v: &Volume) -> pb::Volume {
+    pb::Volume {
+        name: v.name.clone(),
+        pool: v.pool.clone(),
+        image: v.image.clone(),
+        size_bytes: v.size_bytes,
+        profile: v.profile.clone(),
+    }
+}
+
+pub fn volume_from(v: pb::Volume) -> Volume {
+    Volume { name: v.name, pool: v.pool, image: v.image, size_bytes: v.size_bytes, profile: v.profile }
+}
+
+pub fn profile(p: &StorageProfile) -> pb::StorageProfile {
+    pb::StorageProfile {
+        name: p.name.clone(),
+        kind: Some(match &p.kind {
+            ProfileKind::Replicated { size, min_size } => {
+                pb::storage_profile::Kind::Replicated(pb::ReplicatedProfile { size: *size, min_size: *min_size })
+            }
+            ProfileKind::ErasureCoded { k, m, plugin, technique, crush_failure_domain, stripe_unit } => {
+                pb::storage_profile::Kind::ErasureCoded(pb::ErasureCodedProfile {
+                    k: *k,
+                    m: *m,
+                    plugin: plugin.clone(),
+                    technique: technique.clone().unwrap_or_default(),
+                    crush_failure_domain: crush_failure_domain.clone(),
+                    stripe_unit: stripe_unit.unwrap_or(0),
+                })
+            }
+        }),
+        osd_tunables: p.osd_tunables.clone().into_iter().collect(),
+    }
+}
+
+pub fn profile_from(p: pb::StorageProfile) -> Result<StorageProfile, CommandError> {
+    let kind = match p.kind {
+        Some(pb::storage_profile::Kind::Replicated(r)) => ProfileKind::Replicated { size: r.size, min_size: r.min_size },
+        Some(pb::storage_profile::Kind::ErasureCoded(e)) => ProfileKind::ErasureCoded {
+            k: e.k,
+            m: e.m,
+            plugin: opt(e.plugin).unwrap_or_else(|| "jerasure".into()),
+            technique: opt(e.technique),
+            crush_failure_domain: opt(e.crush_failure_domain).unwrap_or_else(|| "host".into()),
+            stripe_unit: (e.stripe_unit != 0).then_some(e.stripe_unit),
+        },
+        None => {
+            return Err(invalid(format!(
+                "storage profile {}: kind is missing: give replicated (size, min_size) or erasure_coded (k, m, ...)",
+                p.name
+            )))
+        }
+    };
+    Ok(StorageProfile { name: p.name, kind, osd_tunables: p.osd_tunables.into_iter().collect() })
+}
+
+pub fn event_kind_name(k: EventKind) -> String {
+    format!("{k:?}")
+}
+
+pub fn event_kind_from(s: &str) -> Result<EventKind, CommandError> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| invalid(format!("event kind {s:?} is not known (e.g. VmCreated, NodeStateChanged)")))
+}
+
+pub fn event(e: &Event) -> pb::Event {
+    pb::Event {
+        revision: e.revision,
+        time_ms: e.time_ms,
+        kind: event_kind_name(e.kind),
+        subject: e.subject.clone(),
+        message: e.message.clone(),
+    }
+}

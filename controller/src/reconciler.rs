@@ -1,0 +1,100 @@
+//! The leader's control loop: marks nodes whose heartbeats stopped
+//! Unreachable (and back to Ready when they return), assigns pending VMs with
+//! the scheduler, and records why a VM cannot be placed. It runs on every
+//! controller but acts only while that controller leads; everything it
+//! decides is committed as ordinary commands, so a new leader simply carries on.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::model::NodeState;
+use crate::node::{Controller, NodeError};
+use crate::scheduler::plan_pending;
+use crate::state_machine::Command;
+
+pub async fn run(ctl: Arc<Controller>) {
+    let mut tick = tokio::time::interval(ctl.timing.reconcile_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut changes = ctl.shared.subscribe();
+    // Last refusal recorded per VM, so an unchanged verdict is not re-recorded
+    // every pass. Leader memory only: a new leader records each once more.
+    let mut recorded: HashMap<String, String> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            c = changes.changed() => if c.is_err() { return },
+        }
+        let (leader, term) = {
+            let m = ctl.raft.metrics().borrow().clone();
+            (m.current_leader, m.current_term)
+        };
+        if leader != Some(ctl.id) {
+            recorded.clear();
+            continue;
+        }
+        if let Err(e) = pass(&ctl, term, &mut recorded).await {
+            warn!("reconcile: {e}");
+        }
+    }
+}
+
+async fn pass(ctl: &Controller, term: u64, recorded: &mut HashMap<String, String>) -> Result<(), NodeError> {
+    let lease = ctl.timing.node_lease;
+    let (transitions, plan) = {
+        let st = ctl.shared.read();
+        let mut transitions = Vec::new();
+        for n in st.cluster.nodes() {
+            match n.state {
+                NodeState::Ready | NodeState::Cordoned => {
+                    let silent = ctl.silence(&n.id, term);
+                    if silent > lease {
+                        let why = format!("no heartbeat for {:.1} s (lease {:.1} s)", silent.as_secs_f64(), lease.as_secs_f64());
+                        transitions.push((n.id.clone(), NodeState::Unreachable, why));
+                    }
+                }
+                NodeState::Unreachable => {
+                    if ctl.heartbeat_age(&n.id).is_some_and(|age| age < lease) {
+                        transitions.push((n.id.clone(), NodeState::Ready, "heartbeats resumed".to_string()));
+                    }
+                }
+                NodeState::Fenced => {}
+            }
+        }
+        let plan: Vec<_> = plan_pending(&st.cluster)
+            .into_iter()
+            .map(|(vm, r)| (vm, r.map_err(|refusal| refusal.to_string())))
+            .collect();
+        (transitions, plan)
+    };
+    for (id, state, reason) in transitions {
+        info!(node = %id, to = %state, "{reason}");
+        ctl.write(Command::SetNodeState { id, state, reason }).await?;
+    }
+    for (vm, verdict) in plan {
+        match verdict {
+            Ok(node) => {
+                match ctl.write(Command::AssignVm { name: vm.clone(), node: node.clone() }).await {
+                    Ok(_) => info!(vm = %vm, node = %node, "assigned"),
+                    // The state moved on between planning and committing (a VM
+                    // deleted, a node cordoned): the next pass plans again.
+                    Err(NodeError::Command(e)) => info!(vm = %vm, "not assigned: {e}"),
+                    Err(e) => return Err(e),
+                }
+                recorded.remove(&vm);
+            }
+            Err(reason) => {
+                if recorded.get(&vm) != Some(&reason) {
+                    info!(vm = %vm, "cannot place: {reason}");
+                    match ctl.write(Command::RecordUnschedulable { name: vm.clone(), reason: reason.clone() }).await {
+                        Ok(_) | Err(NodeError::Command(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                    recorded.insert(vm, reason);
+                }
+            }
+        }
+    }
+    Ok(())
+}
