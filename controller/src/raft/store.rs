@@ -203,7 +203,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        put_json(&self.db, CF_META, KEY_COMMITTED, &committed)
+        // Not synced: it only lets a restart re-apply committed entries before
+        // hearing from a leader; losing the last value just means waiting for one.
+        let bytes = serde_json::to_vec(&committed).map_err(write_err)?;
+        self.db.put_cf(cf(&self.db, CF_META)?, KEY_COMMITTED, bytes).map_err(write_err)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
