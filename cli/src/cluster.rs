@@ -36,6 +36,12 @@ pub enum CliError {
     /// The cluster refused or failed the call: exit 1.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Refused(tonic::Status),
+    /// The arguments make no sense together: exit 2, like clap's own refusals.
+    #[error("{0}")]
+    Usage(String),
+    /// Waited for a state that did not come: exit 4.
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl CliError {
@@ -43,6 +49,8 @@ impl CliError {
         match self {
             CliError::Unreachable { .. } => 3,
             CliError::Refused(_) => 1,
+            CliError::Usage(_) => 2,
+            CliError::Timeout(_) => 4,
         }
     }
 }
@@ -59,7 +67,7 @@ fn code_name(c: tonic::Code) -> &'static str {
     }
 }
 
-async fn connect(endpoints: &[String]) -> Result<ClusterServiceClient<Channel>, CliError> {
+pub(crate) async fn connect(endpoints: &[String]) -> Result<ClusterServiceClient<Channel>, CliError> {
     let mut last = String::from("no endpoints given");
     for e in endpoints {
         let ep = Endpoint::from_shared(format!("http://{e}"))
@@ -74,7 +82,7 @@ async fn connect(endpoints: &[String]) -> Result<ClusterServiceClient<Channel>, 
     Err(CliError::Unreachable { endpoints: endpoints.join(","), last })
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime")
 }
 

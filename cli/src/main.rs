@@ -1,13 +1,15 @@
 //! `basaltctl`: the cluster admin CLI.
 //!
 //! Exit codes: 0 done; 1 the cluster refused or failed the request (the
-//! message says why); 2 bad command line; 3 no controller reachable.
+//! message says why); 2 bad command line; 3 no controller reachable; 4 a
+//! `--wait` gave up.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod cluster;
+mod objects;
 mod storage_bench;
 
 #[derive(Parser, Debug)]
@@ -43,6 +45,28 @@ enum Command {
         #[command(subcommand)]
         cmd: cluster::ControllerCmd,
     },
+    /// Nodes (arm64 hosts running basalt-agent): list, show, cordon, uncordon, remove.
+    Node {
+        #[command(subcommand)]
+        cmd: objects::NodeCmd,
+    },
+    /// Virtual machines: create, list, show, start, stop, restart, delete.
+    Vm {
+        #[command(subcommand)]
+        cmd: objects::VmCmd,
+    },
+    /// Volumes (RBD images): create, list, show, resize, delete.
+    Volume {
+        #[command(subcommand)]
+        cmd: objects::VolumeCmd,
+    },
+    /// Storage profiles (replicated or erasure-coded pools, OSD tunables).
+    Profile {
+        #[command(subcommand)]
+        cmd: objects::ProfileCmd,
+    },
+    /// The cluster's event log: what changed and why.
+    Events(objects::EventsArgs),
     /// Storage: measure a disk.
     Storage {
         #[command(subcommand)]
@@ -78,6 +102,7 @@ fn parse_endpoint(s: &str) -> Result<String, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.output == Output::Json;
     match cli.command {
         Command::Version => {
             let v = env!("CARGO_PKG_VERSION");
@@ -92,6 +117,11 @@ fn main() -> ExitCode {
         Command::Cluster { cmd: ClusterCmd::Status { stale } } => {
             return finish(cluster::status(&cli.endpoints, stale, cli.output == Output::Json), "cluster status")
         }
+        Command::Node { cmd } => return finish(objects::node(&cli.endpoints, &cmd, json), "node"),
+        Command::Vm { cmd } => return finish(objects::vm(&cli.endpoints, &cmd, json), "vm"),
+        Command::Volume { cmd } => return finish(objects::volume(&cli.endpoints, &cmd, json), "volume"),
+        Command::Profile { cmd } => return finish(objects::profile(&cli.endpoints, &cmd, json), "profile"),
+        Command::Events(a) => return finish(objects::events(&cli.endpoints, &a, json), "events"),
         Command::Controller { cmd } => {
             return finish(cluster::controller(&cli.endpoints, &cmd, cli.output == Output::Json), "controller")
         }

@@ -38,6 +38,7 @@ pub struct Metrics {
     term: Gauge,
     leader: Gauge,
     last_log_index: Gauge,
+    commit_index: Gauge,
     applied_index: Gauge,
     apply_lag: Gauge,
     snapshot_index: Gauge,
@@ -65,8 +66,9 @@ impl Metrics {
         let leader = g(&mut reg, "raft_leader_id", "Id of the current leader, 0 if none is known");
         let is_leader = g(&mut reg, "raft_is_leader", "1 if this controller is the leader");
         let last_log_index = g(&mut reg, "raft_last_log_index", "Index of the last entry in this controller's log");
+        let commit_index = g(&mut reg, "raft_commit_index", "Index of the last entry known committed by a quorum");
         let applied_index = g(&mut reg, "raft_applied_index", "Index of the last entry applied to the state machine");
-        let apply_lag = g(&mut reg, "raft_apply_lag", "Log entries appended but not yet applied");
+        let apply_lag = g(&mut reg, "raft_apply_lag", "Committed log entries not yet applied");
         let snapshot_index = g(&mut reg, "raft_snapshot_index", "Last log index covered by the latest snapshot");
         let purged_index = g(&mut reg, "raft_purged_index", "Last log index removed by compaction");
         let revision = g(&mut reg, "cluster_revision", "Revision of the applied cluster model");
@@ -77,6 +79,7 @@ impl Metrics {
             term,
             leader,
             last_log_index,
+            commit_index,
             applied_index,
             apply_lag,
             snapshot_index,
@@ -93,7 +96,7 @@ impl Metrics {
     }
 
     /// The text exposition, with Raft's figures as of now.
-    pub fn render(&self, raft: &RaftMetrics, revision: u64) -> String {
+    pub fn render(&self, raft: &RaftMetrics, commit_index: u64, revision: u64) -> String {
         let idx = |i: Option<u64>| i.map(|i| i as i64).unwrap_or(0);
         self.term.set(raft.current_term as i64);
         self.leader.set(raft.current_leader.unwrap_or(0) as i64);
@@ -101,8 +104,9 @@ impl Metrics {
         let last = idx(raft.last_log_index);
         let applied = idx(raft.last_applied.map(|l| l.index));
         self.last_log_index.set(last);
+        self.commit_index.set(commit_index as i64);
         self.applied_index.set(applied);
-        self.apply_lag.set((last - applied).max(0));
+        self.apply_lag.set((commit_index as i64 - applied).max(0));
         self.snapshot_index.set(idx(raft.snapshot.map(|l| l.index)));
         self.purged_index.set(idx(raft.purged.map(|l| l.index)));
         self.revision.set(revision as i64);

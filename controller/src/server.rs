@@ -33,6 +33,7 @@ pub async fn run(cfg: Config) -> Result<(), BoxError> {
     let db_dir = cfg.data_dir.join("raft");
     let db = store::open(&db_dir).map_err(|e| format!("cannot open RocksDB at {}: {e}", db_dir.display()))?;
     let log = LogStore::new(db.clone());
+    let commit_index = log.commit_index();
     let sm = StateMachineStore::new(db, cfg.event_capacity)?;
     let shared = sm.shared();
 
@@ -80,7 +81,7 @@ pub async fn run(cfg: Config) -> Result<(), BoxError> {
         let render = Arc::new(move || {
             let m = raft_m.metrics().borrow().clone();
             let rev = shared.read().cluster.revision();
-            metrics.render(&m, rev)
+            metrics.render(&m, commit_index.load(std::sync::atomic::Ordering::Relaxed), rev)
         });
         info!(%addr, "metrics at http://{addr}/metrics");
         tokio::spawn(async move {

@@ -57,6 +57,12 @@
 //! searched alone. This replaces one search over the *product* of the per-key spaces with a *sum* of small searches,
 //! and it lowers `c` to the concurrency on one key, which matters more than anything else for running time.
 //! Verdicts also become easier to read: a violation names the key and only that key's operations.
+//!
+//! Measured on generated [`VersionedRegister`] histories (one key, 4 clients, ~2% unknown outcomes): 400
+//! ops check in well under 10k nodes; 4000 ops with 58 unknown take 0.1 s (release) to 1 s (debug) when
+//! linearizable, and proving the same history illegal by a stale read appended at its end, which forces the
+//! exhaustive search, takes ~1M nodes, 1 s (release) to 6 s (debug). Accepting is cheap because depth-first search
+//! stops at the first linearization; rejecting must exhaust every configuration.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::{self, Debug, Write as _};
@@ -102,8 +108,8 @@ pub enum CheckResult {
     Ok,
     /// Partition `key` is not linearizable (or its history is malformed, which the explanation says).
     Illegal { key: String, explanation: String },
-    /// The search of partition `key` visited more than `budget` nodes without reaching a verdict, and no partition
-    /// was found to be illegal.
+    /// The search of partition `key` needed more than `budget` nodes (see [`DEFAULT_NODE_BUDGET`]) without reaching
+    /// a verdict, and no partition was found to be illegal.
     Timeout { key: String, budget: u64 },
 }
 
@@ -117,7 +123,7 @@ impl fmt::Display for CheckResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CheckResult::Ok => f.write_str("linearizable"),
-            CheckResult::Illegal { key, explanation } => write!(f, "NOT linearizable on key {key:?}: {explanation}"),
+            CheckResult::Illegal { explanation, .. } => write!(f, "NOT linearizable: {explanation}"),
             CheckResult::Timeout { key, budget } => {
                 write!(f, "inconclusive: search of key {key:?} exceeded its budget of {budget} nodes")
             }
@@ -125,16 +131,18 @@ impl fmt::Display for CheckResult {
     }
 }
 
-/// The per-partition node budget used by [`check`]. Generous for test histories (which need thousands of nodes),
-/// small enough that a pathological history ends in [`CheckResult::Timeout`] instead of hanging a test.
-pub const DEFAULT_NODE_BUDGET: u64 = 10_000_000;
+/// The per-partition node budget used by [`check`]. A node is one distinct (linearized set, state) configuration,
+/// and each is kept in the cache, so the budget bounds memory: about `budget * (ops_in_partition / 8 + 100)` bytes,
+/// ~1.2 GiB for 2M nodes of a 4000-op partition. See the module documentation for what real histories need.
+pub const DEFAULT_NODE_BUDGET: u64 = 2_000_000;
 
 /// Checks `history` with [`DEFAULT_NODE_BUDGET`].
 pub fn check<M: Model>(model: &M, history: &[Operation<M::Input, M::Output>]) -> CheckResult {
     check_with_budget(model, history, DEFAULT_NODE_BUDGET)
 }
 
-/// Checks `history`, allowing the search of each partition at most `budget` nodes (attempted [`Model::step`]s).
+/// Checks `history`, allowing the search of each partition at most `budget` nodes (distinct configurations entered;
+/// see [`DEFAULT_NODE_BUDGET`]).
 ///
 /// Partitions are checked in key order. The first illegal partition is reported; a partition that runs out of
 /// budget is reported only if no other partition is illegal, because a definite violation is more useful.
@@ -274,7 +282,8 @@ fn check_partition<M: Model>(
     }
 
     let mut linearized = vec![0u64; ops.len().div_ceil(64)];
-    let mut cache: HashSet<(Vec<u64>, M::State)> = HashSet::new();
+    // Boxed slices: the cache dominates memory, and a Vec's capacity word is dead weight in every entry.
+    let mut cache: HashSet<(Box<[u64]>, M::State)> = HashSet::new();
     let mut stack: Vec<(usize, M::State)> = Vec::new();
     let mut state = model.init();
     let mut nodes = 0u64;
@@ -289,16 +298,16 @@ fn check_partition<M: Model>(
         };
         let op = &history[ops[event.op]];
         if event.is_call {
-            nodes += 1;
-            if nodes > budget {
-                return Verdict::OutOfBudget;
-            }
             let mut lifted = false;
             if let Some(next) = model.step(&state, &op.input, op.output.as_ref()) {
                 let pointless = op.output.is_none() && next == state;
                 if !pointless {
                     set_bit(&mut linearized, event.op, true);
-                    if cache.insert((linearized.clone(), next.clone())) {
+                    if cache.insert((linearized.clone().into_boxed_slice(), next.clone())) {
+                        nodes += 1;
+                        if nodes > budget {
+                            return Verdict::OutOfBudget;
+                        }
                         stack.push((cursor, std::mem::replace(&mut state, next)));
                         known += usize::from(op.output.is_some());
                         lift(&mut list, cursor);
@@ -932,7 +941,9 @@ mod tests {
 
     #[test]
     fn randomized_histories_pass_and_one_stale_read_fails() {
-        const BUDGET: u64 = 1_000_000;
+        // These histories need a few thousand nodes per key; the budget turns a performance regression into a failure
+        // without relying on wall-clock time.
+        const BUDGET: u64 = 50_000;
         let keys = ["vm-a", "vm-b", "vm-c"];
         for seed in [0x9e37_79b9_7f4a_7c15, 42, 7] {
             let mut rng = Rng(seed);

@@ -192,6 +192,8 @@ async fn round_trips_through_followers_and_refusals_change_nothing() {
     assert!(m.contains("basalt_raft_is_leader 1"), "{m}");
     assert!(m.contains("basalt_raft_term "), "{m}");
     assert!(m.contains("basalt_raft_apply_lag"), "{m}");
+    let commit = m.lines().find_map(|l| l.strip_prefix("basalt_raft_commit_index ")).and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(commit.is_some_and(|c| c > 0), "commit index not reported: {m}");
     let fm = c.scrape_metrics(f).expect("follower metrics");
     assert!(fm.contains("basalt_raft_is_leader 0"), "{fm}");
     assert!(fm.contains("method=\"CreateVm\""), "{fm}");

@@ -18,6 +18,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -136,11 +137,18 @@ fn put_json<T: Serialize>(db: &DB, cf_name: &str, key: &[u8], value: &T) -> Resu
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    /// The commit index openraft last reported, for metrics (openraft's own
+    /// metrics do not carry it).
+    committed: Arc<AtomicU64>,
 }
 
 impl LogStore {
     pub fn new(db: Arc<DB>) -> Self {
-        LogStore { db }
+        LogStore { db, committed: Arc::new(AtomicU64::new(0)) }
+    }
+
+    pub fn commit_index(&self) -> Arc<AtomicU64> {
+        self.committed.clone()
     }
 
     fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
@@ -205,6 +213,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // Not synced: it only lets a restart re-apply committed entries before
         // hearing from a leader; losing the last value just means waiting for one.
+        self.committed.store(committed.map(|c| c.index).unwrap_or(0), Ordering::Relaxed);
         let bytes = serde_json::to_vec(&committed).map_err(write_err)?;
         self.db.put_cf(cf(&self.db, CF_META)?, KEY_COMMITTED, bytes).map_err(write_err)
     }
