@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use basalt_proto::v1 as pb;
 use basalt_tests::controllers::{free_port, ControllerCluster, Options};
+use basalt_tests::etcd;
 use hdrhistogram::Histogram;
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -67,12 +68,33 @@ impl Target for Basalt {
     }
 }
 
-struct Etcd(etcd_client::KvClient);
+type EtcdKv = etcd::kv_client::KvClient<tonic::transport::Channel>;
+
+fn etcd_put(key: String, value: Vec<u8>) -> etcd::PutRequest {
+    etcd::PutRequest { key: key.into_bytes(), value, ..Default::default() }
+}
+
+struct Etcd(EtcdKv);
 impl Target for Etcd {
     async fn write(&self, name: String) -> bool {
         let value = spec_json(&name);
-        self.0.clone().put(format!("/vms/{name}"), value, None).await.is_ok()
+        self.0.clone().put(etcd_put(format!("/vms/{name}"), value)).await.is_ok()
     }
+}
+
+fn etcd_channel(endpoint: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .expect("endpoint")
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .connect_lazy()
+}
+
+async fn etcd_status(endpoint: &str) -> Option<etcd::StatusResponse> {
+    let mut m = etcd::maintenance_client::MaintenanceClient::new(etcd_channel(endpoint));
+    let mut req = tonic::Request::new(etcd::StatusRequest {});
+    req.set_timeout(Duration::from_secs(1));
+    m.status(req).await.ok().map(|r| r.into_inner())
 }
 
 async fn load<T: Target>(target: Arc<T>, clients: usize, seconds: u64, tag: &str) -> Result_ {
@@ -166,22 +188,22 @@ impl EtcdCluster {
         format!("http://127.0.0.1:{}", self.client_ports[i])
     }
 
-    /// Index of the member that leads, per a majority of live members.
+    /// Index of the member that leads, as a live member reports it.
     async fn leader(&self) -> Option<usize> {
         for i in 0..3 {
             if self.procs[i].is_none() {
                 continue;
             }
-            let Ok(mut cl) = etcd_client::Client::connect([self.endpoint(i)], None).await else { continue };
-            let Ok(st) = cl.status().await else { continue };
-            let leader = st.leader();
+            let Some(st) = etcd_status(&self.endpoint(i)).await else { continue };
+            if st.leader == 0 {
+                continue;
+            }
             for j in 0..3 {
                 if self.procs[j].is_none() {
                     continue;
                 }
-                let Ok(mut cj) = etcd_client::Client::connect([self.endpoint(j)], None).await else { continue };
-                if let Ok(sj) = cj.status().await {
-                    if sj.header().map(|h| h.member_id()) == Some(leader) {
+                if let Some(sj) = etcd_status(&self.endpoint(j)).await {
+                    if sj.header.map(|h| h.member_id) == Some(st.leader) {
                         return Some(j);
                     }
                 }
@@ -248,16 +270,13 @@ async fn basalt_failover(c: &mut ControllerCluster) -> Duration {
 async fn etcd_failover(e: &mut EtcdCluster, bin: &PathBuf) -> Duration {
     let leader = e.wait_leader().await;
     let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
-    let mut clients = Vec::new();
-    for s in &survivors {
-        clients.push(etcd_client::Client::connect([e.endpoint(*s)], None).await.expect("etcd client").kv_client());
-    }
+    let clients: Vec<EtcdKv> = survivors.iter().map(|s| etcd::kv_client::KvClient::new(etcd_channel(&e.endpoint(*s)))).collect();
     let t = Instant::now();
     e.kill(leader);
     let mut i = 0;
     loop {
         let mut cl = clients[i % clients.len()].clone();
-        let put = tokio::time::timeout(Duration::from_millis(500), cl.put(format!("/failover/{i}"), b"x".to_vec(), None)).await;
+        let put = tokio::time::timeout(Duration::from_millis(500), cl.put(etcd_put(format!("/failover/{i}"), b"x".to_vec()))).await;
         if matches!(put, Ok(Ok(_))) {
             let d = t.elapsed();
             e.spawn(leader, bin);
@@ -283,7 +302,7 @@ fn main() {
         let bl = c.wait_leader(Duration::from_secs(30)).await;
         let el = e.wait_leader().await;
         let basalt = Arc::new(Basalt(c.client(bl)));
-        let etcd = Arc::new(Etcd(etcd_client::Client::connect([e.endpoint(el)], None).await.expect("etcd").kv_client()));
+        let etcd = Arc::new(Etcd(etcd::kv_client::KvClient::new(etcd_channel(&e.endpoint(el)))));
         println!("controller writes: {seconds} s per measurement, {repeat} alternating rounds, medians");
         println!("{:>8} {:>8} {:>12} {:>9} {:>9}", "system", "clients", "writes/s", "p50 ms", "p99 ms");
         let mut summary = Vec::new();

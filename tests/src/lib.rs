@@ -6,5 +6,10 @@
 //! arm64 binaries run there.
 
 pub mod controllers;
+
+/// The few messages of etcd's v3 API the controller benchmark's baseline uses.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
 pub mod linearizability;
 pub mod rig;

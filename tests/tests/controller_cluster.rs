@@ -482,3 +482,76 @@ async fn agents_register_heartbeat_and_watch_their_assignments() {
     assert!(a.last_heartbeat_age_ms >= 0 && a.last_heartbeat_age_ms < 1500, "{}", a.last_heartbeat_age_ms);
     hb_task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basaltctl_manages_profiles_volumes_vms_and_nodes() {
+    let c = ControllerCluster::start(3, Options::default());
+    let leader = c.wait_leader(LEADER_WAIT).await;
+    let eps = c.ids().iter().map(|id| c.addr(*id)).collect::<Vec<_>>().join(",");
+    let ok = |args: &[&str]| {
+        let mut all = vec!["--endpoints", eps.as_str()];
+        all.extend_from_slice(args);
+        let out = basaltctl(&all);
+        assert!(out.status.success(), "basaltctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let fails = |args: &[&str], code: i32, needle: &str| {
+        let mut all = vec!["--endpoints", eps.as_str()];
+        all.extend_from_slice(args);
+        let out = basaltctl(&all);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(code), "basaltctl {args:?}: {err}");
+        assert!(err.contains(needle), "basaltctl {args:?}: {err:?} lacks {needle:?}");
+    };
+    ok(&["profile", "create", "ec21", "--k", "2", "--m", "1", "--failure-domain", "osd", "--osd", "osd_max_backfills=2"]);
+    ok(&["profile", "create", "rep3", "--size", "3"]);
+    let profiles: serde_json::Value = serde_json::from_str(&ok(&["-o", "json", "profile", "list"])).expect("json");
+    assert_eq!(profiles.as_array().map(Vec::len), Some(2));
+    assert_eq!(profiles[1]["kind"]["replicated"]["min_size"], 2);
+    ok(&["volume", "create", "root", "--size", "1g", "--profile", "ec21", "--pool", "rbd-ec"]);
+    ok(&["vm", "create", "web-1", "--vcpus", "2", "--memory", "1g", "--kernel", "/images/Image", "--disk", "root", "--label", "app=web", "--stopped"]);
+    let vms: serde_json::Value = serde_json::from_str(&ok(&["-o", "json", "vm", "list", "--label", "app=web"])).expect("json");
+    assert_eq!(vms[0]["name"], "web-1");
+    assert_eq!(vms[0]["memory_mib"], 1024);
+    assert_eq!(vms[0]["disks"][0]["volume"], "root");
+    assert_eq!(vms[0]["desired_power"], "stopped");
+    let table = ok(&["vm", "list"]);
+    assert!(table.lines().any(|l| l.starts_with("web-1") && l.contains("(pending)")), "{table}");
+    ok(&["vm", "start", "web-1"]);
+    let shown: serde_json::Value = serde_json::from_str(&ok(&["-o", "json", "vm", "show", "web-1"])).expect("json");
+    assert_eq!(shown["desired_power"], "running");
+    // No node exists, so the reconciler says why it is pending.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&ok(&["-o", "json", "vm", "show", "web-1"])).expect("json");
+        if v["unschedulable_reason"].as_str().is_some_and(|r| r.contains("no node")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reason recorded: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // --wait gives up with exit code 4 when nothing runs the VM.
+    fails(&["vm", "stop", "web-1", "--wait", "--timeout", "1"], 4, "not Stopped");
+
+    // Refusals: the cluster's (exit 1, with its reason) and the command line's (exit 2).
+    fails(&["vm", "create", "web-1", "--kernel", "/k"], 1, "already exists");
+    fails(&["vm", "create", "big", "--vcpus", "0", "--kernel", "/k"], 1, "vCPUs");
+    fails(&["vm", "create", "x", "--kernel", "/k", "--disk", "root:rx"], 2, "not ro or rw");
+    fails(&["vm", "create", "x"], 2, "--kernel");
+    fails(&["volume", "delete", "root"], 1, "attached");
+    fails(&["node", "cordon", "nowhere"], 1, "does not exist");
+    fails(&["profile", "create", "p", "--size", "3", "--k", "2"], 2, "cannot be used with");
+    let none = basaltctl(&["--endpoints", "127.0.0.1:1", "vm", "list"]);
+    assert_eq!(none.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no controller reachable"));
+
+    let events = ok(&["events", "--subject", "vm/web-1"]);
+    assert!(events.contains("VmCreated") && events.contains("VmPowerChanged"), "{events}");
+    let out = ok(&["vm", "delete", "web-1", "--delete-disks"]);
+    assert!(out.contains("deleted volumes root"), "{out}");
+    let vols: serde_json::Value = serde_json::from_str(&ok(&["-o", "json", "volume", "list"])).expect("json");
+    assert_eq!(vols.as_array().map(Vec::len), Some(0));
+    let nodes = ok(&["node", "list"]);
+    assert!(nodes.starts_with("NODE"), "{nodes}");
+    let _ = leader;
+}
