@@ -120,14 +120,18 @@ pub enum VolumeCmd {
         image: Option<String>,
     },
     List,
-    Show { name: String },
+    Show {
+        name: String,
+    },
     /// Grow a volume (volumes never shrink).
     Resize {
         name: String,
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -135,8 +139,12 @@ pub enum ProfileCmd {
     /// Create a storage profile: replicated (--size, --min-size) or erasure-coded (--k, --m).
     Create(ProfileCreate),
     List,
-    Show { name: String },
-    Delete { name: String },
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -281,7 +289,9 @@ fn volume_json(v: &pb::Volume) -> Value {
 
 fn profile_json(p: &pb::StorageProfile) -> Value {
     let kind = match &p.kind {
-        Some(pb::storage_profile::Kind::Replicated(r)) => json!({"replicated": {"size": r.size, "min_size": r.min_size}}),
+        Some(pb::storage_profile::Kind::Replicated(r)) => {
+            json!({"replicated": {"size": r.size, "min_size": r.min_size}})
+        }
         Some(pb::storage_profile::Kind::ErasureCoded(e)) => json!({"erasure_coded": {
             "k": e.k, "m": e.m, "plugin": e.plugin, "technique": e.technique,
             "crush_failure_domain": e.crush_failure_domain, "stripe_unit": e.stripe_unit}}),
@@ -302,7 +312,8 @@ fn profile_kind_text(p: &pb::StorageProfile) -> String {
 
 fn written(w: &pb::WriteResult, what: &str, as_json: bool) -> String {
     if as_json {
-        return json!({"revision": w.revision, "generation": w.generation, "deleted_volumes": w.deleted_volumes}).to_string();
+        return json!({"revision": w.revision, "generation": w.generation, "deleted_volumes": w.deleted_volumes})
+            .to_string();
     }
     let mut s = format!("{what} (revision {}", w.revision);
     if w.generation != 0 {
@@ -366,17 +377,21 @@ pub fn node(endpoints: &[String], cmd: &NodeCmd, as_json: bool) -> Result<String
                     serde_json::to_string_pretty(&j).unwrap_or_default()
                 }
             }
-            NodeCmd::Cordon { id } => {
-                written(&c.cordon_node(nref(id)).await.map_err(CliError::Refused)?.into_inner(), &format!("node {id} cordoned"), as_json)
-            }
+            NodeCmd::Cordon { id } => written(
+                &c.cordon_node(nref(id)).await.map_err(CliError::Refused)?.into_inner(),
+                &format!("node {id} cordoned"),
+                as_json,
+            ),
             NodeCmd::Uncordon { id } => written(
                 &c.uncordon_node(nref(id)).await.map_err(CliError::Refused)?.into_inner(),
                 &format!("node {id} uncordoned"),
                 as_json,
             ),
-            NodeCmd::Remove { id } => {
-                written(&c.remove_node(nref(id)).await.map_err(CliError::Refused)?.into_inner(), &format!("node {id} removed"), as_json)
-            }
+            NodeCmd::Remove { id } => written(
+                &c.remove_node(nref(id)).await.map_err(CliError::Refused)?.into_inner(),
+                &format!("node {id} removed"),
+                as_json,
+            ),
         })
     })
 }
@@ -434,7 +449,11 @@ async fn wait_phase(
             return Ok(());
         }
         let why = if vm.unschedulable_reason.is_empty() { o.message.clone() } else { vm.unschedulable_reason.clone() };
-        bar.set_message(format!("vm {name}: {} ({why}), waiting for {}", phase_name(o.phase), phase_name(phase as i32)));
+        bar.set_message(format!(
+            "vm {name}: {} ({why}), waiting for {}",
+            phase_name(o.phase),
+            phase_name(phase as i32)
+        ));
         if Instant::now() > deadline {
             bar.finish_and_clear();
             return Err(CliError::Timeout(format!(
@@ -461,7 +480,11 @@ pub fn vm(endpoints: &[String], cmd: &VmCmd, as_json: bool) -> Result<String, Cl
                 let spec = vm_spec(a)?;
                 let desired = if a.stopped { pb::Power::Stopped } else { pb::Power::Running };
                 let w = c
-                    .create_vm(pb::CreateVmRequest { name: a.name.clone(), spec: Some(spec), desired_power: desired as i32 })
+                    .create_vm(pb::CreateVmRequest {
+                        name: a.name.clone(),
+                        spec: Some(spec),
+                        desired_power: desired as i32,
+                    })
                     .await
                     .map_err(CliError::Refused)?
                     .into_inner();
@@ -522,7 +545,8 @@ pub fn vm(endpoints: &[String], cmd: &VmCmd, as_json: bool) -> Result<String, Cl
             VmCmd::Restart(p) => {
                 c.set_vm_power(power(&p.name, pb::Power::Stopped)).await.map_err(CliError::Refused)?;
                 wait_phase(&mut c, &p.name, pb::VmPhase::Stopped, Duration::from_secs(p.timeout)).await?;
-                let w = c.set_vm_power(power(&p.name, pb::Power::Running)).await.map_err(CliError::Refused)?.into_inner();
+                let w =
+                    c.set_vm_power(power(&p.name, pb::Power::Running)).await.map_err(CliError::Refused)?.into_inner();
                 if p.wait {
                     wait_phase(&mut c, &p.name, pb::VmPhase::Running, Duration::from_secs(p.timeout)).await?;
                 }
@@ -552,14 +576,19 @@ pub fn volume(endpoints: &[String], cmd: &VolumeCmd, as_json: bool) -> Result<St
                     size_bytes: *size,
                     profile: profile.clone(),
                 };
-                written(&c.create_volume(v).await.map_err(CliError::Refused)?.into_inner(), &format!("volume {name} created"), as_json)
+                written(
+                    &c.create_volume(v).await.map_err(CliError::Refused)?.into_inner(),
+                    &format!("volume {name} created"),
+                    as_json,
+                )
             }
             VolumeCmd::List => {
                 let r = c.list_volumes(pb::ListRequest::default()).await.map_err(CliError::Refused)?.into_inner();
                 if as_json {
                     Value::Array(r.volumes.iter().map(volume_json).collect()).to_string()
                 } else {
-                    let mut out = format!("{:<20} {:<12} {:<24} {:>12} {}\n", "VOLUME", "POOL", "IMAGE", "SIZE MiB", "PROFILE");
+                    let mut out =
+                        format!("{:<20} {:<12} {:<24} {:>12} {}\n", "VOLUME", "POOL", "IMAGE", "SIZE MiB", "PROFILE");
                     for v in &r.volumes {
                         out.push_str(&format!(
                             "{:<20} {:<12} {:<24} {:>12} {}\n",
@@ -585,9 +614,11 @@ pub fn volume(endpoints: &[String], cmd: &VolumeCmd, as_json: bool) -> Result<St
                 &format!("volume {name} resized"),
                 as_json,
             ),
-            VolumeCmd::Delete { name } => {
-                written(&c.delete_volume(nref(name)).await.map_err(CliError::Refused)?.into_inner(), &format!("volume {name} deleted"), as_json)
-            }
+            VolumeCmd::Delete { name } => written(
+                &c.delete_volume(nref(name)).await.map_err(CliError::Refused)?.into_inner(),
+                &format!("volume {name} deleted"),
+                as_json,
+            ),
         })
     })
 }
@@ -612,8 +643,16 @@ pub fn profile(endpoints: &[String], cmd: &ProfileCmd, as_json: bool) -> Result<
                     }),
                     _ => return Err(CliError::Usage("give --size (replicated) or --k and --m (erasure-coded)".into())),
                 };
-                let p = pb::StorageProfile { name: a.name.clone(), kind: Some(kind), osd_tunables: a.tunables.iter().cloned().collect() };
-                written(&c.create_profile(p).await.map_err(CliError::Refused)?.into_inner(), &format!("profile {} created", a.name), as_json)
+                let p = pb::StorageProfile {
+                    name: a.name.clone(),
+                    kind: Some(kind),
+                    osd_tunables: a.tunables.iter().cloned().collect(),
+                };
+                written(
+                    &c.create_profile(p).await.map_err(CliError::Refused)?.into_inner(),
+                    &format!("profile {} created", a.name),
+                    as_json,
+                )
             }
             ProfileCmd::List => {
                 let r = c.list_profiles(pb::ListRequest::default()).await.map_err(CliError::Refused)?.into_inner();
@@ -638,9 +677,11 @@ pub fn profile(endpoints: &[String], cmd: &ProfileCmd, as_json: bool) -> Result<
                     serde_json::to_string_pretty(&j).unwrap_or_default()
                 }
             }
-            ProfileCmd::Delete { name } => {
-                written(&c.delete_profile(nref(name)).await.map_err(CliError::Refused)?.into_inner(), &format!("profile {name} deleted"), as_json)
-            }
+            ProfileCmd::Delete { name } => written(
+                &c.delete_profile(nref(name)).await.map_err(CliError::Refused)?.into_inner(),
+                &format!("profile {name} deleted"),
+                as_json,
+            ),
         })
     })
 }

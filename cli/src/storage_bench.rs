@@ -119,8 +119,13 @@ impl BenchArgs {
     #[cfg(feature = "rbd")]
     fn open_rbd(&self, pool: &str, image: &str, ro: bool, v: &mut Vec<Box<dyn BlockBackend>>) -> Result<(), String> {
         use basalt_storage::ceph::{ClientConfig, Cluster};
-        let cfg = ClientConfig { conf: self.conf.clone(), id: self.id.clone(), keyring: self.keyring.clone(), options: vec![] }
-            .option("rbd_cache", "false");
+        let cfg = ClientConfig {
+            conf: self.conf.clone(),
+            id: self.id.clone(),
+            keyring: self.keyring.clone(),
+            options: vec![],
+        }
+        .option("rbd_cache", "false");
         let c = Cluster::connect(&cfg).map_err(|e| e.to_string())?;
         let io = c.ioctx(pool).map_err(|e| e.to_string())?;
         for _ in 0..self.jobs {

@@ -42,11 +42,27 @@ fn benchmarks_an_rbd_image_of_the_dev_ceph() {
     let conf = format!("{dir}/ceph.conf");
     assert!(std::path::Path::new(&conf).is_file(), "{conf} missing: start deploy/ceph-dev/up");
     let image = format!("cli-bench-{}", std::process::id());
-    let st = Command::new("rbd").args(["-c", &conf, "create", &format!("rbd/{image}"), "--size", "32M"]).status().expect("rbd");
+    let st = Command::new("rbd")
+        .args(["-c", &conf, "create", &format!("rbd/{image}"), "--size", "32M"])
+        .status()
+        .expect("rbd");
     assert!(st.success());
     let out = basaltctl()
         .args(["--output", "json", "storage", "bench", "--conf", &conf, "--image", &format!("rbd/{image}")])
-        .args(["--rw", "randrw", "--rwmix-read", "50", "--bs", "4k", "--iodepth", "16", "--runtime", "2", "--ramp", "0"])
+        .args([
+            "--rw",
+            "randrw",
+            "--rwmix-read",
+            "50",
+            "--bs",
+            "4k",
+            "--iodepth",
+            "16",
+            "--runtime",
+            "2",
+            "--ramp",
+            "0",
+        ])
         .output()
         .expect("run basaltctl");
     let _ = Command::new("rbd").args(["-c", &conf, "rm", &format!("rbd/{image}")]).output();

@@ -41,8 +41,12 @@ pub enum ForwardReply {
     /// Log index a linearizable read must wait for.
     ReadIndex(Option<u64>),
     MembershipChanged,
-    Heartbeat { known: bool },
-    NotLeader { leader: Option<(NodeId, String)> },
+    Heartbeat {
+        known: bool,
+    },
+    NotLeader {
+        leader: Option<(NodeId, String)>,
+    },
     Refused(CommandError),
     Unavailable(String),
 }
@@ -143,10 +147,8 @@ impl Controller {
         timing: Timing,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let boot_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let boot_ns =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         Controller {
             id,
             addr,
@@ -233,9 +235,9 @@ impl Controller {
             Forwarded::Heartbeat { node } => {
                 let m = self.raft.metrics().borrow().clone();
                 if m.current_leader != Some(self.id) {
-                    let leader = m.current_leader.and_then(|l| {
-                        m.membership_config.membership().get_node(&l).map(|n| (l, n.addr.clone()))
-                    });
+                    let leader = m
+                        .current_leader
+                        .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| (l, n.addr.clone())));
                     return ForwardReply::NotLeader { leader };
                 }
                 let known = self.shared.read().cluster.node(&node).is_some();
@@ -251,9 +253,8 @@ impl Controller {
         if id == 0 {
             return Err(CommandError::InvalidArgument("controller id 0 is reserved; use 1 or more".into()));
         }
-        let port_ok = addr
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+        let port_ok =
+            addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
         if !port_ok {
             return Err(CommandError::InvalidArgument(format!("controller address {addr:?} must be host:port")));
         }

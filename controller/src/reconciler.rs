@@ -50,7 +50,11 @@ async fn pass(ctl: &Controller, term: u64, recorded: &mut HashMap<String, String
                 NodeState::Ready | NodeState::Cordoned => {
                     let silent = ctl.silence(&n.id, term);
                     if silent > lease {
-                        let why = format!("no heartbeat for {:.1} s (lease {:.1} s)", silent.as_secs_f64(), lease.as_secs_f64());
+                        let why = format!(
+                            "no heartbeat for {:.1} s (lease {:.1} s)",
+                            silent.as_secs_f64(),
+                            lease.as_secs_f64()
+                        );
                         transitions.push((n.id.clone(), NodeState::Unreachable, why));
                     }
                 }

@@ -76,7 +76,8 @@ pub async fn run(cfg: Config) -> Result<(), BoxError> {
     }
 
     if let Some(addr) = cfg.metrics_listen {
-        let listener = crate::metrics::bind(addr).await.map_err(|e| format!("metrics: cannot listen on {addr}: {e}"))?;
+        let listener =
+            crate::metrics::bind(addr).await.map_err(|e| format!("metrics: cannot listen on {addr}: {e}"))?;
         let (raft_m, shared) = (raft.clone(), ctl.shared.clone());
         let render = Arc::new(move || {
             let m = raft_m.metrics().borrow().clone();
@@ -100,9 +101,8 @@ pub async fn run(cfg: Config) -> Result<(), BoxError> {
         .register_encoded_file_descriptor_set(basalt_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     info!(node_id = cfg.node_id, listen = %cfg.listen, advertise = %cfg.advertise, "serving gRPC");
 
     tonic::transport::Server::builder()

@@ -43,7 +43,9 @@ impl Config {
         if cfg.controllers.is_empty() {
             return Err("controllers must list at least one controller address".into());
         }
-        if let Some(bad) = cfg.controllers.iter().find(|c| c.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none()) {
+        if let Some(bad) =
+            cfg.controllers.iter().find(|c| c.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none())
+        {
             return Err(format!("controller address {bad:?} must be host:port"));
         }
         Ok(cfg)
@@ -56,7 +58,8 @@ mod tests {
 
     #[test]
     fn valid_and_invalid_configs() {
-        let ok = "host_id = \"arm-1\"\naddress = \"10.0.0.2\"\ncontrollers = [\"10.0.0.1:7001\"]\n[labels]\nrack = \"r1\"\n";
+        let ok =
+            "host_id = \"arm-1\"\naddress = \"10.0.0.2\"\ncontrollers = [\"10.0.0.1:7001\"]\n[labels]\nrack = \"r1\"\n";
         let cfg = Config::parse(ok).expect("valid");
         assert_eq!(cfg.labels["rack"], "r1");
         assert!(Config::parse(&ok.replace("arm-1", "Arm_1")).unwrap_err().contains("host_id"));

@@ -64,7 +64,12 @@ fn basalt(c: &Cluster, image: &str, case: &Case, runtime: u64) -> Result<Result_
     };
     let boxed: Vec<Box<dyn BlockBackend>> = vec![Box::new(b)];
     let r = bench::run(&w, boxed).map_err(|e| e.to_string())?;
-    Ok(Result_ { iops: r.total.iops, mib_s: r.total.mib_s, p99_us: r.total.latency_us.p99, cpu_us_per_op: r.cpu.us_per_op })
+    Ok(Result_ {
+        iops: r.total.iops,
+        mib_s: r.total.mib_s,
+        p99_us: r.total.latency_us.p99,
+        cpu_us_per_op: r.cpu.us_per_op,
+    })
 }
 
 fn fio(image: &str, case: &Case, runtime: u64) -> Result<Result_, String> {
@@ -144,8 +149,13 @@ fn main() {
     println!("| image | workload | Basalt IOPS | fio IOPS | ratio | Basalt MiB/s | fio MiB/s | Basalt p99 µs | fio p99 µs | Basalt CPU µs/op | fio CPU µs/op |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let kinds = [("replicated", ImageOptions::default()), ("EC 2+1 data pool", ImageOptions { data_pool: Some("rbd-ec".into()), ..Default::default() })];
-    for (kind, opts) in kinds.into_iter().filter(|(k, _)| cases.iter().any(|c| format!("{k} {}", c.name).contains(&only))) {
+    let kinds = [
+        ("replicated", ImageOptions::default()),
+        ("EC 2+1 data pool", ImageOptions { data_pool: Some("rbd-ec".into()), ..Default::default() }),
+    ];
+    for (kind, opts) in
+        kinds.into_iter().filter(|(k, _)| cases.iter().any(|c| format!("{k} {}", c.name).contains(&only)))
+    {
         let image = format!("bench-{}-{}", kind.split(' ').next().unwrap_or("x"), std::process::id());
         rbd::create(&io, &image, size, &opts).expect("create bench image");
         // Reads of never-written objects cost nothing in Ceph: fill the image first.

@@ -11,13 +11,25 @@ use std::os::fd::RawFd;
 /// (librbd aio) can keep them alive until the operation completes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Vec<u8> },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
     Flush,
     /// The range may read back as anything afterwards (usually zeroes).
-    Discard { offset: u64, len: u64 },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
     /// The range must read back as zeroes afterwards.
-    WriteZeroes { offset: u64, len: u64 },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl Op {

@@ -21,7 +21,10 @@ impl FileBackend {
     pub fn open(path: &Path, read_only: bool) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         // Seeking to the end sizes block devices too (their metadata says 0).
-        let size = { use std::io::Seek; (&file).seek(std::io::SeekFrom::End(0))? };
+        let size = {
+            use std::io::Seek;
+            (&file).seek(std::io::SeekFrom::End(0))?
+        };
         Ok(FileBackend { file, size, read_only, done: CompletionQueue::new()? })
     }
 

@@ -51,7 +51,10 @@ fn io_continues_while_an_osd_is_down_and_after_it_returns() {
     let io = c.ioctx("rbd").expect("pool");
     let mut backends = Vec::new();
     let mut names = Vec::new();
-    for (prefix, opts) in [("fault-rep", ImageOptions::default()), ("fault-ec", ImageOptions { data_pool: Some("rbd-ec".into()), ..Default::default() })] {
+    for (prefix, opts) in [
+        ("fault-rep", ImageOptions::default()),
+        ("fault-ec", ImageOptions { data_pool: Some("rbd-ec".into()), ..Default::default() }),
+    ] {
         let name = unique(prefix);
         rbd::create(&io, &name, SLOTS * BLOCK as u64, &opts).expect("create");
         backends.push(RbdBackend::open(&io, &name, true, false).expect("open"));
@@ -79,7 +82,11 @@ fn io_continues_while_an_osd_is_down_and_after_it_returns() {
     let t = Instant::now();
     let st = Command::new("bash").arg(up_script()).status().expect("run deploy/ceph-dev/up");
     assert!(st.success(), "deploy/ceph-dev/up could not bring osd.1 back");
-    eprintln!("osd.1 back and all PGs clean {:?} after the restart began ({:?} after the kill)", t.elapsed(), killed_at.elapsed());
+    eprintln!(
+        "osd.1 back and all PGs clean {:?} after the restart began ({:?} after the kill)",
+        t.elapsed(),
+        killed_at.elapsed()
+    );
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, Ordering::Relaxed);
 
@@ -89,7 +96,8 @@ fn io_continues_while_an_osd_is_down_and_after_it_returns() {
         assert!(gens >= 3, "{name}: only {gens} generations written: I/O stalled");
         // Every block holds the last generation written to it.
         for slot in 0..SLOTS {
-            b.submit(Request { tag: slot, op: Op::Read { offset: slot * BLOCK as u64, len: BLOCK as u32 } }).expect("submit");
+            b.submit(Request { tag: slot, op: Op::Read { offset: slot * BLOCK as u64, len: BLOCK as u32 } })
+                .expect("submit");
         }
         for c in wait_completions(&mut b, SLOTS as usize, Duration::from_secs(120)) {
             let data = c.result.expect("read");

@@ -16,8 +16,13 @@ fn image_lifecycle_snapshots_clones_and_refusals() {
     let c = vm();
     let io = c.ioctx("rbd").expect("pool rbd");
     let golden = unique("golden");
-    rbd::create(&io, &golden, 64 * MIB, &ImageOptions { features: Some(features::VM_DEFAULT), order: Some(22), ..Default::default() })
-        .expect("create");
+    rbd::create(
+        &io,
+        &golden,
+        64 * MIB,
+        &ImageOptions { features: Some(features::VM_DEFAULT), order: Some(22), ..Default::default() },
+    )
+    .expect("create");
     assert!(rbd::list(&io).expect("list").contains(&golden));
     {
         let img = Image::open(&io, &golden).expect("open");
@@ -119,7 +124,9 @@ fn aio_with_64_requests_in_flight_checked_byte_for_byte() {
 fn erasure_coded_data_pool_image() {
     let a = admin();
     let ec_pool_id: i64 = a
-        .mon_json::<serde_json::Value>(&serde_json::json!({"prefix": "osd pool ls", "detail": "detail", "format": "json"}))
+        .mon_json::<serde_json::Value>(
+            &serde_json::json!({"prefix": "osd pool ls", "detail": "detail", "format": "json"}),
+        )
         .expect("pool ls")
         .as_array()
         .and_then(|pools| pools.iter().find(|p| p["pool_name"] == "rbd-ec"))
@@ -128,7 +135,8 @@ fn erasure_coded_data_pool_image() {
     let c = vm();
     let io = c.ioctx("rbd").expect("pool rbd");
     let name = unique("ec");
-    rbd::create(&io, &name, 16 * MIB, &ImageOptions { data_pool: Some("rbd-ec".into()), ..Default::default() }).expect("create");
+    rbd::create(&io, &name, 16 * MIB, &ImageOptions { data_pool: Some("rbd-ec".into()), ..Default::default() })
+        .expect("create");
     let info = Image::open(&io, &name).expect("open").info().expect("info");
     assert_eq!(info.data_pool_id, Some(ec_pool_id), "data objects live in rbd-ec");
     assert_ne!(info.features & features::DATA_POOL, 0);

@@ -151,7 +151,8 @@ impl EtcdCluster {
         let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let peer_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let initial: Vec<String> = (0..3).map(|i| format!("e{i}=http://127.0.0.1:{}", peer_ports[i])).collect();
-        let mut c = EtcdCluster { dir: dir.clone(), client_ports: client_ports.clone(), procs: Vec::new(), args: Vec::new() };
+        let mut c =
+            EtcdCluster { dir: dir.clone(), client_ports: client_ports.clone(), procs: Vec::new(), args: Vec::new() };
         for i in 0..3 {
             let args = vec![
                 format!("--name=e{i}"),
@@ -254,7 +255,11 @@ async fn basalt_failover(c: &mut ControllerCluster) -> Duration {
     let mut i = 0;
     loop {
         let mut cl = clients[i % clients.len()].clone();
-        let req = pb::CreateVmRequest { name: format!("failover-{}-{i}", t.elapsed().as_nanos()), spec: Some(spec()), desired_power: pb::Power::Stopped as i32 };
+        let req = pb::CreateVmRequest {
+            name: format!("failover-{}-{i}", t.elapsed().as_nanos()),
+            spec: Some(spec()),
+            desired_power: pb::Power::Stopped as i32,
+        };
         let mut r = tonic::Request::new(req);
         r.set_timeout(Duration::from_millis(500));
         if cl.create_vm(r).await.is_ok() {
@@ -270,13 +275,16 @@ async fn basalt_failover(c: &mut ControllerCluster) -> Duration {
 async fn etcd_failover(e: &mut EtcdCluster, bin: &PathBuf) -> Duration {
     let leader = e.wait_leader().await;
     let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
-    let clients: Vec<EtcdKv> = survivors.iter().map(|s| etcd::kv_client::KvClient::new(etcd_channel(&e.endpoint(*s)))).collect();
+    let clients: Vec<EtcdKv> =
+        survivors.iter().map(|s| etcd::kv_client::KvClient::new(etcd_channel(&e.endpoint(*s)))).collect();
     let t = Instant::now();
     e.kill(leader);
     let mut i = 0;
     loop {
         let mut cl = clients[i % clients.len()].clone();
-        let put = tokio::time::timeout(Duration::from_millis(500), cl.put(etcd_put(format!("/failover/{i}"), b"x".to_vec()))).await;
+        let put =
+            tokio::time::timeout(Duration::from_millis(500), cl.put(etcd_put(format!("/failover/{i}"), b"x".to_vec())))
+                .await;
         if matches!(put, Ok(Ok(_))) {
             let d = t.elapsed();
             e.spawn(leader, bin);

@@ -37,15 +37,10 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port on 127.0.0.1")
 }
 
+#[derive(Default)]
 pub struct Options {
     /// Extra TOML for every controller's config file (e.g. `[raft]` tuning).
     pub config: String,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options { config: String::new() }
-    }
 }
 
 struct Member {
@@ -169,10 +164,15 @@ impl ControllerCluster {
         }
         std::fs::write(&cfg_path, cfg).expect("write controller config");
         let log = File::options().create(true).append(true).open(self.log_path(id)).expect("controller log");
+        // Reaped by kill()/stop(), or by Drop, which kills every member.
+        #[allow(clippy::zombie_processes)]
         let child = Command::new(&self.bin)
             .arg("--config")
             .arg(&cfg_path)
-            .env("BASALT_LOG", std::env::var("BASALT_TEST_CONTROLLER_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            .env(
+                "BASALT_LOG",
+                std::env::var("BASALT_TEST_CONTROLLER_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -73,10 +73,18 @@ async fn round_trips_through_followers_and_refusals_change_nothing() {
         osd_tunables: [("osd_max_backfills".to_string(), 2u64)].into(),
     };
     fc.create_profile(profile).await.expect("create profile");
-    let vol = pb::Volume { name: "data".into(), pool: "rbd-ec".into(), image: "data".into(), size_bytes: 64 << 20, profile: "ec21".into() };
+    let vol = pb::Volume {
+        name: "data".into(),
+        pool: "rbd-ec".into(),
+        image: "data".into(),
+        size_bytes: 64 << 20,
+        profile: "ec21".into(),
+    };
     fc.create_volume(vol.clone()).await.expect("create volume");
     let mut req = create("web", 2, 1024, pb::Power::Stopped);
-    req.spec.as_mut().map(|s| s.disks.push(pb::Disk { volume: "data".into(), read_only: false }));
+    if let Some(s) = req.spec.as_mut() {
+        s.disks.push(pb::Disk { volume: "data".into(), read_only: false });
+    }
     let w = fc.create_vm(req).await.expect("create vm").into_inner();
     assert_eq!(w.generation, 1);
 
@@ -87,7 +95,9 @@ async fn round_trips_through_followers_and_refusals_change_nothing() {
     let got = oc.get_volume(get("data")).await.expect("volume").into_inner();
     assert_eq!(got, vol);
     let p = oc.get_profile(get("ec21")).await.expect("profile").into_inner();
-    assert!(matches!(p.kind, Some(pb::storage_profile::Kind::ErasureCoded(ref e)) if e.k == 2 && e.plugin == "jerasure"));
+    assert!(
+        matches!(p.kind, Some(pb::storage_profile::Kind::ErasureCoded(ref e)) if e.k == 2 && e.plugin == "jerasure")
+    );
     let list = oc.list_vms(pb::ListRequest::default()).await.expect("list").into_inner();
     assert_eq!(list.vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["web"]);
 
@@ -104,7 +114,8 @@ async fn round_trips_through_followers_and_refusals_change_nothing() {
     assert_eq!(revision(&c, f).await, rev, "a refused write changed the revision");
 
     // Refusals, each with the code that says why, none changing anything.
-    let cases: Vec<(&str, Result<tonic::Response<pb::WriteResult>, tonic::Status>, Code)> = vec![
+    type Refusal = (&'static str, Result<tonic::Response<pb::WriteResult>, tonic::Status>, Code);
+    let cases: Vec<Refusal> = vec![
         ("zero vCPUs", fc.create_vm(create("bad", 0, 1024, pb::Power::Stopped)).await, Code::InvalidArgument),
         ("odd memory", fc.create_vm(create("bad", 1, 1023, pb::Power::Stopped)).await, Code::InvalidArgument),
         ("duplicate name", fc.create_vm(create("web", 1, 512, pb::Power::Stopped)).await, Code::AlreadyExists),
@@ -120,7 +131,11 @@ async fn round_trips_through_followers_and_refusals_change_nothing() {
         ),
         ("bad name", fc.create_vm(create("Bad Name!", 1, 512, pb::Power::Stopped)).await, Code::InvalidArgument),
         ("unknown node", fc.cordon_node(pb::NameRef { name: "nowhere".into() }).await, Code::NotFound),
-        ("unknown vm", fc.delete_vm(pb::DeleteVmRequest { name: "ghost".into(), delete_disks: false }).await, Code::NotFound),
+        (
+            "unknown vm",
+            fc.delete_vm(pb::DeleteVmRequest { name: "ghost".into(), delete_disks: false }).await,
+            Code::NotFound,
+        ),
         ("volume in use", fc.delete_volume(pb::NameRef { name: "data".into() }).await, Code::FailedPrecondition),
         ("profile in use", fc.delete_profile(pb::NameRef { name: "ec21".into() }).await, Code::FailedPrecondition),
         (
@@ -128,7 +143,11 @@ async fn round_trips_through_followers_and_refusals_change_nothing() {
             fc.create_volume(pb::Volume { profile: "nope".into(), name: "v2".into(), ..vol.clone() }).await,
             Code::NotFound,
         ),
-        ("tiny volume", fc.create_volume(pb::Volume { size_bytes: 4096, name: "v3".into(), ..vol.clone() }).await, Code::InvalidArgument),
+        (
+            "tiny volume",
+            fc.create_volume(pb::Volume { size_bytes: 4096, name: "v3".into(), ..vol.clone() }).await,
+            Code::InvalidArgument,
+        ),
         (
             "shrink volume",
             fc.resize_volume(pb::ResizeVolumeRequest { name: "data".into(), size_bytes: 32 << 20 }).await,
@@ -138,7 +157,11 @@ async fn round_trips_through_followers_and_refusals_change_nothing() {
             "EC profile with k=1",
             fc.create_profile(pb::StorageProfile {
                 name: "ec11".into(),
-                kind: Some(pb::storage_profile::Kind::ErasureCoded(pb::ErasureCodedProfile { k: 1, m: 1, ..Default::default() })),
+                kind: Some(pb::storage_profile::Kind::ErasureCoded(pb::ErasureCodedProfile {
+                    k: 1,
+                    m: 1,
+                    ..Default::default()
+                })),
                 osd_tunables: Default::default(),
             })
             .await,
@@ -154,7 +177,11 @@ async fn round_trips_through_followers_and_refusals_change_nothing() {
             .await,
             Code::InvalidArgument,
         ),
-        ("profile without kind", fc.create_profile(pb::StorageProfile { name: "x".into(), ..Default::default() }).await, Code::InvalidArgument),
+        (
+            "profile without kind",
+            fc.create_profile(pb::StorageProfile { name: "x".into(), ..Default::default() }).await,
+            Code::InvalidArgument,
+        ),
         (
             "power unspecified",
             fc.set_vm_power(pb::SetVmPowerRequest { name: "web".into(), power: 0, expected_generation: 0 }).await,
@@ -167,14 +194,19 @@ async fn round_trips_through_followers_and_refusals_change_nothing() {
         assert!(!err.message().is_empty(), "{what}: empty message");
     }
     assert_eq!(revision(&c, other).await, rev, "refusals changed the revision");
-    let events = oc.list_events(pb::ListEventsRequest { subject: "vm/web".into(), ..Default::default() }).await.expect("events");
+    let events =
+        oc.list_events(pb::ListEventsRequest { subject: "vm/web".into(), ..Default::default() }).await.expect("events");
     let kinds: Vec<String> = events.into_inner().events.into_iter().map(|e| e.kind).collect();
     assert_eq!(kinds, ["VmCreated", "VmSpecUpdated"]);
     let bad_kind = oc.list_events(pb::ListEventsRequest { kind: "Nonsense".into(), ..Default::default() }).await;
     assert_eq!(bad_kind.expect_err("unknown kind").code(), Code::InvalidArgument);
 
     // Delete through the leader; gone everywhere (linearizable reads).
-    let d = c.client(leader).delete_vm(pb::DeleteVmRequest { name: "web".into(), delete_disks: true }).await.expect("delete");
+    let d = c
+        .client(leader)
+        .delete_vm(pb::DeleteVmRequest { name: "web".into(), delete_disks: true })
+        .await
+        .expect("delete");
     assert_eq!(d.into_inner().deleted_volumes, ["data"]);
     for id in c.running() {
         assert_eq!(c.client(id).get_vm(get("web")).await.expect_err("deleted").code(), Code::NotFound);
@@ -192,7 +224,8 @@ async fn round_trips_through_followers_and_refusals_change_nothing() {
     assert!(m.contains("basalt_raft_is_leader 1"), "{m}");
     assert!(m.contains("basalt_raft_term "), "{m}");
     assert!(m.contains("basalt_raft_apply_lag"), "{m}");
-    let commit = m.lines().find_map(|l| l.strip_prefix("basalt_raft_commit_index ")).and_then(|v| v.trim().parse::<u64>().ok());
+    let commit =
+        m.lines().find_map(|l| l.strip_prefix("basalt_raft_commit_index ")).and_then(|v| v.trim().parse::<u64>().ok());
     assert!(commit.is_some_and(|c| c > 0), "commit index not reported: {m}");
     let fm = c.scrape_metrics(f).expect("follower metrics");
     assert!(fm.contains("basalt_raft_is_leader 0"), "{fm}");
@@ -329,7 +362,8 @@ async fn a_fourth_controller_joins_as_learner_from_a_snapshot_is_promoted_and_on
     // Bad membership requests are refused.
     let e = cl.promote_controller(pb::ControllerRef { id: 9 }).await.expect_err("unknown");
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    let e = cl.add_controller(pb::AddControllerRequest { id: 0, address: "127.0.0.1:1".into() }).await.expect_err("id 0");
+    let e =
+        cl.add_controller(pb::AddControllerRequest { id: 0, address: "127.0.0.1:1".into() }).await.expect_err("id 0");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     let e = cl.add_controller(pb::AddControllerRequest { id: 5, address: "nohost".into() }).await.expect_err("address");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -369,7 +403,11 @@ async fn a_fourth_controller_joins_as_learner_from_a_snapshot_is_promoted_and_on
     let none = basaltctl(&["--endpoints", "127.0.0.1:1", "cluster", "status"]);
     assert_eq!(none.status.code(), Some(3), "unreachable exit code");
     let st = basaltctl(&["--endpoints", &c.addr(4), "cluster", "status"]);
-    assert!(String::from_utf8_lossy(&st.stdout).contains(&format!("leader {leader}")), "{}", String::from_utf8_lossy(&st.stdout));
+    assert!(
+        String::from_utf8_lossy(&st.stdout).contains(&format!("leader {leader}")),
+        "{}",
+        String::from_utf8_lossy(&st.stdout)
+    );
     // Remove one of the founders (a follower), then stop its process.
     let gone = c.running().into_iter().find(|id| *id != leader && *id != 4).expect("a founder follower");
     let r = cl.remove_controller(pb::ControllerRef { id: gone }).await.expect("remove").into_inner();
@@ -382,12 +420,16 @@ async fn a_fourth_controller_joins_as_learner_from_a_snapshot_is_promoted_and_on
     drop(e);
     c.kill(leader);
     let new_leader = c.wait_leader(LEADER_WAIT).await;
-    c.client(new_leader).create_vm(create("after-change", 1, 128, pb::Power::Stopped)).await.expect("write with {4, the rest}");
+    c.client(new_leader)
+        .create_vm(create("after-change", 1, 128, pb::Power::Stopped))
+        .await
+        .expect("write with {4, the rest}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_register_heartbeat_and_watch_their_assignments() {
-    let opts = Options { config: "[timing]\nnode_lease_ms = 1500\nagent_heartbeat_ms = 300\nreconcile_ms = 200\n".into() };
+    let opts =
+        Options { config: "[timing]\nnode_lease_ms = 1500\nagent_heartbeat_ms = 300\nreconcile_ms = 200\n".into() };
     let c = ControllerCluster::start(3, opts);
     let leader = c.wait_leader(LEADER_WAIT).await;
     let f = follower(&c, leader);
@@ -445,7 +487,12 @@ async fn agents_register_heartbeat_and_watch_their_assignments() {
 
     // Status report from the agent.
     agent
-        .report_vm_status(pb::ReportVmStatusRequest { node: "a".into(), vm: "fits".into(), phase: pb::VmPhase::Running as i32, message: "pid 42".into() })
+        .report_vm_status(pb::ReportVmStatusRequest {
+            node: "a".into(),
+            vm: "fits".into(),
+            phase: pb::VmPhase::Running as i32,
+            message: "pid 42".into(),
+        })
         .await
         .expect("report");
     let vm = c.client(f).get_vm(get("fits")).await.expect("get").into_inner();
@@ -459,9 +506,13 @@ async fn agents_register_heartbeat_and_watch_their_assignments() {
         .into_inner();
     let quiet = tokio::time::timeout(Duration::from_millis(800), resumed.message()).await;
     assert!(quiet.is_err(), "resumed watch re-sent an unchanged set: {quiet:?}");
-    cl.set_vm_power(pb::SetVmPowerRequest { name: "fits".into(), power: pb::Power::Stopped as i32, expected_generation: 0 })
-        .await
-        .expect("stop");
+    cl.set_vm_power(pb::SetVmPowerRequest {
+        name: "fits".into(),
+        power: pb::Power::Stopped as i32,
+        expected_generation: 0,
+    })
+    .await
+    .expect("stop");
     let changed = tokio::time::timeout(Duration::from_secs(5), resumed.message()).await.expect("change seen");
     let changed = changed.expect("stream").expect("set");
     assert_eq!(changed.vms[0].desired_power, pb::Power::Stopped as i32);
@@ -503,14 +554,42 @@ async fn basaltctl_manages_profiles_volumes_vms_and_nodes() {
         assert_eq!(out.status.code(), Some(code), "basaltctl {args:?}: {err}");
         assert!(err.contains(needle), "basaltctl {args:?}: {err:?} lacks {needle:?}");
     };
-    ok(&["profile", "create", "ec21", "--k", "2", "--m", "1", "--failure-domain", "osd", "--osd", "osd_max_backfills=2"]);
+    ok(&[
+        "profile",
+        "create",
+        "ec21",
+        "--k",
+        "2",
+        "--m",
+        "1",
+        "--failure-domain",
+        "osd",
+        "--osd",
+        "osd_max_backfills=2",
+    ]);
     ok(&["profile", "create", "rep3", "--size", "3"]);
     let profiles: serde_json::Value = serde_json::from_str(&ok(&["-o", "json", "profile", "list"])).expect("json");
     assert_eq!(profiles.as_array().map(Vec::len), Some(2));
     assert_eq!(profiles[1]["kind"]["replicated"]["min_size"], 2);
     ok(&["volume", "create", "root", "--size", "1g", "--profile", "ec21", "--pool", "rbd-ec"]);
-    ok(&["vm", "create", "web-1", "--vcpus", "2", "--memory", "1g", "--kernel", "/images/Image", "--disk", "root", "--label", "app=web", "--stopped"]);
-    let vms: serde_json::Value = serde_json::from_str(&ok(&["-o", "json", "vm", "list", "--label", "app=web"])).expect("json");
+    ok(&[
+        "vm",
+        "create",
+        "web-1",
+        "--vcpus",
+        "2",
+        "--memory",
+        "1g",
+        "--kernel",
+        "/images/Image",
+        "--disk",
+        "root",
+        "--label",
+        "app=web",
+        "--stopped",
+    ]);
+    let vms: serde_json::Value =
+        serde_json::from_str(&ok(&["-o", "json", "vm", "list", "--label", "app=web"])).expect("json");
     assert_eq!(vms[0]["name"], "web-1");
     assert_eq!(vms[0]["memory_mib"], 1024);
     assert_eq!(vms[0]["disks"][0]["volume"], "root");

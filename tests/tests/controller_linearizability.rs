@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use basalt_proto::v1 as pb;
 use basalt_tests::controllers::{ControllerCluster, Options};
-use basalt_tests::linearizability::{check, CheckResult, Operation, RegisterInput, RegisterOutput, Versioned, VersionedRegister};
+use basalt_tests::linearizability::{
+    check, CheckResult, Operation, RegisterInput, RegisterOutput, Versioned, VersionedRegister,
+};
 use tokio::sync::Mutex;
 use tonic::Code;
 
@@ -66,9 +68,13 @@ async fn vm_spec_reads_writes_and_cas_stay_linearizable_while_the_leader_is_kill
     for (i, key) in KEYS.iter().enumerate() {
         let call = now();
         let mut cl = clients[i % clients.len()].clone();
-        cl.create_vm(pb::CreateVmRequest { name: key.to_string(), spec: Some(spec(0)), desired_power: pb::Power::Stopped as i32 })
-            .await
-            .expect("create key");
+        cl.create_vm(pb::CreateVmRequest {
+            name: key.to_string(),
+            spec: Some(spec(0)),
+            desired_power: pb::Power::Stopped as i32,
+        })
+        .await
+        .expect("create key");
         history.lock().await.push(Operation {
             client: 0,
             input: RegisterInput::Create { key: key.to_string(), value: 0 },
@@ -84,7 +90,7 @@ async fn vm_spec_reads_writes_and_cas_stay_linearizable_while_the_leader_is_kill
         let clients = clients.clone();
         let history = history.clone();
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (client as u64 + 1) * 0x1000_0001);
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((client as u64 + 1) * 0x1000_0001));
             let mut seq = 0u64;
             let mut last_gen = [1u64; KEYS.len()];
             let mut unknown = 0u32;
@@ -102,7 +108,9 @@ async fn vm_spec_reads_writes_and_cas_stay_linearizable_while_the_leader_is_kill
                         Ok(vm) => {
                             let vm = vm.into_inner();
                             last_gen[k] = vm.generation;
-                            Some(RegisterOutput::Value(value_of(&vm).map(|v| Versioned { generation: vm.generation, value: v })))
+                            Some(RegisterOutput::Value(
+                                value_of(&vm).map(|v| Versioned { generation: vm.generation, value: v }),
+                            ))
                         }
                         Err(s) if s.code() == Code::NotFound => Some(RegisterOutput::Value(None)),
                         // A failed read changed nothing: leave it out of the history.
@@ -113,7 +121,11 @@ async fn vm_spec_reads_writes_and_cas_stay_linearizable_while_the_leader_is_kill
                     let cas = kind >= 7;
                     let expected = if cas { last_gen[k] } else { 0 };
                     let r = cl
-                        .update_vm(pb::UpdateVmRequest { name: key.clone(), spec: Some(spec(value)), expected_generation: expected })
+                        .update_vm(pb::UpdateVmRequest {
+                            name: key.clone(),
+                            spec: Some(spec(value)),
+                            expected_generation: expected,
+                        })
                         .await;
                     let out = match r {
                         Ok(w) => {

@@ -50,7 +50,10 @@ fn ctl(text: &str, name: &str) -> Vec<Value> {
 }
 
 fn growth(text: &str, key: &str) -> i64 {
-    text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("{key}"))
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{key}"))
 }
 
 #[test]

@@ -65,7 +65,13 @@ fn a_counting_guest_continues_from_its_snapshot() {
     let before = count_of(line("BEFORE-RESTORE ")).expect("count before restore");
     assert!(before > saved + 2, "the guest ran on after the save ({saved} -> {before})");
 
-    let after: Vec<&str> = text.split("--- console after restore").nth(1).and_then(|t| t.split("--- end").next()).expect("after").lines().collect();
+    let after: Vec<&str> = text
+        .split("--- console after restore")
+        .nth(1)
+        .and_then(|t| t.split("--- end").next())
+        .expect("after")
+        .lines()
+        .collect();
     assert!(!after.iter().any(|l| l.contains("GUEST-READY")), "the guest did not reboot: {after:?}");
     let counts: Vec<u64> = after.iter().filter_map(|l| l.contains("COUNT").then(|| count_of(l)).flatten()).collect();
     assert!(counts.len() >= 3, "the restored guest keeps counting: {after:?}");

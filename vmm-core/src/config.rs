@@ -52,8 +52,15 @@ pub struct DiskConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskBackend {
-    File { path: PathBuf },
-    Rbd { pool: String, image: String, #[serde(default)] client: RbdClient },
+    File {
+        path: PathBuf,
+    },
+    Rbd {
+        pool: String,
+        image: String,
+        #[serde(default)]
+        client: RbdClient,
+    },
 }
 
 /// How the VMM reaches Ceph for RBD disks.
@@ -72,7 +79,9 @@ pub struct RbdClient {
 pub enum ConsoleConfig {
     #[default]
     Stdout,
-    File { path: PathBuf },
+    File {
+        path: PathBuf,
+    },
     /// A new pseudo-terminal; its path is logged and shown by `status`.
     /// Attach with any terminal program (screen, picocom, `basaltctl vm console`).
     Pty,
@@ -90,7 +99,10 @@ impl VmConfig {
             return bad(format!("vcpus {} must be between 1 and {}", self.vcpus, layout::GIC_REDIST_MAX_CPUS));
         }
         if self.memory_mib < MIN_MEMORY_MIB || self.memory_mib > MAX_MEMORY_MIB {
-            return bad(format!("memory_mib {} must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}", self.memory_mib));
+            return bad(format!(
+                "memory_mib {} must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}",
+                self.memory_mib
+            ));
         }
         if !self.kernel.is_file() {
             return bad(format!("kernel {} is not a readable file", self.kernel.display()));
@@ -172,7 +184,11 @@ mod tests {
         c.kernel = "/nonexistent".into();
         assert!(c.validate().unwrap_err().0.contains("kernel"));
         let mut c = base(k.path());
-        c.disks.push(DiskConfig { backend: DiskBackend::File { path: "/nope".into() }, read_only: false, serial: None });
+        c.disks.push(DiskConfig {
+            backend: DiskBackend::File { path: "/nope".into() },
+            read_only: false,
+            serial: None,
+        });
         assert!(c.validate().unwrap_err().0.contains("disk 0"));
     }
 }

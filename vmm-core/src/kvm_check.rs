@@ -114,8 +114,7 @@ pub fn run() -> Result<Report, CheckError> {
     let gic = VGicV3::create(&vm, 1)?;
     report.target = vcpu::init(&vm, &vcpu, 0).map_err(kvm_err("KVM_ARM_VCPU_INIT (PSCI 0.2)"))?;
     gic.finalize()?;
-    vcpu.set_one_reg(regs::core_reg(regs::PC_OFFSET), &layout::RAM_BASE.to_le_bytes())
-        .map_err(kvm_err("set PC"))?;
+    vcpu.set_one_reg(regs::core_reg(regs::PC_OFFSET), &layout::RAM_BASE.to_le_bytes()).map_err(kvm_err("set PC"))?;
 
     for _ in 0..32 {
         match vcpu.run().map_err(kvm_err("KVM_RUN"))? {
@@ -136,7 +135,11 @@ pub fn run() -> Result<Report, CheckError> {
         return Err(CheckError::Guest("no PSCI SYSTEM_OFF within 32 exits".into()));
     }
     if report.mmio_writes.first() != Some(&(layout::SERIAL_BASE, vec![GUEST_BYTE])) {
-        return Err(CheckError::Guest(format!("expected one byte {GUEST_BYTE:#x} at {:#x}, saw {:x?}", layout::SERIAL_BASE, report.mmio_writes)));
+        return Err(CheckError::Guest(format!(
+            "expected one byte {GUEST_BYTE:#x} at {:#x}, saw {:x?}",
+            layout::SERIAL_BASE,
+            report.mmio_writes
+        )));
     }
 
     // The register list, every register read back.

@@ -42,7 +42,12 @@ fn u32_at(b: &[u8], o: usize) -> u32 {
 impl Header {
     fn parse(b: &[u8; 24]) -> Header {
         // flags(0) name_size(4) num_desc(8) id_offset(12) desc_offset(16) data_offset(20)
-        Header { name_size: u32_at(b, 4), num_desc: u32_at(b, 8), desc_offset: u32_at(b, 16), data_offset: u32_at(b, 20) }
+        Header {
+            name_size: u32_at(b, 4),
+            num_desc: u32_at(b, 8),
+            desc_offset: u32_at(b, 16),
+            data_offset: u32_at(b, 20),
+        }
     }
 }
 

@@ -9,10 +9,10 @@ pub mod arch;
 pub mod config;
 pub mod control;
 pub mod devices;
+#[cfg(target_arch = "aarch64")]
+pub mod kvm_check;
 pub mod kvm_stats;
 pub mod memory;
 pub mod persist;
-#[cfg(target_arch = "aarch64")]
-pub mod kvm_check;
 #[cfg(target_arch = "aarch64")]
 pub mod vm;

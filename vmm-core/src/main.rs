@@ -71,7 +71,11 @@ fn ctl(socket: &std::path::Path, command: &str, args: Option<&str>) -> ExitCode 
     match basalt_vmm::control::call(socket, command, args, Duration::from_secs(60)) {
         Ok(r) => {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
-            if r.ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
+            if r.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
         }
         Err(e) => {
             eprintln!("basalt-vmm ctl: {}: {e}", socket.display());
@@ -262,9 +266,12 @@ mod tests {
         assert!(config(&["basalt-vmm"]).unwrap_err().contains("--kernel"));
         assert!(config(&["basalt-vmm", "--kernel", kernel, "--console", "serial0"]).unwrap_err().contains("pty"));
         assert!(config(&["basalt-vmm", "--kernel", kernel, "--memory", "1"]).unwrap_err().contains("memory_mib"));
-        assert!(config(&["basalt-vmm", "--kernel", kernel, "--disk", "/nonexistent,ro"]).unwrap_err().contains("disk 0"));
+        assert!(config(&["basalt-vmm", "--kernel", kernel, "--disk", "/nonexistent,ro"])
+            .unwrap_err()
+            .contains("disk 0"));
         assert!(config(&["basalt-vmm", "--config", "/nonexistent.json"]).unwrap_err().contains("cannot read"));
-        let ok = config(&["basalt-vmm", "--kernel", kernel, "--console", "pty", "--its", "--vcpus", "2"]).expect("valid");
+        let ok =
+            config(&["basalt-vmm", "--kernel", kernel, "--console", "pty", "--its", "--vcpus", "2"]).expect("valid");
         assert_eq!((ok.console, ok.its, ok.vcpus), (ConsoleConfig::Pty, true, 2));
     }
 }

@@ -134,7 +134,11 @@ impl VmState {
         s.check()?;
         let mem = std::fs::read(dir.join("memory.bin")).map_err(io)?;
         if mem.len() as u64 != s.memory_bytes {
-            return Err(StateError::Shape(format!("memory.bin has {} bytes, the state says {}", mem.len(), s.memory_bytes)));
+            return Err(StateError::Shape(format!(
+                "memory.bin has {} bytes, the state says {}",
+                mem.len(),
+                s.memory_bytes
+            )));
         }
         Ok((s, mem))
     }
@@ -148,8 +152,19 @@ mod tests {
         VmState {
             version: STATE_VERSION,
             memory_bytes: 8,
-            vcpus: vec![VcpuState { version: 1, mpidr: 0x8000_0000, regs: vec![(0x6030_0000_0010_0040, vec![0; 8])], mp_state: 0 }],
-            gic: GicState { version: 1, nr_irqs: 128, redist: vec![(0, vec![])], icc: vec![(0, vec![])], ..Default::default() },
+            vcpus: vec![VcpuState {
+                version: 1,
+                mpidr: 0x8000_0000,
+                regs: vec![(0x6030_0000_0010_0040, vec![0; 8])],
+                mp_state: 0,
+            }],
+            gic: GicState {
+                version: 1,
+                nr_irqs: 128,
+                redist: vec![(0, vec![])],
+                icc: vec![(0, vec![])],
+                ..Default::default()
+            },
             its: None,
             serial: SerialState::default(),
             virtio: vec![],

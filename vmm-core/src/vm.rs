@@ -253,8 +253,12 @@ impl Vm {
                 .map_err(|e| VmError::Setup(format!("disk {i}: {e}")))?;
             let saved = match snapshot {
                 Some((state, _)) => {
-                    let v = state.virtio.get(i).ok_or_else(|| VmError::Setup(format!("the snapshot has no state for disk {i}")))?;
-                    let st: DiskState = serde_json::from_value(v.clone()).map_err(|e| VmError::Setup(format!("disk {i} state: {e}")))?;
+                    let v = state
+                        .virtio
+                        .get(i)
+                        .ok_or_else(|| VmError::Setup(format!("the snapshot has no state for disk {i}")))?;
+                    let st: DiskState = serde_json::from_value(v.clone())
+                        .map_err(|e| VmError::Setup(format!("disk {i} state: {e}")))?;
                     blk.restore(&st.block).map_err(|e| VmError::Setup(format!("disk {i}: {e}")))?;
                     Some(st.transport)
                 }
@@ -264,7 +268,8 @@ impl Vm {
             let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
             let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup(format!("eventfd: {e}")))?;
             fd.register_irqfd(&irq, layout::spi_gsi(spi)).map_err(kvm(format!("disk {i} irqfd")))?;
-            let mut t = MmioTransport::new(Box::new(blk), mem.clone(), irq).map_err(|e| VmError::Setup(format!("disk {i}: {e}")))?;
+            let mut t = MmioTransport::new(Box::new(blk), mem.clone(), irq)
+                .map_err(|e| VmError::Setup(format!("disk {i}: {e}")))?;
             for (q, evt) in t.queue_evts().iter().enumerate() {
                 fd.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), q as u32)
                     .map_err(kvm(format!("disk {i} ioeventfd")))?;
@@ -302,7 +307,10 @@ impl Vm {
                     (Some(its), Some(st)) => its.restore(st)?,
                     (None, None) => {}
                     _ => {
-                        return Err(crate::persist::StateError::Shape("the snapshot and the config disagree on the ITS".into()).into())
+                        return Err(crate::persist::StateError::Shape(
+                            "the snapshot and the config disagree on the ITS".into(),
+                        )
+                        .into())
                     }
                 }
                 serial
@@ -313,7 +321,23 @@ impl Vm {
             }
         }
 
-        Ok(Vm { _kvm: kvm_, _fd: fd, mem, vcpus, mpidrs, gic, its, bus, serial, disks, pty, console_path, shared, mem_size, _ram: ram })
+        Ok(Vm {
+            _kvm: kvm_,
+            _fd: fd,
+            mem,
+            vcpus,
+            mpidrs,
+            gic,
+            its,
+            bus,
+            serial,
+            disks,
+            pty,
+            console_path,
+            shared,
+            mem_size,
+            _ram: ram,
+        })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -327,11 +351,13 @@ impl Vm {
     /// Runs the guest until it stops; returns why. With `control`, serves
     /// the control socket at that path meanwhile.
     pub fn run(mut self, control: Option<&Path>) -> Result<VmExit, VmError> {
-        register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmError::Setup(format!("signal handler: {e}")))?;
+        register_signal_handler(SIGRTMIN(), kick_handler)
+            .map_err(|e| VmError::Setup(format!("signal handler: {e}")))?;
         let listener = match control {
             Some(p) => {
                 let _ = std::fs::remove_file(p);
-                let l = UnixListener::bind(p).map_err(|e| VmError::Setup(format!("control socket {}: {e}", p.display())))?;
+                let l = UnixListener::bind(p)
+                    .map_err(|e| VmError::Setup(format!("control socket {}: {e}", p.display())))?;
                 l.set_nonblocking(true).map_err(|e| VmError::Setup(format!("control socket: {e}")))?;
                 Some(l)
             }

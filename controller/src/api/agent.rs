@@ -107,7 +107,8 @@ impl AgentService for AgentApi {
         let _t = self.ctl.metrics.rpc("ReportVmStatus");
         let r = req.into_inner();
         let phase = convert::phase_from(r.phase).map_err(NodeError::from)?;
-        let resp = self.ctl.write(Command::ReportVmStatus { name: r.vm, node: r.node, phase, message: r.message }).await?;
+        let resp =
+            self.ctl.write(Command::ReportVmStatus { name: r.vm, node: r.node, phase, message: r.message }).await?;
         Ok(Response::new(write_result(resp)))
     }
 }

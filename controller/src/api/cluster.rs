@@ -265,10 +265,7 @@ impl ClusterService for ClusterApi {
         .await
     }
 
-    async fn resize_volume(
-        &self,
-        req: Request<pb::ResizeVolumeRequest>,
-    ) -> Result<Response<pb::WriteResult>, Status> {
+    async fn resize_volume(&self, req: Request<pb::ResizeVolumeRequest>) -> Result<Response<pb::WriteResult>, Status> {
         let _t = self.ctl.metrics.rpc("ResizeVolume");
         let r = req.into_inner();
         self.commit(Command::ResizeVolume { name: r.name, size_bytes: r.size_bytes }).await
@@ -309,7 +306,10 @@ impl ClusterService for ClusterApi {
         self.commit(Command::DeleteProfile { name: req.into_inner().name }).await
     }
 
-    async fn list_events(&self, req: Request<pb::ListEventsRequest>) -> Result<Response<pb::ListEventsResponse>, Status> {
+    async fn list_events(
+        &self,
+        req: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
         let _t = self.ctl.metrics.rpc("ListEvents");
         let r = req.into_inner();
         let kind = match r.kind.as_str() {

@@ -125,7 +125,9 @@ pub fn vm_spec(s: &VmSpec) -> pb::VmSpec {
 pub fn vm_spec_from(s: Option<pb::VmSpec>) -> Result<VmSpec, CommandError> {
     let s = s.ok_or_else(|| invalid("spec is missing"))?;
     let boot = match s.boot {
-        Some(pb::vm_spec::Boot::Kernel(k)) => Boot::Kernel { kernel: k.kernel, initrd: opt(k.initrd), cmdline: k.cmdline },
+        Some(pb::vm_spec::Boot::Kernel(k)) => {
+            Boot::Kernel { kernel: k.kernel, initrd: opt(k.initrd), cmdline: k.cmdline }
+        }
         Some(pb::vm_spec::Boot::BootVolume(v)) => Boot::Volume { volume: v },
         None => return Err(invalid("spec.boot is missing: give a kernel (kernel, initrd, cmdline) or a boot_volume")),
     };
@@ -198,7 +200,9 @@ pub fn profile(p: &StorageProfile) -> pb::StorageProfile {
 
 pub fn profile_from(p: pb::StorageProfile) -> Result<StorageProfile, CommandError> {
     let kind = match p.kind {
-        Some(pb::storage_profile::Kind::Replicated(r)) => ProfileKind::Replicated { size: r.size, min_size: r.min_size },
+        Some(pb::storage_profile::Kind::Replicated(r)) => {
+            ProfileKind::Replicated { size: r.size, min_size: r.min_size }
+        }
         Some(pb::storage_profile::Kind::ErasureCoded(e)) => ProfileKind::ErasureCoded {
             k: e.k,
             m: e.m,

@@ -299,7 +299,8 @@ impl StateMachineStore {
     /// Loads the latest snapshot, if any, as the starting state.
     pub fn new(db: Arc<DB>, event_capacity: usize) -> Result<Self, StorageError> {
         let mut applied = Applied { cluster: ClusterState::with_event_capacity(event_capacity), ..Default::default() };
-        if let Some(meta) = get_json::<SnapshotMeta<NodeId, openraft::BasicNode>>(&db, CF_SNAPSHOT, KEY_SNAPSHOT_META)? {
+        if let Some(meta) = get_json::<SnapshotMeta<NodeId, openraft::BasicNode>>(&db, CF_SNAPSHOT, KEY_SNAPSHOT_META)?
+        {
             let bytes = db
                 .get_cf(cf(&db, CF_SNAPSHOT)?, KEY_SNAPSHOT_DATA)
                 .map_err(read_err)?
@@ -347,7 +348,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 cluster: st.cluster.clone(),
                 recent: st.recent.clone(),
             })
-                .map_err(|e| StorageIOError::read_state_machine(AnyError::new(&e)))?;
+            .map_err(|e| StorageIOError::read_state_machine(AnyError::new(&e)))?;
             let id = match st.last_applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id, l.index, st.cluster.revision()),
                 None => format!("empty-{}", st.cluster.revision()),
@@ -380,9 +381,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             for entry in entries {
                 st.last_applied = Some(entry.log_id);
                 match entry.payload {
-                    EntryPayload::Blank => replies.push(Err(crate::error::CommandError::FailedPrecondition(
-                        "blank entry".into(),
-                    ))),
+                    EntryPayload::Blank => {
+                        replies.push(Err(crate::error::CommandError::FailedPrecondition("blank entry".into())))
+                    }
                     EntryPayload::Normal(req) => {
                         if let Some(first) = req.id.as_deref().and_then(|id| st.recent.get(id)) {
                             replies.push(first.clone());
@@ -396,9 +397,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     }
                     EntryPayload::Membership(m) => {
                         st.membership = Membership::new(Some(entry.log_id), m);
-                        replies.push(Err(crate::error::CommandError::FailedPrecondition(
-                            "membership entry".into(),
-                        )));
+                        replies.push(Err(crate::error::CommandError::FailedPrecondition("membership entry".into())));
                     }
                 }
             }
@@ -437,7 +436,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let Some(meta) = get_json::<SnapshotMeta<NodeId, openraft::BasicNode>>(&self.db, CF_SNAPSHOT, KEY_SNAPSHOT_META)?
+        let Some(meta) =
+            get_json::<SnapshotMeta<NodeId, openraft::BasicNode>>(&self.db, CF_SNAPSHOT, KEY_SNAPSHOT_META)?
         else {
             return Ok(None);
         };

@@ -42,7 +42,9 @@ impl Cluster {
     /// never sends `force`, which would rewrite a profile a pool may use.
     pub fn create_ec_profile(&self, p: &ErasureCodeProfile) -> Result<(), CephError> {
         p.validate()?;
-        self.mon_command(&json!({"prefix": "osd erasure-code-profile set", "name": p.name, "profile": p.to_ceph_args()}))?;
+        self.mon_command(
+            &json!({"prefix": "osd erasure-code-profile set", "name": p.name, "profile": p.to_ceph_args()}),
+        )?;
         Ok(())
     }
 
@@ -53,7 +55,8 @@ impl Cluster {
     /// The profile's settings as Ceph stores them (all strings).
     pub fn ec_profile(&self, name: &str) -> Result<BTreeMap<String, String>, CephError> {
         validate_name("erasure-code profile", name)?;
-        let v: BTreeMap<String, Value> = self.mon_json(&json!({"prefix": "osd erasure-code-profile get", "name": name, "format": "json"}))?;
+        let v: BTreeMap<String, Value> =
+            self.mon_json(&json!({"prefix": "osd erasure-code-profile get", "name": name, "format": "json"}))?;
         Ok(v.iter().map(|(k, v)| (k.clone(), s(v))).collect())
     }
 
@@ -76,7 +79,10 @@ impl Cluster {
             PoolKind::Replicated { .. } => cmd["pool_type"] = json!("replicated"),
             PoolKind::Erasure { profile, .. } => {
                 if !self.ec_profiles()?.iter().any(|p| p == profile) {
-                    return Err(CephError::invalid(format!("pool {:?}", spec.name), format!("erasure-code profile {profile:?} does not exist")));
+                    return Err(CephError::invalid(
+                        format!("pool {:?}", spec.name),
+                        format!("erasure-code profile {profile:?} does not exist"),
+                    ));
                 }
                 cmd["pool_type"] = json!("erasure");
                 cmd["erasure_code_profile"] = json!(profile);
@@ -116,8 +122,11 @@ impl Cluster {
     /// Reads one pool property, as a string.
     pub fn pool_property(&self, pool: &str, var: &str) -> Result<String, CephError> {
         validate_name("pool", pool)?;
-        let v: BTreeMap<String, Value> = self.mon_json(&json!({"prefix": "osd pool get", "pool": pool, "var": var, "format": "json"}))?;
-        v.get(var).map(s).ok_or_else(|| CephError::Reply { op: "osd pool get".into(), detail: format!("no {var} in {v:?}") })
+        let v: BTreeMap<String, Value> =
+            self.mon_json(&json!({"prefix": "osd pool get", "pool": pool, "var": var, "format": "json"}))?;
+        v.get(var)
+            .map(s)
+            .ok_or_else(|| CephError::Reply { op: "osd pool get".into(), detail: format!("no {var} in {v:?}") })
     }
 
     pub fn pools(&self) -> Result<Vec<String>, CephError> {
@@ -128,7 +137,9 @@ impl Cluster {
     /// Deletes a pool and its data. Needs `mon_allow_pool_delete`.
     pub fn remove_pool(&self, pool: &str) -> Result<(), CephError> {
         validate_name("pool", pool)?;
-        self.mon_command(&json!({"prefix": "osd pool rm", "pool": pool, "pool2": pool, "yes_i_really_really_mean_it": true}))?;
+        self.mon_command(
+            &json!({"prefix": "osd pool rm", "pool": pool, "pool2": pool, "yes_i_really_really_mean_it": true}),
+        )?;
         Ok(())
     }
 
@@ -198,7 +209,9 @@ impl Cluster {
         if expire_secs == 0 {
             return Err(CephError::invalid("blocklist expiry", "must be at least 1 second"));
         }
-        self.mon_command(&json!({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr, "expire": f64::from(expire_secs)}))?;
+        self.mon_command(
+            &json!({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr, "expire": f64::from(expire_secs)}),
+        )?;
         Ok(())
     }
 
@@ -252,8 +265,14 @@ impl Cluster {
 
 /// Accepts `ip:port/nonce` (one client) or `ip:port` forms Ceph parses.
 fn validate_addr(addr: &str) -> Result<(), CephError> {
-    let bad = || CephError::invalid("client address", format!("{addr:?} is not ip:port/nonce (as `rados_getaddrs` prints it)"));
-    let a = addr.strip_prefix("v2:").or_else(|| addr.strip_prefix("v1:")).or_else(|| addr.strip_prefix("any:")).unwrap_or(addr);
+    let bad = || {
+        CephError::invalid("client address", format!("{addr:?} is not ip:port/nonce (as `rados_getaddrs` prints it)"))
+    };
+    let a = addr
+        .strip_prefix("v2:")
+        .or_else(|| addr.strip_prefix("v1:"))
+        .or_else(|| addr.strip_prefix("any:"))
+        .unwrap_or(addr);
     let (hostport, nonce) = a.split_once('/').unwrap_or((a, "0"));
     nonce.parse::<u64>().map_err(|_| bad())?;
     let (host, port) = hostport.rsplit_once(':').ok_or_else(bad)?;

@@ -95,7 +95,13 @@ impl Cluster {
         let conf = cfg.conf.as_ref().map(|p| cstring("conf path", &p.to_string_lossy())).transpose()?;
         // SAFETY: valid handle; a NULL path asks librados to search the defaults.
         let ret = unsafe { ffi::rados_conf_read_file(h.0, conf.as_ref().map_or(ptr::null(), |c| c.as_ptr())) };
-        check(&format!("read ceph.conf {}", cfg.conf.as_ref().map_or("(default search)".into(), |p| p.display().to_string())), ret)?;
+        check(
+            &format!(
+                "read ceph.conf {}",
+                cfg.conf.as_ref().map_or("(default search)".into(), |p| p.display().to_string())
+            ),
+            ret,
+        )?;
         // SAFETY: valid handle; NULL means the CEPH_ARGS variable.
         check("parse CEPH_ARGS", unsafe { ffi::rados_conf_parse_env(h.0, ptr::null()) })?;
         let mut opts = cfg.options.clone();
@@ -119,11 +125,22 @@ impl Cluster {
         let op = cmd.get("prefix").and_then(Value::as_str).unwrap_or("mon command").to_string();
         let c = cstring("command", &text)?;
         let mut cmds = [c.as_ptr()];
-        let (mut outbuf, mut outbuflen, mut outs, mut outslen) = (ptr::null_mut::<c_char>(), 0usize, ptr::null_mut::<c_char>(), 0usize);
+        let (mut outbuf, mut outbuflen, mut outs, mut outslen) =
+            (ptr::null_mut::<c_char>(), 0usize, ptr::null_mut::<c_char>(), 0usize);
         // SAFETY: one valid command string; out-pointers to locals; the
         // returned buffers are copied then freed with rados_buffer_free.
         let ret = unsafe {
-            ffi::rados_mon_command(self.h.0, cmds.as_mut_ptr(), 1, ptr::null(), 0, &mut outbuf, &mut outbuflen, &mut outs, &mut outslen)
+            ffi::rados_mon_command(
+                self.h.0,
+                cmds.as_mut_ptr(),
+                1,
+                ptr::null(),
+                0,
+                &mut outbuf,
+                &mut outbuflen,
+                &mut outs,
+                &mut outslen,
+            )
         };
         // SAFETY: librados returns (ptr, len) pairs it allocated, or NULL.
         let take = |p: *mut c_char, len: usize| unsafe {
@@ -195,7 +212,12 @@ impl Cluster {
         let mut s = ffi::rados_cluster_stat_t::default();
         // SAFETY: connected handle; out-pointer to a local of the C layout.
         check("rados_cluster_stat", unsafe { ffi::rados_cluster_stat(self.h.0, &mut s) })?;
-        Ok(ClusterStat { total_bytes: s.kb * 1024, used_bytes: s.kb_used * 1024, avail_bytes: s.kb_avail * 1024, objects: s.num_objects })
+        Ok(ClusterStat {
+            total_bytes: s.kb * 1024,
+            used_bytes: s.kb_used * 1024,
+            avail_bytes: s.kb_avail * 1024,
+            objects: s.num_objects,
+        })
     }
 }
 

@@ -97,7 +97,8 @@ extern "C" {
     pub fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
     pub fn rbd_list2(io: rados_ioctx_t, images: *mut rbd_image_spec_t, max_images: *mut usize) -> c_int;
     pub fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, num_images: usize);
-    pub fn rbd_open(io: rados_ioctx_t, name: *const c_char, image: *mut rbd_image_t, snap_name: *const c_char) -> c_int;
+    pub fn rbd_open(io: rados_ioctx_t, name: *const c_char, image: *mut rbd_image_t, snap_name: *const c_char)
+        -> c_int;
     pub fn rbd_close(image: rbd_image_t) -> c_int;
     pub fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: usize) -> c_int;
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
@@ -125,12 +126,23 @@ extern "C" {
     pub fn rbd_lock_break(image: rbd_image_t, lock_mode: c_int, lock_owner: *const c_char) -> c_int;
     pub fn rbd_read(image: rbd_image_t, ofs: u64, len: usize, buf: *mut c_char) -> isize;
     pub fn rbd_write(image: rbd_image_t, ofs: u64, len: usize, buf: *const c_char) -> isize;
-    pub fn rbd_aio_create_completion(cb_arg: *mut c_void, complete_cb: rbd_callback_t, c: *mut rbd_completion_t) -> c_int;
+    pub fn rbd_aio_create_completion(
+        cb_arg: *mut c_void,
+        complete_cb: rbd_callback_t,
+        c: *mut rbd_completion_t,
+    ) -> c_int;
     pub fn rbd_aio_get_return_value(c: rbd_completion_t) -> isize;
     pub fn rbd_aio_release(c: rbd_completion_t);
     pub fn rbd_aio_read(image: rbd_image_t, off: u64, len: usize, buf: *mut c_char, c: rbd_completion_t) -> c_int;
     pub fn rbd_aio_write(image: rbd_image_t, off: u64, len: usize, buf: *const c_char, c: rbd_completion_t) -> c_int;
     pub fn rbd_aio_flush(image: rbd_image_t, c: rbd_completion_t) -> c_int;
     pub fn rbd_aio_discard(image: rbd_image_t, off: u64, len: u64, c: rbd_completion_t) -> c_int;
-    pub fn rbd_aio_write_zeroes(image: rbd_image_t, off: u64, len: usize, c: rbd_completion_t, zero_flags: c_int, op_flags: c_int) -> c_int;
+    pub fn rbd_aio_write_zeroes(
+        image: rbd_image_t,
+        off: u64,
+        len: usize,
+        c: rbd_completion_t,
+        zero_flags: c_int,
+        op_flags: c_int,
+    ) -> c_int;
 }

@@ -13,6 +13,6 @@ pub mod cluster;
 #[cfg(feature = "rbd")]
 pub(crate) mod ffi;
 
-pub use error::CephError;
 #[cfg(feature = "rbd")]
 pub use cluster::{ClientConfig, Cluster, ClusterStat, IoCtx, MonReply};
+pub use error::CephError;

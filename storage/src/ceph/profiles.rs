@@ -56,7 +56,15 @@ impl ErasureCodeProfile {
         }
         if let Some(t) = &self.technique {
             let known: &[&str] = match self.plugin.as_str() {
-                "jerasure" => &["reed_sol_van", "reed_sol_r6_op", "cauchy_orig", "cauchy_good", "liberation", "blaum_roth", "liber8tion"],
+                "jerasure" => &[
+                    "reed_sol_van",
+                    "reed_sol_r6_op",
+                    "cauchy_orig",
+                    "cauchy_good",
+                    "liberation",
+                    "blaum_roth",
+                    "liber8tion",
+                ],
                 "isa" => &["reed_sol_van", "cauchy"],
                 _ => &[],
             };
@@ -95,9 +103,15 @@ impl ErasureCodeProfile {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PoolKind {
-    Replicated { size: u32, min_size: u32 },
+    Replicated {
+        size: u32,
+        min_size: u32,
+    },
     /// An erasure-coded pool; `allow_ec_overwrites` must be on for RBD data.
-    Erasure { profile: String, allow_ec_overwrites: bool },
+    Erasure {
+        profile: String,
+        allow_ec_overwrites: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,7 +126,12 @@ pub struct PoolSpec {
 
 impl PoolSpec {
     pub fn replicated(name: &str, size: u32, min_size: u32) -> Self {
-        PoolSpec { name: name.into(), kind: PoolKind::Replicated { size, min_size }, pg_num: None, application: Some("rbd".into()) }
+        PoolSpec {
+            name: name.into(),
+            kind: PoolKind::Replicated { size, min_size },
+            pg_num: None,
+            application: Some("rbd".into()),
+        }
     }
 
     pub fn erasure(name: &str, profile: &str) -> Self {
@@ -139,7 +158,10 @@ impl PoolSpec {
             PoolKind::Erasure { profile, allow_ec_overwrites } => {
                 validate_name("erasure-code profile", profile)?;
                 if self.application.as_deref() == Some("rbd") && !allow_ec_overwrites {
-                    return bad("an erasure-coded pool for RBD needs allow_ec_overwrites (RBD overwrites objects in place)".into());
+                    return bad(
+                        "an erasure-coded pool for RBD needs allow_ec_overwrites (RBD overwrites objects in place)"
+                            .into(),
+                    );
                 }
             }
         }
@@ -160,7 +182,10 @@ pub(crate) fn validate_name(what: &str, name: &str) -> Result<(), CephError> {
     if ok {
         Ok(())
     } else {
-        Err(CephError::invalid(what, format!("name {name:?} must be 1-128 characters of A-Z a-z 0-9 - _ . and not start with '.'")))
+        Err(CephError::invalid(
+            what,
+            format!("name {name:?} must be 1-128 characters of A-Z a-z 0-9 - _ . and not start with '.'"),
+        ))
     }
 }
 
@@ -170,7 +195,7 @@ pub(crate) fn validate_name(what: &str, name: &str) -> Result<(), CephError> {
 pub const OSD_TUNABLES: &[(&str, u64, u64)] = &[
     // name, min, max
     ("osd_memory_target", 939_524_096, 1 << 40),
-    ("osd_max_write_size", 1, 4096),                 // MiB
+    ("osd_max_write_size", 1, 4096), // MiB
     ("osd_client_message_size_cap", 1 << 20, 1 << 34),
     ("osd_deep_scrub_stride", 4096, 1 << 30),
     ("osd_map_cache_size", 1, 100_000),
@@ -179,7 +204,7 @@ pub const OSD_TUNABLES: &[(&str, u64, u64)] = &[
     ("osd_max_backfills", 1, 1000),
     ("osd_min_pg_log_entries", 1, 1_000_000),
     ("osd_max_pg_log_entries", 1, 1_000_000),
-    ("osd_mon_heartbeat_interval", 1, 3600),         // seconds
+    ("osd_mon_heartbeat_interval", 1, 3600), // seconds
 ];
 
 /// A named set of OSD tunables.
@@ -195,7 +220,10 @@ impl OsdTunables {
         for (k, v) in &self.values {
             let Some(&(_, min, max)) = OSD_TUNABLES.iter().find(|(n, ..)| n == k) else {
                 let known: Vec<&str> = OSD_TUNABLES.iter().map(|t| t.0).collect();
-                return Err(CephError::invalid(format!("OSD tunable {k:?}"), format!("not a tunable Basalt manages (known: {})", known.join(", "))));
+                return Err(CephError::invalid(
+                    format!("OSD tunable {k:?}"),
+                    format!("not a tunable Basalt manages (known: {})", known.join(", ")),
+                ));
             };
             if *v < min || *v > max {
                 return Err(CephError::invalid(format!("OSD tunable {k}"), format!("{v} is outside {min}..={max}")));
@@ -204,7 +232,10 @@ impl OsdTunables {
         let (lo, hi) = (self.values.get("osd_min_pg_log_entries"), self.values.get("osd_max_pg_log_entries"));
         if let (Some(lo), Some(hi)) = (lo, hi) {
             if lo > hi {
-                return Err(CephError::invalid("OSD tunables", format!("osd_min_pg_log_entries {lo} is above osd_max_pg_log_entries {hi}")));
+                return Err(CephError::invalid(
+                    "OSD tunables",
+                    format!("osd_min_pg_log_entries {lo} is above osd_max_pg_log_entries {hi}"),
+                ));
             }
         }
         Ok(())
@@ -239,7 +270,14 @@ mod tests {
         p.stripe_unit = Some(16384);
         assert_eq!(
             p.to_ceph_args(),
-            vec!["k=4", "m=2", "plugin=jerasure", "crush-failure-domain=osd", "technique=reed_sol_van", "stripe_unit=16384"]
+            vec![
+                "k=4",
+                "m=2",
+                "plugin=jerasure",
+                "crush-failure-domain=osd",
+                "technique=reed_sol_van",
+                "stripe_unit=16384"
+            ]
         );
     }
 

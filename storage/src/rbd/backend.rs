@@ -160,9 +160,7 @@ impl BlockBackend for RbdBackend {
             Ok(()) => Ok(()),
             // Like the file backend: a request refused up front still
             // completes, with its error, so the device model has one path.
-            Err(e) => {
-                self.done.push(Completion { tag, result: Err(e) })
-            }
+            Err(e) => self.done.push(Completion { tag, result: Err(e) }),
         }
     }
 

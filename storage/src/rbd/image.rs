@@ -43,14 +43,22 @@ impl ImageOptions {
     fn validate(&self) -> Result<(), CephError> {
         if let Some(o) = self.order {
             if !(12..=26).contains(&o) {
-                return Err(CephError::invalid("image order", format!("{o} must be between 12 (4 KiB objects) and 26 (64 MiB)")));
+                return Err(CephError::invalid(
+                    "image order",
+                    format!("{o} must be between 12 (4 KiB objects) and 26 (64 MiB)"),
+                ));
             }
         }
         match (self.stripe_unit, self.stripe_count) {
             (Some(su), Some(sc)) => {
                 let obj = 1u64 << self.order.unwrap_or(22);
                 if su == 0 || sc == 0 || !obj.is_multiple_of(su) {
-                    return Err(CephError::invalid("striping", format!("stripe unit {su} must divide the object size {obj}, and count {sc} must be at least 1")));
+                    return Err(CephError::invalid(
+                        "striping",
+                        format!(
+                            "stripe unit {su} must divide the object size {obj}, and count {sc} must be at least 1"
+                        ),
+                    ));
                 }
             }
             (None, None) => {}
@@ -72,7 +80,11 @@ impl ImageOptions {
         let set_u64 = |k: c_int, v: u64, what: &str| -> Result<(), CephError> {
             // SAFETY: valid option set; known option key.
             let r = unsafe { ffi::rbd_image_options_set_uint64(g.0, k, v) };
-            if r < 0 { Err(CephError::call(format!("image option {what}"), i64::from(r))) } else { Ok(()) }
+            if r < 0 {
+                Err(CephError::call(format!("image option {what}"), i64::from(r)))
+            } else {
+                Ok(())
+            }
         };
         if let Some(f) = self.features {
             set_u64(ffi::RBD_IMAGE_OPTION_FEATURES, f, "features")?;
@@ -120,7 +132,10 @@ pub fn validate_image_name(name: &str) -> Result<(), CephError> {
     if ok {
         Ok(())
     } else {
-        Err(CephError::invalid("image name", format!("{name:?} must be 1-95 printable characters without '/', '@' or spaces")))
+        Err(CephError::invalid(
+            "image name",
+            format!("{name:?} must be 1-95 printable characters without '/', '@' or spaces"),
+        ))
     }
 }
 
@@ -136,7 +151,14 @@ pub fn create(io: &IoCtx, name: &str, size: u64, opts: &ImageOptions) -> Result<
 }
 
 /// Clones a protected snapshot of a golden image (copy-on-write).
-pub fn clone(parent: &IoCtx, parent_name: &str, snap: &str, child_io: &IoCtx, child: &str, opts: &ImageOptions) -> Result<(), CephError> {
+pub fn clone(
+    parent: &IoCtx,
+    parent_name: &str,
+    snap: &str,
+    child_io: &IoCtx,
+    child: &str,
+    opts: &ImageOptions,
+) -> Result<(), CephError> {
     validate_image_name(parent_name)?;
     validate_image_name(child)?;
     validate_image_name(snap)?;
@@ -216,7 +238,9 @@ impl Image {
         let n = cstring("image name", name)?;
         let mut h: ffi::rbd_image_t = ptr::null_mut();
         // SAFETY: open ioctx, name, out-pointer; NULL snapshot = the head.
-        check(|| format!("open image {}/{name}", io.pool()), unsafe { ffi::rbd_open(io.h.io, n.as_ptr(), &mut h, ptr::null()) })?;
+        check(|| format!("open image {}/{name}", io.pool()), unsafe {
+            ffi::rbd_open(io.h.io, n.as_ptr(), &mut h, ptr::null())
+        })?;
         Ok(Image { h, io: io.clone(), name: name.into() })
     }
 
@@ -231,7 +255,9 @@ impl Image {
     pub fn info(&self) -> Result<ImageInfo, CephError> {
         let mut i = std::mem::MaybeUninit::<ffi::rbd_image_info_t>::zeroed();
         // SAFETY: open image; buffer of the C struct's size.
-        check(|| self.op("stat"), unsafe { ffi::rbd_stat(self.h, i.as_mut_ptr(), std::mem::size_of::<ffi::rbd_image_info_t>()) })?;
+        check(|| self.op("stat"), unsafe {
+            ffi::rbd_stat(self.h, i.as_mut_ptr(), std::mem::size_of::<ffi::rbd_image_info_t>())
+        })?;
         // SAFETY: rbd_stat filled it (and it was zeroed before).
         let i = unsafe { i.assume_init() };
         let (mut features, mut su, mut sc) = (0u64, 0u64, 0u64);
@@ -275,7 +301,12 @@ impl Image {
         check(|| self.op("flatten"), unsafe { ffi::rbd_flatten(self.h) })
     }
 
-    fn snap_call(&self, what: &str, snap: &str, f: unsafe extern "C" fn(ffi::rbd_image_t, *const c_char) -> c_int) -> Result<(), CephError> {
+    fn snap_call(
+        &self,
+        what: &str,
+        snap: &str,
+        f: unsafe extern "C" fn(ffi::rbd_image_t, *const c_char) -> c_int,
+    ) -> Result<(), CephError> {
         validate_image_name(snap)?;
         let s = cstring("snapshot", snap)?;
         // SAFETY: open image and NUL-terminated snapshot name; `f` is one of
@@ -309,7 +340,9 @@ impl Image {
     /// is fenced and its lock broken.
     pub fn lock_exclusive(&self) -> Result<(), CephError> {
         // SAFETY: open image.
-        check(|| self.op("acquire exclusive lock on"), unsafe { ffi::rbd_lock_acquire(self.h, ffi::RBD_LOCK_MODE_EXCLUSIVE) })
+        check(|| self.op("acquire exclusive lock on"), unsafe {
+            ffi::rbd_lock_acquire(self.h, ffi::RBD_LOCK_MODE_EXCLUSIVE)
+        })
     }
 
     pub fn lock_release(&self) -> Result<(), CephError> {
@@ -350,7 +383,9 @@ impl Image {
     pub fn break_lock(&self, owner: &str) -> Result<(), CephError> {
         let o = cstring("lock owner", owner)?;
         // SAFETY: open image; NUL-terminated owner string.
-        check(|| self.op(&format!("break lock of {owner} on")), unsafe { ffi::rbd_lock_break(self.h, ffi::RBD_LOCK_MODE_EXCLUSIVE, o.as_ptr()) })
+        check(|| self.op(&format!("break lock of {owner} on")), unsafe {
+            ffi::rbd_lock_break(self.h, ffi::RBD_LOCK_MODE_EXCLUSIVE, o.as_ptr())
+        })
     }
 
     /// Synchronous read, for tools and tests (VMs use [`super::RbdBackend`]).
@@ -372,7 +407,10 @@ impl Image {
             return Err(CephError::call(self.op("write"), r as i64));
         }
         if r as usize != data.len() {
-            return Err(CephError::Reply { op: self.op("write"), detail: format!("short write {r} of {}", data.len()) });
+            return Err(CephError::Reply {
+                op: self.op("write"),
+                detail: format!("short write {r} of {}", data.len()),
+            });
         }
         Ok(())
     }

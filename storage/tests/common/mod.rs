@@ -39,12 +39,19 @@ pub fn vm() -> Cluster {
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() % 1_000_000).unwrap_or(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() % 1_000_000)
+        .unwrap_or(0);
     format!("{prefix}-{}-{t}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Waits on a backend's eventfd until `n` completions have arrived.
-pub fn wait_completions(b: &mut dyn basalt_storage::BlockBackend, n: usize, timeout: Duration) -> Vec<basalt_storage::Completion> {
+pub fn wait_completions(
+    b: &mut dyn basalt_storage::BlockBackend,
+    n: usize,
+    timeout: Duration,
+) -> Vec<basalt_storage::Completion> {
     let deadline = std::time::Instant::now() + timeout;
     let mut out = Vec::new();
     while out.len() < n {

@@ -75,7 +75,10 @@ mod tests {
     #[test]
     fn gnu_cpio_reads_what_we_write() {
         let mut a = Archive::new();
-        a.dir("basalt").dir("basalt/bin").file("basalt/run.sh", 0o755, b"#!/bin/sh\necho hi\n").file("basalt/x", 0o644, b"abc");
+        a.dir("basalt")
+            .dir("basalt/bin")
+            .file("basalt/run.sh", 0o755, b"#!/bin/sh\necho hi\n")
+            .file("basalt/x", 0o644, b"abc");
         let bytes = a.finish();
         assert_eq!(bytes.len() % 4, 0);
         let dir = tempfile::tempdir().expect("tempdir");

@@ -203,7 +203,8 @@ impl Arm64Host {
         img.extend_from_slice(&payload.finish());
         std::fs::write(&initrd, &img).map_err(io("write initrd"))?;
 
-        let mut append = vec!["console=ttyAMA0".to_string(), "panic=-1".into(), format!("basalt.hostname={}", self.name)];
+        let mut append =
+            vec!["console=ttyAMA0".to_string(), "panic=-1".into(), format!("basalt.hostname={}", self.name)];
         // Kernel messages only when asked: they interleave with the command's output.
         if std::env::var_os("BASALT_RIG_VERBOSE").is_none() {
             append.push("quiet".into());
@@ -318,7 +319,11 @@ fn pump(src: Option<impl Read + Send + 'static>, tag: String, sink: Arc<Mutex<St
 fn tempfile_dir(name: &str) -> Result<PathBuf, RigError> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!("basalt-rig-{}-{}-{name}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let d = std::env::temp_dir().join(format!(
+        "basalt-rig-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
     Ok(d)
 }

@@ -26,7 +26,8 @@ fn check(what: &str, r: libc::c_int) -> std::io::Result<libc::c_int> {
 impl Pty {
     pub fn open() -> std::io::Result<Pty> {
         // SAFETY: plain libc calls on a descriptor we create and own.
-        let fd = check("posix_openpt", unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK) })?;
+        let fd =
+            check("posix_openpt", unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK) })?;
         // SAFETY: `fd` was just returned to us and nothing else owns it.
         let master = unsafe { File::from_raw_fd(fd) };
         // SAFETY: as above, on the master fd.

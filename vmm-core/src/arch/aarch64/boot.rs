@@ -31,22 +31,32 @@ pub struct BootImage {
     pub fdt: u64,
 }
 
-pub fn load(mem: &GuestMemoryMmap, mem_size: u64, kernel: &Path, initrd: Option<&Path>) -> Result<BootImage, BootError> {
+pub fn load(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    kernel: &Path,
+    initrd: Option<&Path>,
+) -> Result<BootImage, BootError> {
     // The kernel is read straight into guest memory: one copy of ~30 MB
     // instead of two (a temporary buffer costs as much again, which shows
     // in boot time when the host itself is slow).
-    let open = |p: &Path| std::fs::File::open(p).map_err(|source| BootError::Open { path: p.display().to_string(), source });
+    let open =
+        |p: &Path| std::fs::File::open(p).map_err(|source| BootError::Open { path: p.display().to_string(), source });
     let mut k = open(kernel)?;
     let len = k.metadata().map_err(|source| BootError::Open { path: kernel.display().to_string(), source })?.len();
     let mut head = [0u8; 64];
-    let n = std::io::Read::read(&mut k, &mut head).map_err(|source| BootError::Open { path: kernel.display().to_string(), source })?;
-    let hdr = ImageHeader::parse(&head[..n]).map_err(|why| BootError::Kernel { path: kernel.display().to_string(), why })?;
+    let n = std::io::Read::read(&mut k, &mut head)
+        .map_err(|source| BootError::Open { path: kernel.display().to_string(), source })?;
+    let hdr =
+        ImageHeader::parse(&head[..n]).map_err(|why| BootError::Kernel { path: kernel.display().to_string(), why })?;
     let entry = layout::RAM_BASE + hdr.text_offset;
     // image_size covers the BSS the kernel clears after the file's end.
     let kernel_end = entry + hdr.image_size.max(len);
     let fdt = layout::fdt_addr(mem_size);
     if kernel_end > fdt {
-        return Err(BootError::Placement(format!("the kernel ends at {kernel_end:#x}, past the device tree at {fdt:#x}: give the VM more memory")));
+        return Err(BootError::Placement(format!(
+            "the kernel ends at {kernel_end:#x}, past the device tree at {fdt:#x}: give the VM more memory"
+        )));
     }
     std::io::Seek::rewind(&mut k).map_err(|source| BootError::Open { path: kernel.display().to_string(), source })?;
     mem.read_exact_volatile_from(GuestAddress(entry), &mut k, len as usize)
@@ -85,7 +95,8 @@ impl ImageHeader {
         if &k[56..60] != b"ARM\x64" {
             return Err("no \"ARM\\x64\" magic at byte 56 (a gzip or EFI zboot image must be unpacked first)".into());
         }
-        let u64_at = |o: usize| u64::from_le_bytes([k[o], k[o + 1], k[o + 2], k[o + 3], k[o + 4], k[o + 5], k[o + 6], k[o + 7]]);
+        let u64_at =
+            |o: usize| u64::from_le_bytes([k[o], k[o + 1], k[o + 2], k[o + 3], k[o + 4], k[o + 5], k[o + 6], k[o + 7]]);
         let (mut text_offset, image_size) = (u64_at(8), u64_at(16));
         // booting.rst: an image_size of 0 marks a pre-3.17 kernel whose
         // text_offset is 0x80000 whatever the field says.
@@ -124,7 +135,8 @@ mod tests {
     #[test]
     fn kernel_initrd_and_fdt_are_placed_without_overlap() {
         let size = 128u64 << 20;
-        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(layout::RAM_BASE), size as usize)]).expect("mem");
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(layout::RAM_BASE), size as usize)]).expect("mem");
         let dir = tempfile::tempdir().expect("dir");
         let k = dir.path().join("Image");
         std::fs::write(&k, fake_image(0, 8 << 20)).expect("write");

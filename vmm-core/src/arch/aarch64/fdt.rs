@@ -138,7 +138,15 @@ mod tests {
         assert_eq!(total, fdt.len());
         assert!((fdt.len() as u64) < layout::FDT_MAX_SIZE);
         let text = String::from_utf8_lossy(&fdt);
-        for needle in ["console=ttyS0 panic=-1", "arm,gic-v3", "arm,psci-0.2", "virtio,mmio", "ns16550a", "cpu@1", "arm,gic-v3-its"] {
+        for needle in [
+            "console=ttyS0 panic=-1",
+            "arm,gic-v3",
+            "arm,psci-0.2",
+            "virtio,mmio",
+            "ns16550a",
+            "cpu@1",
+            "arm,gic-v3-its",
+        ] {
             assert!(text.contains(needle), "{needle}");
         }
     }

@@ -4,13 +4,12 @@
 
 use kvm_bindings::{
     kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, KVM_DEV_ARM_VGIC_CTRL_INIT,
-    KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_GRP_DIST_REGS,
-    KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
-    KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, KVM_VGIC_V3_ADDR_TYPE_DIST,
-    KVM_VGIC_V3_ADDR_TYPE_REDIST,
+    KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, KVM_DEV_ARM_VGIC_GRP_CTRL,
+    KVM_DEV_ARM_VGIC_GRP_DIST_REGS, KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
+    KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
 };
-use serde::Serialize;
 use kvm_ioctls::{DeviceFd, VmFd};
+use serde::Serialize;
 
 use super::layout;
 
@@ -47,8 +46,18 @@ impl VGicV3 {
         let fd = vm.create_device(&mut dev).map_err(GicError::Unsupported)?;
         let gic = VGicV3 { fd, mpidrs: Vec::new() };
         assert!(vcpus <= layout::GIC_REDIST_MAX_CPUS, "vCPU count is validated by the VM config");
-        gic.set_u64(KVM_DEV_ARM_VGIC_GRP_ADDR, u64::from(KVM_VGIC_V3_ADDR_TYPE_DIST), layout::GIC_DIST_BASE, "distributor address")?;
-        gic.set_u64(KVM_DEV_ARM_VGIC_GRP_ADDR, u64::from(KVM_VGIC_V3_ADDR_TYPE_REDIST), layout::GIC_REDIST_BASE, "redistributor address")?;
+        gic.set_u64(
+            KVM_DEV_ARM_VGIC_GRP_ADDR,
+            u64::from(KVM_VGIC_V3_ADDR_TYPE_DIST),
+            layout::GIC_DIST_BASE,
+            "distributor address",
+        )?;
+        gic.set_u64(
+            KVM_DEV_ARM_VGIC_GRP_ADDR,
+            u64::from(KVM_VGIC_V3_ADDR_TYPE_REDIST),
+            layout::GIC_REDIST_BASE,
+            "redistributor address",
+        )?;
         gic.set_u32(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, layout::GIC_NR_IRQS, "number of IRQs")?;
         Ok(gic)
     }
@@ -81,7 +90,8 @@ impl VGicV3 {
         };
         // SAFETY: `addr` points at a live u32, the size KVM writes for
         // distributor registers.
-        unsafe { self.fd.get_device_attr(&mut attr) }.map_err(|source| GicError::Attr { what: "read distributor register", source })?;
+        unsafe { self.fd.get_device_attr(&mut attr) }
+            .map_err(|source| GicError::Attr { what: "read distributor register", source })?;
         Ok(val)
     }
 
@@ -130,8 +140,11 @@ impl VGicV3 {
         }
         for i in layout::GIC_SPI_BASE..layout::GIC_NR_IRQS {
             let word = 4 * (i / 32);
-            let (en, pend, act) =
-                (self.dist_reg(GICD_ISENABLER + word)?, self.dist_reg(GICD_ISPENDR + word)?, self.dist_reg(0x300 + word)?);
+            let (en, pend, act) = (
+                self.dist_reg(GICD_ISENABLER + word)?,
+                self.dist_reg(GICD_ISPENDR + word)?,
+                self.dist_reg(0x300 + word)?,
+            );
             let prio = self.dist_reg(0x400 + (i & !3))?;
             let cfg = self.dist_reg(0xc00 + 4 * (i / 16))?;
             let route = u64::from(self.dist_reg(0x6000 + 8 * i)?) | (u64::from(self.dist_reg(0x6004 + 8 * i)?) << 32);
@@ -411,7 +424,8 @@ impl Its {
             flags: 0,
         };
         // SAFETY: `addr` points at a live u64, the size of ITS register accesses.
-        unsafe { self.fd.get_device_attr(&mut a) }.map_err(|source| GicError::Attr { what: "read ITS register", source })?;
+        unsafe { self.fd.get_device_attr(&mut a) }
+            .map_err(|source| GicError::Attr { what: "read ITS register", source })?;
         Ok(val)
     }
 
@@ -435,7 +449,9 @@ impl crate::persist::Persist for Its {
     fn save(&self) -> Result<Self::State, GicError> {
         self.ctrl(u64::from(kvm_bindings::KVM_DEV_ARM_ITS_SAVE_TABLES), "ITS SAVE_TABLES")?;
         let mut regs = Vec::new();
-        for o in [GITS_IIDR, GITS_CBASER, GITS_CREADR, GITS_CWRITER].into_iter().chain((0..8).map(|n| GITS_BASER + 8 * n)) {
+        for o in
+            [GITS_IIDR, GITS_CBASER, GITS_CREADR, GITS_CWRITER].into_iter().chain((0..8).map(|n| GITS_BASER + 8 * n))
+        {
             regs.push((o, self.reg(o)?));
         }
         regs.push((GITS_CTLR, self.reg(GITS_CTLR)?));
