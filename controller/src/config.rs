@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::model::names::is_host_port;
+
 /// What the file may say; every field can also come from a flag.
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -101,10 +103,6 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-fn host_port_ok(addr: &str) -> bool {
-    addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
-}
-
 impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
@@ -120,7 +118,7 @@ impl FileConfig {
         let listen = self.listen.ok_or_else(|| bad("listen is required (--listen HOST:PORT)".into()))?;
         let data_dir = self.data_dir.ok_or_else(|| bad("data_dir is required (--data-dir DIR)".into()))?;
         let advertise = self.advertise.unwrap_or_else(|| listen.to_string());
-        if !host_port_ok(&advertise) {
+        if !is_host_port(&advertise) {
             return Err(bad(format!("advertise address {advertise:?} must be host:port")));
         }
         if listen.ip().is_unspecified() && advertise == listen.to_string() {
@@ -135,7 +133,7 @@ impl FileConfig {
             if n == node_id {
                 return Err(bad(format!("peer {n} has this controller's own node_id")));
             }
-            if !host_port_ok(&addr) {
+            if !is_host_port(&addr) {
                 return Err(bad(format!("peer {n} address {addr:?} must be host:port")));
             }
             peers.insert(n, addr);

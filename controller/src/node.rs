@@ -253,9 +253,7 @@ impl Controller {
         if id == 0 {
             return Err(CommandError::InvalidArgument("controller id 0 is reserved; use 1 or more".into()));
         }
-        let port_ok =
-            addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
-        if !port_ok {
+        if !crate::model::names::is_host_port(addr) {
             return Err(CommandError::InvalidArgument(format!("controller address {addr:?} must be host:port")));
         }
         let (voters, _) = self.members();

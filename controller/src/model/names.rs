@@ -8,6 +8,12 @@ use crate::error::{invalid, CommandError};
 pub const MAX_LABELS: usize = 64;
 
 /// A DNS label (RFC 1123): 1-63 of a-z 0-9 '-', starting and ending with a letter or digit.
+/// `host:port` with a non-empty host and a port from 1 to 65535: the shape of
+/// every address the cluster stores or dials (agents, controllers, peers).
+pub fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
 pub fn validate_name(what: &str, name: &str) -> Result<(), CommandError> {
     let b = name.as_bytes();
     let ok = !b.is_empty()

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::names::{validate_labels, validate_name};
+use super::names::{is_host_port, validate_labels, validate_name};
 use crate::error::{invalid, CommandError};
 
 pub type NodeId = String;
@@ -91,11 +91,7 @@ impl NodeRegistration {
     pub fn validate(&self) -> Result<(), CommandError> {
         validate_name("node", &self.id)?;
         let what = format!("node {}", self.id);
-        let port_ok = self
-            .address
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
-        if !port_ok {
+        if !is_host_port(&self.address) {
             return Err(invalid(format!("{what}: address {:?} must be host:port", self.address)));
         }
         if self.arch != SUPPORTED_ARCH {
