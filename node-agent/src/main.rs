@@ -1,36 +1,138 @@
-//! `basalt-agent`: validates its configuration. Registration, assignments and
-//! VMM supervision arrive with the agent issue; until then it says so.
+//! `basalt-agent`: runs on every arm64 host. Registers the host with the
+//! controllers, follows its VM assignments and runs one `basalt-vmm` process
+//! per assigned VM. Exit status: 0 stopped by a signal, 1 failed while
+//! running, 2 bad configuration.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 
+mod agent;
 mod config;
+mod controllers;
+mod metrics;
+mod reporter;
+mod supervisor;
+mod vmm;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Basalt node agent: runs this host's VMs")]
+#[command(version, about = "Basalt node agent: registers this host and runs its VMs")]
 struct Args {
-    /// TOML configuration file.
+    /// TOML configuration file (see node-agent/README.md); flags override it.
     #[arg(long, short, env = "BASALT_AGENT_CONFIG")]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Stable id of this host in the cluster (a-z, 0-9, '-').
+    #[arg(long)]
+    host_id: Option<String>,
+    /// Address other hosts reach this one at.
+    #[arg(long)]
+    address: Option<String>,
+    /// A controller's host:port (repeatable; any of them will do).
+    #[arg(long = "controller", value_name = "HOST:PORT")]
+    controllers: Vec<String>,
+    /// A label for the scheduler, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Where each VM's config, console log and control socket live.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The basalt-vmm binary (a path, or a name found in PATH).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// vCPUs offered to VMs (default: this host's CPUs).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// MiB offered to VMs (default: this host's memory minus 256 MiB).
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// ceph.conf for the VMs' RBD disks.
+    #[arg(long)]
+    ceph_conf: Option<PathBuf>,
+    /// cephx id the VMs' disks use (a `profile rbd` client, never admin).
+    #[arg(long)]
+    ceph_id: Option<String>,
+    /// Keyring of that cephx id.
+    #[arg(long)]
+    ceph_keyring: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, default_value = "info", env = "BASALT_LOG")]
+    log: String,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match config::Config::load(&args.config) {
-        Ok(cfg) => {
-            eprintln!(
-                "basalt-agent: config for host {} ({}, {} labels) is valid; running VMs is not implemented yet",
-                cfg.host_id,
-                cfg.address,
-                cfg.labels.len()
-            );
-            ExitCode::from(2)
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("basalt-agent: --log {:?}: {e}", args.log);
+            return ExitCode::from(2);
         }
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let file = match &args.config {
+        Some(p) => match config::FileConfig::load(p) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("basalt-agent: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => config::FileConfig::default(),
+    };
+    let flags = config::Flags {
+        host_id: args.host_id,
+        address: args.address,
+        controllers: args.controllers,
+        labels: args.labels,
+        state_dir: args.state_dir,
+        vmm: args.vmm,
+        metrics_listen: args.metrics_listen,
+        vcpus: args.vcpus,
+        memory_mib: args.memory_mib,
+        ceph_conf: args.ceph_conf,
+        ceph_id: args.ceph_id,
+        ceph_keyring: args.ceph_keyring,
+    };
+    let cfg = match config::Config::resolve(file, flags) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("basalt-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("basalt-agent: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        host = %cfg.host_id, controllers = ?cfg.controllers, vmm = %cfg.vmm.display(), state_dir = %cfg.state_dir.display(),
+        "basalt-agent starting"
+    );
+    match rt.block_on(agent::Agent::new(cfg).run(shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without handlers the default action (exit) still applies.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
 }

@@ -79,8 +79,12 @@ impl AgentService for AgentApi {
                     let rev = st.cluster.node_revision(&node);
                     if rev > sent || (first && sent == 0) {
                         sent = rev;
-                        let vms = st.cluster.vms_on(&node).map(|v| convert::vm(v, None)).collect();
-                        Some(pb::Assignments { revision: rev, vms })
+                        let vms: Vec<pb::Vm> = st.cluster.vms_on(&node).map(|v| convert::vm(v, None)).collect();
+                        let names: std::collections::BTreeSet<&str> =
+                            st.cluster.vms_on(&node).flat_map(|v| v.spec.volumes()).collect();
+                        let volumes =
+                            names.into_iter().filter_map(|n| st.cluster.volume(n)).map(convert::volume).collect();
+                        Some(pb::Assignments { revision: rev, vms, volumes })
                     } else {
                         None
                     }

@@ -1,0 +1,425 @@
+//! One `basalt-vmm` process per assigned VM: started when the VM should run,
+//! stopped (SIGTERM, then SIGKILL after the stop timeout) when it should not
+//! or is no longer assigned here, restarted with backoff when it fails.
+//!
+//! The supervisor owns all VM state in one task and reacts to events (a new
+//! assignment set, a process that came up or exited, a tick), so no lock is
+//! held across the processes' lives. It reports every observed phase change;
+//! the reporter delivers them to the controllers whenever they are reachable.
+//!
+//! The desired state is whatever the controllers last sent: while they are
+//! unreachable nothing changes, so running VMs keep running.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use basalt_proto::v1 as pb;
+use pb::VmPhase;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::reporter::ReporterMsg;
+use crate::vmm::{last_log_line, vm_config, ExitKind, VmDir};
+
+#[derive(Debug)]
+pub enum Event {
+    Assigned(pb::Assignments),
+    /// The VMM's control socket answered: the VM is running.
+    Up { vm: String, token: u64 },
+    /// `status` is None for a process adopted from an earlier agent (not our
+    /// child, so its status is unknown).
+    Exited { vm: String, token: u64, status: Option<ExitStatus> },
+    Tick,
+}
+
+#[derive(Debug)]
+struct Proc {
+    token: u64,
+    pid: i32,
+    generation: u64,
+    up: bool,
+    stop_requested: Option<Instant>,
+    killed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// The assignment; None once the VM is no longer assigned here.
+    vm: Option<pb::Vm>,
+    proc: Option<Proc>,
+    /// Not started again for this generation: the guest powered off, the
+    /// spec cannot run here, or restarts were exhausted. A new generation
+    /// (start, stop, spec change) clears it.
+    settled_generation: Option<u64>,
+    restarts: VecDeque<Instant>,
+    start_after: Option<Instant>,
+    phase: Option<(VmPhase, String)>,
+}
+
+pub struct Supervisor {
+    cfg: Arc<Config>,
+    slots: BTreeMap<String, Slot>,
+    volumes: HashMap<String, pb::Volume>,
+    /// Nothing is stopped before the first assignment set arrives: adopted
+    /// VMs must not die because the controllers are slow to answer.
+    have_assignments: bool,
+    events: mpsc::Sender<Event>,
+    reports: mpsc::UnboundedSender<ReporterMsg>,
+    metrics: Arc<Metrics>,
+    next_token: u64,
+}
+
+impl Supervisor {
+    pub fn new(
+        cfg: Arc<Config>,
+        events: mpsc::Sender<Event>,
+        reports: mpsc::UnboundedSender<ReporterMsg>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Supervisor {
+            cfg,
+            slots: BTreeMap::new(),
+            volumes: HashMap::new(),
+            have_assignments: false,
+            events,
+            reports,
+            metrics,
+            next_token: 1,
+        }
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let ev = tokio::select! {
+                e = rx.recv() => match e { Some(e) => e, None => return },
+                _ = tick.tick() => Event::Tick,
+            };
+            self.handle(ev);
+            if self.have_assignments {
+                self.reconcile();
+            }
+            self.update_metrics();
+        }
+    }
+
+    /// VMMs an earlier agent started that are still running: watched by PID
+    /// (not our children), kept running if they are still assigned.
+    pub fn adopt(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.cfg.state_dir.join("vms")) else { return };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let dir = VmDir(e.path());
+            let Some(pid) = std::fs::read_to_string(dir.pid_file()).ok().and_then(|s| s.trim().parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if !is_our_vmm(pid, &dir) {
+                let _ = std::fs::remove_file(dir.pid_file());
+                continue;
+            }
+            let generation =
+                std::fs::read_to_string(dir.0.join("generation")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+            let token = self.token();
+            info!(vm = %name, pid, "adopting the VMM an earlier agent started");
+            self.watch_pid(name.clone(), token, pid);
+            let slot = self.slots.entry(name).or_default();
+            slot.proc = Some(Proc { token, pid, generation, up: true, stop_requested: None, killed: false });
+            slot.phase = Some((VmPhase::Running, format!("basalt-vmm pid {pid} (adopted)")));
+        }
+    }
+
+    fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Assigned(a) => {
+                self.have_assignments = true;
+                self.volumes = a.volumes.into_iter().map(|v| (v.name.clone(), v)).collect();
+                for slot in self.slots.values_mut() {
+                    slot.vm = None;
+                }
+                for vm in a.vms {
+                    let slot = self.slots.entry(vm.name.clone()).or_default();
+                    let old_gen = slot.vm.as_ref().map(|v| v.generation);
+                    if old_gen != Some(vm.generation) {
+                        // A new intent: a fresh restart budget.
+                        slot.restarts.clear();
+                        slot.start_after = None;
+                    }
+                    slot.vm = Some(vm);
+                }
+                info!(revision = a.revision, vms = self.slots.values().filter(|s| s.vm.is_some()).count(), "assignments");
+            }
+            Event::Up { vm, token } => {
+                if let Some(slot) = self.slots.get_mut(&vm) {
+                    if let Some(p) = slot.proc.as_mut().filter(|p| p.token == token && !p.up) {
+                        p.up = true;
+                        let msg = format!("basalt-vmm pid {} is running the guest", p.pid);
+                        info!(vm = %vm, "{msg}");
+                        set_phase(&self.reports, &vm, slot, VmPhase::Running, msg);
+                    }
+                }
+            }
+            Event::Exited { vm, token, status } => self.exited(&vm, token, status),
+            Event::Tick => {}
+        }
+    }
+
+    fn exited(&mut self, vm: &str, token: u64, status: Option<ExitStatus>) {
+        let cfg = self.cfg.clone();
+        let Some(slot) = self.slots.get_mut(vm) else { return };
+        if slot.proc.as_ref().map(|p| p.token) != Some(token) {
+            return;
+        }
+        let Some(p) = slot.proc.take() else { return };
+        let dir = VmDir::new(&cfg.state_dir, vm);
+        let _ = std::fs::remove_file(dir.pid_file());
+        let kind = status.map_or(ExitKind::Other("exited (status unknown: started by an earlier agent)".into()), ExitKind::of);
+        self.metrics.exit(kind.label());
+        if p.stop_requested.is_some() {
+            let msg = if p.killed {
+                format!("killed: it did not stop within {:.0} s", cfg.timing.stop_timeout.as_secs_f64())
+            } else {
+                "stopped".to_string()
+            };
+            info!(vm, "{msg}");
+            set_phase(&self.reports, vm, slot, VmPhase::Stopped, msg);
+            return;
+        }
+        if kind == ExitKind::Clean {
+            // The guest's own power-off is its owner's intent: the desired
+            // power follows it (compare-and-set on the generation that ran,
+            // so a newer start request wins), and it is not restarted.
+            slot.settled_generation = Some(p.generation);
+            info!(vm, "the guest powered off");
+            set_phase(&self.reports, vm, slot, VmPhase::Stopped, "the guest powered off".into());
+            let _ = self.reports.send(ReporterMsg::GuestPoweredOff { vm: vm.to_string(), generation: p.generation });
+            return;
+        }
+        let why = match &kind {
+            ExitKind::Setup => "basalt-vmm could not start the VM".to_string(),
+            ExitKind::Crashed => "the guest or KVM failed".to_string(),
+            ExitKind::ResetLoop => "the guest kept resetting".to_string(),
+            ExitKind::Other(s) => format!("basalt-vmm {s}"),
+            ExitKind::Clean => unreachable!("handled above"),
+        };
+        let detail = last_log_line(&dir);
+        let why = if detail.is_empty() { why } else { format!("{why}: {detail}") };
+        let now = Instant::now();
+        while slot.restarts.front().is_some_and(|t| now.duration_since(*t) > cfg.timing.restart_window) {
+            slot.restarts.pop_front();
+        }
+        let msg = if (slot.restarts.len() as u32) < cfg.timing.max_restarts {
+            let delay = cfg.timing.restart_backoff * 2u32.saturating_pow(slot.restarts.len() as u32);
+            slot.restarts.push_back(now);
+            slot.start_after = Some(now + delay);
+            format!("{why}; restarting in {:.1} s", delay.as_secs_f64())
+        } else {
+            slot.settled_generation = Some(p.generation);
+            format!(
+                "{why}; not restarted again ({} restarts in {:.0} s)",
+                slot.restarts.len(),
+                cfg.timing.restart_window.as_secs_f64()
+            )
+        };
+        warn!(vm, "{msg}");
+        set_phase(&self.reports, vm, slot, VmPhase::Failed, msg);
+    }
+
+    fn reconcile(&mut self) {
+        let names: Vec<String> = self.slots.keys().cloned().collect();
+        for name in names {
+            let now = Instant::now();
+            let stop_timeout = self.cfg.timing.stop_timeout;
+            let Some(slot) = self.slots.get_mut(&name) else { continue };
+            let want_running =
+                slot.vm.as_ref().is_some_and(|v| v.desired_power == pb::Power::Running as i32);
+            match (&mut slot.proc, want_running) {
+                (Some(p), false) => match p.stop_requested {
+                    None => {
+                        let why = if slot.vm.is_some() { "stop requested" } else { "no longer assigned to this host" };
+                        info!(vm = %name, pid = p.pid, "stopping: {why}");
+                        signal(p.pid, libc::SIGTERM);
+                        p.stop_requested = Some(now);
+                    }
+                    Some(t) if !p.killed && now.duration_since(t) > stop_timeout => {
+                        warn!(vm = %name, pid = p.pid, "did not stop in {stop_timeout:?}: SIGKILL");
+                        signal(p.pid, libc::SIGKILL);
+                        p.killed = true;
+                    }
+                    Some(_) => {}
+                },
+                (Some(_), true) => {}
+                (None, true) => {
+                    let generation = slot.vm.as_ref().map_or(0, |v| v.generation);
+                    if slot.settled_generation == Some(generation) || slot.start_after.is_some_and(|t| now < t) {
+                        continue;
+                    }
+                    self.start(&name);
+                }
+                (None, false) => {
+                    if slot.vm.is_none() {
+                        self.slots.remove(&name);
+                    } else if slot.phase.as_ref().map(|p| p.0) != Some(VmPhase::Stopped) {
+                        set_phase(&self.reports, &name, slot, VmPhase::Stopped, "stopped".into());
+                    }
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, name: &str) {
+        let token = self.token();
+        let cfg = self.cfg.clone();
+        let dir = VmDir::new(&cfg.state_dir, name);
+        let Some(slot) = self.slots.get_mut(name) else { return };
+        let Some(vm) = slot.vm.clone() else { return };
+        slot.start_after = None;
+        let fail = |slot: &mut Slot, reports: &mpsc::UnboundedSender<ReporterMsg>, msg: String| {
+            warn!(vm = %name, "{msg}");
+            slot.settled_generation = Some(vm.generation);
+            set_phase(reports, name, slot, VmPhase::Failed, msg);
+        };
+        let vmcfg = match vm_config(&vm, &self.volumes, &cfg.ceph, &dir) {
+            Ok(c) => c,
+            Err(e) => return fail(slot, &self.reports, format!("cannot run on {}: {e}", cfg.host_id)),
+        };
+        let prepared = (|| -> std::io::Result<std::fs::File> {
+            std::fs::create_dir_all(&dir.0)?;
+            let json = serde_json::to_vec_pretty(&vmcfg).map_err(std::io::Error::other)?;
+            std::fs::write(dir.config(), json)?;
+            std::fs::write(dir.0.join("generation"), vm.generation.to_string())?;
+            match std::fs::remove_file(dir.control_socket()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.log())
+        })();
+        let log = match prepared {
+            Ok(l) => l,
+            Err(e) => return fail(slot, &self.reports, format!("cannot prepare {}: {e}", dir.0.display())),
+        };
+        let mut cmd = tokio::process::Command::new(&cfg.vmm);
+        cmd.arg("--config").arg(dir.config()).arg("--control-socket").arg(dir.control_socket());
+        cmd.stdin(Stdio::null());
+        match log.try_clone() {
+            Ok(l2) => {
+                cmd.stdout(Stdio::from(log)).stderr(Stdio::from(l2));
+            }
+            Err(_) => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        // Its own process group: a Ctrl-C or SIGTERM meant for the agent must
+        // not take the VMs down with it.
+        cmd.process_group(0).kill_on_drop(false);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return fail(slot, &self.reports, format!("cannot run {}: {e}", cfg.vmm.display())),
+        };
+        let Some(pid) = child.id().map(|p| p as i32) else {
+            return fail(slot, &self.reports, "basalt-vmm exited before it could be watched".into());
+        };
+        let _ = std::fs::write(dir.pid_file(), pid.to_string());
+        self.metrics.start();
+        info!(vm = %name, pid, generation = vm.generation, "started basalt-vmm");
+        slot.proc = Some(Proc { token, pid, generation: vm.generation, up: false, stop_requested: None, killed: false });
+        set_phase(&self.reports, name, slot, VmPhase::Starting, format!("basalt-vmm pid {pid} on {}", cfg.host_id));
+
+        let events = self.events.clone();
+        let vm_name = name.to_string();
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            let _ = events.send(Event::Exited { vm: vm_name, token, status }).await;
+        });
+        let events = self.events.clone();
+        let vm_name = name.to_string();
+        let socket = dir.control_socket();
+        tokio::spawn(async move {
+            // Up once the control socket answers `status`; give up quietly if
+            // the process exits first (its exit event says why).
+            for _ in 0..600 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let s = socket.clone();
+                let ok = tokio::task::spawn_blocking(move || {
+                    basalt_vmm::control::call(&s, "status", serde_json::Value::Null, Duration::from_secs(2))
+                        .is_ok_and(|r| r.ok)
+                })
+                .await
+                .unwrap_or(false);
+                if ok {
+                    let _ = events.send(Event::Up { vm: vm_name, token }).await;
+                    return;
+                }
+                if events.is_closed() || !alive(pid) {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Polls an adopted process (not our child, so no wait()).
+    fn watch_pid(&self, vm: String, token: u64, pid: i32) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            while alive(pid) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let _ = events.send(Event::Exited { vm, token, status: None }).await;
+        });
+    }
+
+    fn update_metrics(&self) {
+        let mut counts: BTreeMap<&'static str, i64> = BTreeMap::new();
+        for s in self.slots.values() {
+            if let Some((p, _)) = &s.phase {
+                *counts.entry(p.as_str_name()).or_default() += 1;
+            }
+        }
+        self.metrics.set_vm_phases(&counts);
+    }
+}
+
+fn set_phase(reports: &mpsc::UnboundedSender<ReporterMsg>, vm: &str, slot: &mut Slot, phase: VmPhase, message: String) {
+    let new = (phase, message);
+    if slot.phase.as_ref() != Some(&new) {
+        slot.phase = Some(new.clone());
+        let _ = reports.send(ReporterMsg::Status { vm: vm.to_string(), phase: new.0, message: new.1 });
+    }
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) with a PID this agent started (or adopted after
+    // checking its command line) and a constant signal; no memory is shared.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc != 0 {
+        warn!(pid, sig, "kill: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // Zombies count as gone: /proc/PID/stat's state is 'Z'.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// An adopted PID must be a basalt-vmm started with this VM's config (the PID
+/// may have been reused since the pid file was written).
+fn is_our_vmm(pid: i32, dir: &VmDir) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let want = dir.config();
+    alive(pid) && cmdline.split(|b| *b == 0).any(|a| Path::new(std::ffi::OsStr::from_bytes(a)) == want)
+}
