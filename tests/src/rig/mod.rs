@@ -2,18 +2,21 @@
 //!
 //! [`Arm64Host`] boots one host with a command, streams its console, enforces
 //! a timeout and returns the command's exit status and output. [`Netns`]
-//! joins several hosts on a bridge inside a private network namespace.
+//! joins several hosts on a bridge inside a private network namespace;
+//! [`NetnsCeph`] runs a real Ceph in that namespace, on the bridge address.
 //!
 //! Inputs come from `deploy/` (see [`Artifacts`]): the kernel and base
 //! initramfs of `deploy/arm64-host`, the arm64 binaries of `deploy/cross/build`.
 
 mod artifacts;
+mod ceph;
 pub mod cpio;
 pub mod guest;
 mod host;
 pub mod netns;
 
 pub use artifacts::Artifacts;
+pub use ceph::NetnsCeph;
 pub use host::{Arm64Host, Nic, Outcome};
 pub use netns::Netns;
 

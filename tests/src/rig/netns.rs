@@ -46,6 +46,31 @@ impl Netns {
         })
     }
 
+    /// Moves the calling thread into the namespace (setns(2) on
+    /// `/var/run/netns/NAME`). Threads it spawns afterwards (a tokio runtime,
+    /// librados's own threads) and processes it starts are in the namespace
+    /// too; the process's other threads are not. This lets a test talk to
+    /// [`BRIDGE_ADDR`] and to the emulated hosts directly, e.g. to a
+    /// [`super::NetnsCeph`] through basalt-storage. There is no way back
+    /// short of entering the original namespace the same way; a test thread
+    /// simply ends.
+    pub fn enter_current_thread(&self) -> Result<(), RigError> {
+        use std::os::fd::AsRawFd;
+        let path = format!("/var/run/netns/{}", self.name);
+        let f = std::fs::File::open(&path).map_err(io(format!("open {path}")))?;
+        // SAFETY: `f` is an open namespace file for the whole call; setns
+        // reads nothing from our memory and only changes this thread's
+        // network namespace.
+        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        if r != 0 {
+            return Err(RigError::Io {
+                what: format!("setns into network namespace {}", self.name),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
     /// A command that runs inside the namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
