@@ -155,8 +155,10 @@ impl Config {
             return invalid(format!("host_id {host_id:?} must be 1-63 characters of a-z, 0-9 and '-' (--host-id)"));
         }
         let address = flags.address.or(file.address).unwrap_or_default();
-        if address.is_empty() || address.contains(char::is_whitespace) {
-            return invalid("address (how other hosts reach this one) is required (--address)");
+        if !is_host_port(&address) {
+            return invalid(format!(
+                "address {address:?} (how other hosts reach this one, for migrations) must be host:port (--address)"
+            ));
         }
         let controllers = if flags.controllers.is_empty() { file.controllers } else { flags.controllers };
         if controllers.is_empty() {
@@ -234,7 +236,7 @@ fn host_memory_mib() -> Option<u64> {
 mod tests {
     use super::*;
 
-    const OK: &str = "host_id = \"arm-1\"\naddress = \"10.0.0.2\"\ncontrollers = [\"10.0.0.1:7001\"]\nvcpus = 4\nmemory_mib = 2048\n[labels]\nrack = \"r1\"\n[ceph]\nid = \"vm\"\n";
+    const OK: &str = "host_id = \"arm-1\"\naddress = \"10.0.0.2:7200\"\ncontrollers = [\"10.0.0.1:7001\"]\nvcpus = 4\nmemory_mib = 2048\n[labels]\nrack = \"r1\"\n[ceph]\nid = \"vm\"\n";
 
     fn resolve(text: &str, flags: Flags) -> Result<Config, String> {
         let file: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
@@ -275,7 +277,8 @@ mod tests {
         bad(&OK.replace("arm-1", "Arm_1"), "host_id");
         bad(&OK.replace("[\"10.0.0.1:7001\"]", "[]"), "at least one");
         bad(&OK.replace("10.0.0.1:7001", "10.0.0.1"), "host:port");
-        bad(&OK.replace("address = \"10.0.0.2\"\n", ""), "address");
+        bad(&OK.replace("address = \"10.0.0.2:7200\"\n", ""), "address");
+        bad(&OK.replace("10.0.0.2:7200", "10.0.0.2"), "must be host:port (--address)");
         bad(&OK.replace("vcpus = 4", "vcpus = 0"), "vcpus");
         bad(&OK.replace("id = \"vm\"", "id = \"admin\""), "admin");
         bad(&format!("{OK}\n[timing]\nstop_timeout_ms = 0\n"), "stop_timeout_ms");

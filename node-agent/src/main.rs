@@ -26,7 +26,7 @@ struct Args {
     /// Stable id of this host in the cluster (a-z, 0-9, '-').
     #[arg(long)]
     host_id: Option<String>,
-    /// Address other hosts reach this one at.
+    /// host:port other hosts reach this one at (migrations).
     #[arg(long)]
     address: Option<String>,
     /// A controller's host:port (repeatable; any of them will do).
@@ -73,7 +73,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only for a terminal (and not with NO_COLOR, e.g. on a serial console).
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        .with_writer(std::io::stderr)
+        .init();
     let file = match &args.config {
         Some(p) => match config::FileConfig::load(p) {
             Ok(f) => f,

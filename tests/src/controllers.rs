@@ -41,6 +41,9 @@ pub fn free_port() -> u16 {
 pub struct Options {
     /// Extra TOML for every controller's config file (e.g. `[raft]` tuning).
     pub config: String,
+    /// Address the controllers listen on and advertise (default 127.0.0.1),
+    /// e.g. the bridge address of a network namespace the test entered.
+    pub host: Option<String>,
 }
 
 struct Member {
@@ -113,12 +116,16 @@ impl ControllerCluster {
         self.members.iter().filter(|(_, m)| m.child.is_some()).map(|(id, _)| *id).collect()
     }
 
+    fn host(&self) -> &str {
+        self.opts.host.as_deref().unwrap_or("127.0.0.1")
+    }
+
     pub fn addr(&self, id: u64) -> String {
-        format!("127.0.0.1:{}", self.members[&id].port)
+        format!("{}:{}", self.host(), self.members[&id].port)
     }
 
     pub fn metrics_addr(&self, id: u64) -> String {
-        format!("127.0.0.1:{}", self.members[&id].metrics_port)
+        format!("{}:{}", self.host(), self.members[&id].metrics_port)
     }
 
     pub fn pid(&self, id: u64) -> Option<u32> {
@@ -148,8 +155,9 @@ impl ControllerCluster {
         let port = self.members[&id].port;
         let metrics_port = self.members[&id].metrics_port;
         let cfg_path = self.dir.join(format!("controller-{id}.toml"));
+        let host = self.host().to_string();
         let mut cfg = format!(
-            "node_id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n",
+            "node_id = {id}\nlisten = \"{host}:{port}\"\ndata_dir = \"{}\"\nmetrics_listen = \"{host}:{metrics_port}\"\n",
             self.dir.join(format!("data-{id}")).display()
         );
         if self.founders.contains(&id) {
@@ -159,14 +167,26 @@ impl ControllerCluster {
         if self.founders.contains(&id) {
             cfg.push_str("\n[peers]\n");
             for p in self.founders.iter().filter(|p| **p != id) {
-                cfg.push_str(&format!("{p} = \"127.0.0.1:{}\"\n", self.members[p].port));
+                cfg.push_str(&format!("{p} = \"{host}:{}\"\n", self.members[p].port));
             }
         }
         std::fs::write(&cfg_path, cfg).expect("write controller config");
         let log = File::options().create(true).append(true).open(self.log_path(id)).expect("controller log");
         // Reaped by kill()/stop(), or by Drop, which kills every member.
+        let mut cmd = Command::new(&self.bin);
+        // SAFETY: only prctl(2), async-signal-safe, runs between fork and
+        // exec. A controller dies with the thread that started it, so a test
+        // killed by a timeout (no Drop) leaves no controller behind.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         #[allow(clippy::zombie_processes)]
-        let child = Command::new(&self.bin)
+        let child = cmd
             .arg("--config")
             .arg(&cfg_path)
             .env(

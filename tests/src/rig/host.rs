@@ -240,6 +240,17 @@ impl Arm64Host {
             cmd.args(["-device", &format!("virtio-net-device,netdev=n0,mac={}", nic.mac)]);
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // SAFETY: only prctl(2), async-signal-safe, runs between fork and
+        // exec: qemu dies with the thread that started it, so a test killed
+        // by a timeout (no Drop) leaves no emulated host running.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(io(format!("start {}", arts.qemu.display())))?;
         let console = Arc::new(Mutex::new(String::new()));
@@ -263,6 +274,36 @@ pub struct Running {
 }
 
 impl Running {
+    /// The console so far (the host keeps running).
+    pub fn console(&self) -> String {
+        self.console.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Waits until the console shows `needle`; false after `timeout` or if
+    /// the host ended first.
+    pub fn wait_for_console(&mut self, needle: &str, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.console().contains(needle) {
+                return true;
+            }
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return self.console().contains(needle);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// Powers the host off (kills its qemu) and collects the outcome: for
+    /// hosts whose command runs until the test is done with them.
+    pub fn stop(mut self) -> Result<Outcome, RigError> {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        self.wait()
+    }
+
     pub fn wait(mut self) -> Result<Outcome, RigError> {
         let mut timed_out = false;
         loop {

@@ -17,7 +17,7 @@ pub mod netns;
 
 pub use artifacts::Artifacts;
 pub use ceph::NetnsCeph;
-pub use host::{Arm64Host, Nic, Outcome};
+pub use host::{Arm64Host, Nic, Outcome, Running};
 pub use netns::Netns;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,331 @@
+//! The whole product, end to end: a real Ceph and three real controllers in a
+//! private network namespace, bound to its bridge address; two emulated arm64
+//! hosts on that bridge, each running `basalt-agent`, which runs VMs with
+//! `basalt-vmm` under real (nested) KVM on RBD disks.
+//!
+//! Shown: a storage profile and a volume made real in Ceph by the leader; a VM
+//! scheduled, booted, its guest writing a pattern to its RBD disk and powering
+//! off (read back from the image with the storage crate); stop/start; two VMs
+//! of one anti-affinity group on different hosts; a VM that cannot fit refused
+//! with the reason; deleting a VM with its disks removes the image. Then the
+//! agents' resilience: every controller stopped while a VM runs — it keeps
+//! running (its guest keeps writing) — and after the restart the agents
+//! re-sync and act on new requests.
+
+use std::time::{Duration, Instant};
+
+use basalt_proto::v1 as pb;
+use basalt_proto::v1::cluster_service_client::ClusterServiceClient;
+use basalt_storage::ceph::{ClientConfig, Cluster};
+use basalt_tests::controllers::{ControllerCluster, Options};
+use basalt_tests::rig::netns::BRIDGE_ADDR;
+use basalt_tests::rig::{guest, Arm64Host, Artifacts, Netns, NetnsCeph};
+use tonic::transport::Channel;
+
+/// The guest: by kernel argument, either a writer (writes a pattern and its
+/// run count, then powers off) or a ticker (writes a counter every second).
+const GUEST: &str = r#"
+case "$(cat /proc/cmdline)" in
+*basalt.role=ticker*)
+    i=0
+    while true; do
+        i=$((i+1))
+        echo "TICK $i" | dd of=/dev/vda bs=512 seek=2 count=1 conv=sync oflag=direct 2>/dev/null
+        sleep 1
+    done ;;
+*)
+    n=$(dd if=/dev/vda bs=512 skip=1 count=1 iflag=direct 2>/dev/null | tr -dc 0-9)
+    n=$(( ${n:-0} + 1 ))
+    echo "BASALT-E2E-PATTERN run $n" | dd of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null
+    echo "$n" | dd of=/dev/vda bs=512 seek=1 count=1 conv=sync oflag=direct 2>/dev/null
+    echo "GUEST-WROTE run $n" ;;
+esac
+"#;
+
+// client.vm (the agents' restricted key) may use pools rbd and rbd-ec only.
+const POOL: &str = "rbd";
+const PROFILE: &str = "e2e-rep";
+
+struct Api {
+    rt: tokio::runtime::Runtime,
+    client: ClusterServiceClient<Channel>,
+}
+
+impl Api {
+    fn vm(&self, name: &str) -> Option<pb::Vm> {
+        let mut c = self.client.clone();
+        self.rt.block_on(c.get_vm(pb::GetRequest { name: name.into(), allow_stale: false })).ok().map(|r| r.into_inner())
+    }
+
+    fn volume(&self, name: &str) -> Option<pb::Volume> {
+        let mut c = self.client.clone();
+        self.rt.block_on(c.get_volume(pb::GetRequest { name: name.into(), allow_stale: false })).ok().map(|r| r.into_inner())
+    }
+
+    fn nodes(&self) -> Vec<pb::Node> {
+        let mut c = self.client.clone();
+        self.rt.block_on(c.list_nodes(pb::ListRequest::default())).map(|r| r.into_inner().nodes).unwrap_or_default()
+    }
+
+    fn power(&self, name: &str, power: pb::Power) {
+        let mut c = self.client.clone();
+        let req = pb::SetVmPowerRequest { name: name.into(), power: power as i32, expected_generation: 0 };
+        self.rt.block_on(c.set_vm_power(req)).unwrap_or_else(|e| panic!("set power of {name}: {e}"));
+    }
+
+    /// Polls (through retries while elections run) until `f` gives a value.
+    fn eventually<T>(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Api) -> Option<T>) -> T {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f(self) {
+                return v;
+            }
+            assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn wait_phase(&self, vm: &str, phase: pb::VmPhase, timeout: Duration) -> pb::Vm {
+        self.eventually(&format!("vm {vm} {}", phase.as_str_name()), timeout, |a| {
+            a.vm(vm).filter(|v| v.observed.as_ref().is_some_and(|o| o.phase == phase as i32))
+        })
+    }
+}
+
+fn vm_spec(memory_mib: u64, volume: Option<&str>, role: &str, group: &str) -> pb::VmSpec {
+    pb::VmSpec {
+        vcpus: 1,
+        memory_mib,
+        boot: Some(pb::vm_spec::Boot::Kernel(pb::KernelBoot {
+            kernel: "/basalt/guest/Image".into(),
+            initrd: "/basalt/guest/initrd".into(),
+            cmdline: format!("console=ttyS0 quiet panic=-1 basalt.role={role}"),
+        })),
+        disks: volume.map(|v| pb::Disk { volume: v.into(), read_only: false }).into_iter().collect(),
+        anti_affinity_group: group.into(),
+        ..Default::default()
+    }
+}
+
+fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, controllers: &str) -> Arm64Host {
+    let id = format!("host-{octet}");
+    let script = format!(
+        "set -e\nmkdir -p /etc/ceph\ncp /basalt/ceph/ceph.conf /basalt/ceph/vm.keyring /etc/ceph/\n\
+         NO_COLOR=1 exec basalt-agent --host-id {id} --address 10.77.0.{octet}:7200 {controllers} --vmm /basalt/bin/basalt-vmm \
+         --state-dir /tmp/agent --ceph-conf /etc/ceph/ceph.conf --ceph-id vm --ceph-keyring /etc/ceph/vm.keyring \
+         --vcpus 4 --memory-mib 600 --label host={id}\n"
+    );
+    let conf = ceph.host_conf("/etc/ceph/vm.keyring").expect("host ceph.conf");
+    let keyring = std::fs::read(ceph.vm_keyring()).expect("vm keyring");
+    Arm64Host::new(&id)
+        .smp(1)
+        .memory_mib(1536)
+        .timeout(Duration::from_secs(1500))
+        .nic(ns.add_host_nic(octet).expect("tap"))
+        .libs(arts)
+        .expect("libs disk")
+        .arm64_dynamic_bin(arts, "basalt-vmm")
+        .expect("dynamic basalt-vmm")
+        .arm64_bin(arts, "basalt-agent")
+        .expect("basalt-agent")
+        .file("guest/Image", guest::kernel(arts).expect("kernel"), 0o644)
+        .file("guest/initrd", guest::initramfs(arts, GUEST).expect("initramfs"), 0o644)
+        .file("ceph/ceph.conf", conf.into_bytes(), 0o644)
+        .file("ceph/vm.keyring", keyring, 0o600)
+        .script(&script)
+}
+
+fn read_image(ceph: &NetnsCeph, image: &str, offset: u64, len: usize) -> Vec<u8> {
+    let cfg = ClientConfig {
+        conf: Some(ceph.conf()),
+        keyring: Some(ceph.admin_keyring()),
+        ..ClientConfig::default()
+    };
+    let c = Cluster::connect(&cfg).expect("connect to the namespace's Ceph");
+    let io = c.ioctx(POOL).expect("pool");
+    let img = basalt_storage::rbd::Image::open(&io, image).expect("open image");
+    img.read_at(offset, len).expect("read image")
+}
+
+fn image_exists(ceph: &NetnsCeph, image: &str) -> bool {
+    let cfg = ClientConfig { conf: Some(ceph.conf()), keyring: Some(ceph.admin_keyring()), ..ClientConfig::default() };
+    let c = Cluster::connect(&cfg).expect("connect");
+    let io = c.ioctx(POOL).expect("pool");
+    basalt_storage::rbd::list(&io).expect("list images").iter().any(|i| i == image)
+}
+
+/// The emulated hosts; if the test fails, their consoles (the agents' logs) are printed.
+struct Hosts(Vec<basalt_tests::rig::Running>);
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for h in &self.0 {
+                eprintln!("--- host console tail\n{}", tail(&h.console(), 80));
+            }
+        }
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim_end_matches(['\0', '\n']).to_string()
+}
+
+#[test]
+fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
+    let t0 = Instant::now();
+    let arts = Artifacts::locate().expect("rig artifacts");
+    let mut ns = Netns::create("basalt-e2e").expect("network namespace");
+    // This thread (and the runtime and controllers it starts) live in the
+    // namespace: they reach Ceph and the hosts on the bridge, nothing else.
+    ns.enter_current_thread().expect("enter the namespace");
+    let ceph = NetnsCeph::start(&ns).expect("Ceph in the namespace");
+    eprintln!("[e2e] Ceph up after {:.0?}", t0.elapsed());
+    let ctl_cfg = format!(
+        "[ceph]\nconf = \"{}\"\nid = \"admin\"\nkeyring = \"{}\"\n",
+        ceph.conf().display(),
+        ceph.admin_keyring().display()
+    );
+    let mut ctl = ControllerCluster::start(3, Options { config: ctl_cfg, host: Some(BRIDGE_ADDR.into()) });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(ctl.wait_leader(Duration::from_secs(30)));
+    let api = Api { client: rt.block_on(async { ctl.client(1) }), rt };
+    let controllers: String = ctl.ids().iter().map(|id| format!("--controller {} ", ctl.addr(*id))).collect();
+
+    let mut hosts = Hosts(
+        [11u8, 12].iter().map(|o| agent_host(&arts, &mut ns, &ceph, *o, &controllers).spawn().expect("spawn host")).collect(),
+    );
+    api.eventually("both agents registered and Ready", Duration::from_secs(400), |a| {
+        let n = a.nodes();
+        (n.len() == 2 && n.iter().all(|n| n.state == pb::NodeState::Ready as i32)).then_some(())
+    });
+    eprintln!("[e2e] agents registered after {:.0?}", t0.elapsed());
+
+    // Storage: the profile and the volume become real in Ceph.
+    let mut c = api.client.clone();
+    let profile = pb::StorageProfile {
+        name: PROFILE.into(),
+        kind: Some(pb::storage_profile::Kind::Replicated(pb::ReplicatedProfile { size: 3, min_size: 2 })),
+        ..Default::default()
+    };
+    api.rt.block_on(c.create_profile(profile)).expect("create profile");
+    let vol = |name: &str| pb::Volume {
+        name: name.into(),
+        pool: POOL.into(),
+        image: format!("{name}-img"),
+        size_bytes: 64 << 20,
+        profile: PROFILE.into(),
+        ..Default::default()
+    };
+    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk"] {
+        api.rt.block_on(c.create_volume(vol(v))).unwrap_or_else(|e| panic!("create volume {v}: {e}"));
+    }
+    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk"] {
+        api.eventually(&format!("volume {v} READY"), Duration::from_secs(120), |a| {
+            a.volume(v).filter(|x| x.state == pb::StorageState::Ready as i32)
+        });
+    }
+    assert!(image_exists(&ceph, "writer-disk-img"), "the volume's image is in Ceph");
+
+    // A VM boots on an agent, writes its disk and powers off.
+    let create = |name: &str, spec: pb::VmSpec| {
+        let mut c = api.client.clone();
+        let req = pb::CreateVmRequest { name: name.into(), spec: Some(spec), desired_power: pb::Power::Running as i32 };
+        api.rt.block_on(c.create_vm(req)).map(|r| r.into_inner())
+    };
+    create("writer", vm_spec(128, Some("writer-disk"), "writer", "")).expect("create writer");
+    let vm = api.wait_phase("writer", pb::VmPhase::Stopped, Duration::from_secs(400));
+    eprintln!("[e2e] writer ran and powered off after {:.0?}", t0.elapsed());
+    let obs = vm.observed.clone().unwrap_or_default();
+    assert!(obs.message.contains("powered off"), "stopped because the guest powered off: {obs:?}");
+    assert!(vm.placement.starts_with("host-"), "placed on an agent's host: {vm:?}");
+    assert_eq!(vm.desired_power, pb::Power::Stopped as i32, "the guest's power-off became the desired power");
+    let head = text(&read_image(&ceph, "writer-disk-img", 0, 512));
+    assert_eq!(head, "BASALT-E2E-PATTERN run 1", "the guest's write is in the RBD image");
+
+    // Start again: a second run on the same disk.
+    api.power("writer", pb::Power::Running);
+    api.eventually("writer's second run", Duration::from_secs(400), |a| {
+        let v = a.vm("writer")?;
+        let stopped = v.observed.as_ref().is_some_and(|o| o.phase == pb::VmPhase::Stopped as i32);
+        (stopped && v.desired_power == pb::Power::Stopped as i32).then_some(())?;
+        (text(&read_image(&ceph, "writer-disk-img", 0, 512)) == "BASALT-E2E-PATTERN run 2").then_some(())
+    });
+    eprintln!("[e2e] writer's second run after {:.0?}", t0.elapsed());
+
+    // Anti-affinity: two VMs of one group land on different hosts.
+    create("aa1", vm_spec(128, Some("aa1-disk"), "writer", "e2e-group")).expect("create aa1");
+    create("aa2", vm_spec(128, Some("aa2-disk"), "writer", "e2e-group")).expect("create aa2");
+    let placed: Vec<String> = ["aa1", "aa2"]
+        .iter()
+        .map(|n| api.eventually(&format!("{n} placed"), Duration::from_secs(60), |a| a.vm(n).map(|v| v.placement).filter(|p| !p.is_empty())))
+        .collect();
+    assert_ne!(placed[0], placed[1], "one anti-affinity group, two hosts");
+    // A VM that fits nowhere is refused, saying why.
+    create("too-big", vm_spec(100_000, None, "writer", "")).expect("create too-big (it stays pending)");
+    let reason = api.eventually("too-big's refusal", Duration::from_secs(30), |a| {
+        a.vm("too-big").map(|v| v.unschedulable_reason).filter(|r| !r.is_empty())
+    });
+    assert!(reason.contains("memory"), "the refusal names memory: {reason}");
+    assert!(api.vm("too-big").is_some_and(|v| v.placement.is_empty()), "not placed");
+    for n in ["aa1", "aa2"] {
+        api.wait_phase(n, pb::VmPhase::Stopped, Duration::from_secs(400));
+    }
+    for n in ["aa1", "aa2"] {
+        let head = text(&read_image(&ceph, &format!("{n}-disk-img"), 0, 512));
+        assert_eq!(head, "BASALT-E2E-PATTERN run 1", "{n} ran on its host");
+    }
+
+    // Deleting a VM with its disks removes the image from Ceph.
+    api.rt.block_on(c.delete_vm(pb::DeleteVmRequest { name: "writer".into(), delete_disks: true })).expect("delete writer");
+    api.eventually("writer's image removed", Duration::from_secs(120), |_| {
+        (!image_exists(&ceph, "writer-disk-img")).then_some(())
+    });
+    assert!(api.volume("writer-disk").is_none(), "its volume record is gone");
+
+    // Resilience: a VM keeps running while every controller is down.
+    create("ticker", vm_spec(128, Some("ticker-disk"), "ticker", "")).expect("create ticker");
+    api.wait_phase("ticker", pb::VmPhase::Running, Duration::from_secs(400));
+    let ticks = || {
+        let t = text(&read_image(&ceph, "ticker-disk-img", 1024, 512));
+        t.strip_prefix("TICK ").and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
+    };
+    api.eventually("the ticker ticks", Duration::from_secs(120), |_| (ticks() > 0).then_some(()));
+    for id in ctl.ids() {
+        ctl.stop(id);
+    }
+    let before = ticks();
+    std::thread::sleep(Duration::from_secs(15));
+    let after = ticks();
+    assert!(after > before + 3, "the VM kept running with every controller down: {before} -> {after}");
+    for id in ctl.ids() {
+        ctl.restart(id);
+    }
+    api.rt.block_on(ctl.wait_leader(Duration::from_secs(60)));
+    // Re-synced: both hosts Ready again, the VM Running where it was, and a
+    // new request is acted on.
+    api.eventually("both hosts Ready after the outage", Duration::from_secs(120), |a| {
+        let n = a.nodes();
+        (n.len() == 2 && n.iter().all(|n| n.state == pb::NodeState::Ready as i32)).then_some(())
+    });
+    let vm = api.wait_phase("ticker", pb::VmPhase::Running, Duration::from_secs(60));
+    assert!(!vm.placement.is_empty());
+    api.power("ticker", pb::Power::Stopped);
+    let vm = api.wait_phase("ticker", pb::VmPhase::Stopped, Duration::from_secs(120));
+    let stopped_at = ticks();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(ticks(), stopped_at, "the stopped VM no longer writes: {vm:?}");
+    eprintln!("[e2e] done after {:.0?}", t0.elapsed());
+
+    for h in hosts.0.drain(..) {
+        let out = h.stop().expect("stop host");
+        eprintln!("--- {} console tail\n{}", out.name, tail(&out.console, 30));
+    }
+    drop(ctl);
+    ceph.stop().expect("stop Ceph");
+}
