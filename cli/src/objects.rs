@@ -283,8 +283,27 @@ fn vm_json(v: &pb::Vm) -> Value {
     })
 }
 
+/// READY, PENDING, FAILED (what Ceph holds for a volume or profile).
+fn storage_state_name(s: i32) -> &'static str {
+    match pb::StorageState::try_from(s) {
+        Ok(pb::StorageState::Pending) => "PENDING",
+        Ok(pb::StorageState::Ready) => "READY",
+        Ok(pb::StorageState::Failed) => "FAILED",
+        Ok(pb::StorageState::Unspecified) | Err(_) => "-",
+    }
+}
+
+/// The state, and for a failure why (the table's last column).
+fn storage_state_text(state: i32, message: &str) -> String {
+    match pb::StorageState::try_from(state) {
+        Ok(pb::StorageState::Failed) if !message.is_empty() => format!("FAILED: {message}"),
+        _ => storage_state_name(state).to_string(),
+    }
+}
+
 fn volume_json(v: &pb::Volume) -> Value {
-    json!({"name": v.name, "pool": v.pool, "image": v.image, "size_bytes": v.size_bytes, "profile": v.profile})
+    json!({"name": v.name, "pool": v.pool, "image": v.image, "size_bytes": v.size_bytes, "profile": v.profile,
+        "state": storage_state_name(v.state), "status_message": v.status_message})
 }
 
 fn profile_json(p: &pb::StorageProfile) -> Value {
@@ -297,7 +316,8 @@ fn profile_json(p: &pb::StorageProfile) -> Value {
             "crush_failure_domain": e.crush_failure_domain, "stripe_unit": e.stripe_unit}}),
         None => Value::Null,
     };
-    json!({"name": p.name, "kind": kind, "osd_tunables": p.osd_tunables})
+    json!({"name": p.name, "kind": kind, "osd_tunables": p.osd_tunables,
+        "state": storage_state_name(p.state), "status_message": p.status_message})
 }
 
 fn profile_kind_text(p: &pb::StorageProfile) -> String {
@@ -575,6 +595,7 @@ pub fn volume(endpoints: &[String], cmd: &VolumeCmd, as_json: bool) -> Result<St
                     image: image.clone().unwrap_or_else(|| name.clone()),
                     size_bytes: *size,
                     profile: profile.clone(),
+                    ..Default::default()
                 };
                 written(
                     &c.create_volume(v).await.map_err(CliError::Refused)?.into_inner(),
@@ -587,16 +608,19 @@ pub fn volume(endpoints: &[String], cmd: &VolumeCmd, as_json: bool) -> Result<St
                 if as_json {
                     Value::Array(r.volumes.iter().map(volume_json).collect()).to_string()
                 } else {
-                    let mut out =
-                        format!("{:<20} {:<12} {:<24} {:>12} {}\n", "VOLUME", "POOL", "IMAGE", "SIZE MiB", "PROFILE");
+                    let mut out = format!(
+                        "{:<20} {:<12} {:<24} {:>12} {:<16} {}\n",
+                        "VOLUME", "POOL", "IMAGE", "SIZE MiB", "PROFILE", "STATE"
+                    );
                     for v in &r.volumes {
                         out.push_str(&format!(
-                            "{:<20} {:<12} {:<24} {:>12} {}\n",
+                            "{:<20} {:<12} {:<24} {:>12} {:<16} {}\n",
                             v.name,
                             v.pool,
                             v.image,
                             v.size_bytes >> 20,
-                            v.profile
+                            v.profile,
+                            storage_state_text(v.state, &v.status_message)
                         ));
                     }
                     out
@@ -604,7 +628,12 @@ pub fn volume(endpoints: &[String], cmd: &VolumeCmd, as_json: bool) -> Result<St
             }
             VolumeCmd::Show { name } => {
                 let v = c.get_volume(get(name)).await.map_err(CliError::Refused)?.into_inner();
-                volume_json(&v).to_string()
+                let j = volume_json(&v);
+                if as_json {
+                    j.to_string()
+                } else {
+                    serde_json::to_string_pretty(&j).unwrap_or_default()
+                }
             }
             VolumeCmd::Resize { name, size } => written(
                 &c.resize_volume(pb::ResizeVolumeRequest { name: name.clone(), size_bytes: *size })
@@ -647,6 +676,7 @@ pub fn profile(endpoints: &[String], cmd: &ProfileCmd, as_json: bool) -> Result<
                     name: a.name.clone(),
                     kind: Some(kind),
                     osd_tunables: a.tunables.iter().cloned().collect(),
+                    ..Default::default()
                 };
                 written(
                     &c.create_profile(p).await.map_err(CliError::Refused)?.into_inner(),
@@ -659,11 +689,18 @@ pub fn profile(endpoints: &[String], cmd: &ProfileCmd, as_json: bool) -> Result<
                 if as_json {
                     Value::Array(r.profiles.iter().map(profile_json).collect()).to_string()
                 } else {
-                    let mut out = format!("{:<16} {:<36} {}\n", "PROFILE", "KIND", "OSD TUNABLES");
+                    let mut out = format!("{:<16} {:<36} {:<32} {}\n", "PROFILE", "KIND", "OSD TUNABLES", "STATE");
                     for p in &r.profiles {
                         let mut t: Vec<String> = p.osd_tunables.iter().map(|(k, v)| format!("{k}={v}")).collect();
                         t.sort();
-                        out.push_str(&format!("{:<16} {:<36} {}\n", p.name, profile_kind_text(p), t.join(",")));
+                        let t = if t.is_empty() { "-".to_string() } else { t.join(",") };
+                        out.push_str(&format!(
+                            "{:<16} {:<36} {:<32} {}\n",
+                            p.name,
+                            profile_kind_text(p),
+                            t,
+                            storage_state_text(p.state, &p.status_message)
+                        ));
                     }
                     out
                 }

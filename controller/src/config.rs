@@ -28,6 +28,61 @@ pub struct FileConfig {
     #[serde(default)]
     pub timing: TimingConfig,
     pub event_capacity: Option<usize>,
+    /// Without it volumes and profiles are records only.
+    pub ceph: Option<CephFileConfig>,
+}
+
+/// `[ceph]`: how the leader's storage reconciler reaches Ceph.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CephFileConfig {
+    /// ceph.conf (monitors, and the keyring unless `keyring` is given).
+    pub conf: Option<PathBuf>,
+    /// cephx client id without the `client.` prefix (default admin). It
+    /// needs the caps to create pools, erasure-code profiles and config
+    /// options (mon 'allow *' or equivalent) and RBD images.
+    pub id: Option<String>,
+    pub keyring: Option<PathBuf>,
+    /// Placement groups of each pool the controller creates; without it
+    /// Ceph's `osd_pool_default_pg_num` with the PG autoscaler on.
+    pub pg_num: Option<u32>,
+}
+
+/// The validated `[ceph]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CephConfig {
+    pub conf: PathBuf,
+    pub id: String,
+    pub keyring: Option<PathBuf>,
+    pub pg_num: Option<u32>,
+}
+
+impl CephFileConfig {
+    fn validate(self) -> Result<CephConfig, ConfigError> {
+        let bad = |m: String| ConfigError::Invalid(m);
+        let conf = self.conf.ok_or_else(|| bad("ceph.conf is required in [ceph] (--ceph-conf FILE)".into()))?;
+        if !conf.is_file() {
+            return Err(bad(format!("ceph.conf {} is not a file", conf.display())));
+        }
+        let id = self.id.unwrap_or_else(|| "admin".into());
+        if id.starts_with("client.") {
+            return Err(bad(format!("ceph.id {id:?}: give the client id without the \"client.\" prefix")));
+        }
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            return Err(bad(format!("ceph.id {id:?} must be 1 or more of A-Z a-z 0-9 - _ .")));
+        }
+        if let Some(k) = &self.keyring {
+            if !k.is_file() {
+                return Err(bad(format!("ceph.keyring {} is not a file", k.display())));
+            }
+        }
+        if let Some(pg) = self.pg_num {
+            if pg == 0 || !pg.is_power_of_two() || pg > 32768 {
+                return Err(bad(format!("ceph.pg_num {pg} must be a power of two between 1 and 32768")));
+            }
+        }
+        Ok(CephConfig { conf, id, keyring: self.keyring, pg_num: self.pg_num })
+    }
 }
 
 /// Raft timing and compaction. Defaults suit a LAN (or loopback) cluster.
@@ -91,6 +146,8 @@ pub struct Config {
     pub raft: RaftTuning,
     pub timing: TimingConfig,
     pub event_capacity: usize,
+    /// Ceph for the leader's storage reconciler; `None`: records only.
+    pub ceph: Option<CephConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +218,9 @@ impl FileConfig {
         if t.reconcile_ms == 0 || t.leader_wait_ms == 0 || t.agent_heartbeat_ms == 0 {
             return Err(bad("timing values must be positive".into()));
         }
+        let ceph = self.ceph.map(CephFileConfig::validate).transpose()?;
         Ok(Config {
+            ceph,
             node_id,
             listen,
             advertise,
@@ -225,5 +284,34 @@ mod tests {
         assert!(err(format!("node_id = 1\n{base}[timing]\nnode_lease_ms = 100\n")).contains("node_lease_ms"));
         assert!(err("node_id = 1\nlisten = \"0.0.0.0:7001\"\ndata_dir = \"/d\"\n".into()).contains("advertise"));
         assert!(parse("node_id = 1\nlisten = \"nowhere\"\ndata_dir = \"/d\"\n").is_err());
+    }
+
+    #[test]
+    fn the_ceph_section_is_optional_and_checked() {
+        let base = "node_id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/d\"\n";
+        assert_eq!(parse(base).expect("valid").ceph, None);
+        let dir = std::env::temp_dir().join(format!("basalt-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let conf = dir.join("ceph.conf");
+        let keyring = dir.join("ceph.client.basalt.keyring");
+        std::fs::write(&conf, "[global]\n").expect("conf");
+        std::fs::write(&keyring, "").expect("keyring");
+        let with = |section: &str| parse(&format!("{base}[ceph]\n{section}"));
+        let c = with(&format!("conf = {conf:?}\n")).expect("valid").ceph.expect("ceph");
+        assert_eq!((c.conf.as_path(), c.id.as_str(), c.keyring, c.pg_num), (conf.as_path(), "admin", None, None));
+        let c = with(&format!("conf = {conf:?}\nid = \"basalt\"\nkeyring = {keyring:?}\npg_num = 16\n"))
+            .expect("valid")
+            .ceph
+            .expect("ceph");
+        assert_eq!((c.id.as_str(), c.keyring.as_deref(), c.pg_num), ("basalt", Some(keyring.as_path()), Some(16)));
+        let err = |section: String| with(&section).unwrap_err();
+        assert!(err(String::new()).contains("ceph.conf is required"));
+        assert!(err("conf = \"/nonexistent/ceph.conf\"\n".into()).contains("not a file"));
+        assert!(err(format!("conf = {conf:?}\nid = \"client.admin\"\n")).contains("prefix"));
+        assert!(err(format!("conf = {conf:?}\nid = \"a b\"\n")).contains("ceph.id"));
+        assert!(err(format!("conf = {conf:?}\nkeyring = {:?}\n", dir)).contains("ceph.keyring"));
+        assert!(err(format!("conf = {conf:?}\npg_num = 12\n")).contains("power of two"));
+        assert!(err(format!("conf = {conf:?}\nmonitors = 1\n")).contains("monitors"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,7 +1,8 @@
 //! Basalt controller library: the cluster model, the deterministic state
 //! machine that applies validated commands to it, and the scheduler; then the
 //! Raft node (openraft over RocksDB and gRPC), the gRPC API and the leader's
-//! reconciler layered on top, adding no rules of their own.
+//! reconcilers (scheduling, and storage in Ceph) layered on top, adding no
+//! rules of their own.
 
 pub mod api;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod reconciler;
 pub mod scheduler;
 pub mod server;
 pub mod state_machine;
+pub mod storage;
 
 pub use error::{Code, CommandError};
 pub use state_machine::{ClusterState, Command, Outcome, Response};

@@ -36,6 +36,16 @@ struct Args {
     /// Initialise a new cluster of this controller and its --peer list, unless the data dir already belongs to one.
     #[arg(long)]
     bootstrap: bool,
+    /// ceph.conf of the Ceph the leader creates pools and images in (the
+    /// [ceph] section's `conf`); without a [ceph] section volumes are records only.
+    #[arg(long)]
+    ceph_conf: Option<PathBuf>,
+    /// cephx client id for it, without "client." (default admin).
+    #[arg(long)]
+    ceph_id: Option<String>,
+    /// Keyring of that client (default: what ceph.conf says).
+    #[arg(long)]
+    ceph_keyring: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax), e.g. "info,openraft=warn".
     #[arg(long, env = "BASALT_LOG", default_value = "info,openraft=warn")]
     log: String,
@@ -52,6 +62,12 @@ fn config(args: &Args) -> Result<Config, String> {
     f.data_dir = args.data_dir.clone().or(f.data_dir);
     f.metrics_listen = args.metrics_listen.or(f.metrics_listen);
     f.bootstrap |= args.bootstrap;
+    if args.ceph_conf.is_some() || args.ceph_id.is_some() || args.ceph_keyring.is_some() {
+        let c = f.ceph.get_or_insert_with(Default::default);
+        c.conf = args.ceph_conf.clone().or(c.conf.take());
+        c.id = args.ceph_id.clone().or(c.id.take());
+        c.keyring = args.ceph_keyring.clone().or(c.keyring.take());
+    }
     for p in &args.peers {
         let (id, addr) = p.split_once('=').ok_or_else(|| format!("--peer {p:?}: expected ID=HOST:PORT"))?;
         f.peers.insert(id.to_string(), addr.to_string());
@@ -83,7 +99,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(basalt_controller::server::run(cfg)) {
+    let result = rt.block_on(basalt_controller::server::run(cfg));
+    // A Ceph call still running on the blocking pool ends by its own timeout;
+    // do not wait for it.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

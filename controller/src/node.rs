@@ -27,12 +27,23 @@ use crate::state_machine::{Command, Response};
 /// Work only the leader does, as it travels from a follower to the leader.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Forwarded {
-    Write(Request),
+    /// Boxed: a request (a whole VM spec) is far larger than the other
+    /// variants. Serde writes a box as its content, so the wire is unchanged.
+    Write(Box<Request>),
     ReadIndex,
-    AddLearner { id: NodeId, addr: String },
-    Promote { id: NodeId },
-    Remove { id: NodeId },
-    Heartbeat { node: String },
+    AddLearner {
+        id: NodeId,
+        addr: String,
+    },
+    Promote {
+        id: NodeId,
+    },
+    Remove {
+        id: NodeId,
+    },
+    Heartbeat {
+        node: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -178,7 +189,7 @@ impl Controller {
     /// Do `op` here, as if this controller were the leader; a follower answers NotLeader.
     pub async fn execute_local(&self, op: Forwarded) -> ForwardReply {
         match op {
-            Forwarded::Write(req) => match self.raft.client_write(req).await {
+            Forwarded::Write(req) => match self.raft.client_write(*req).await {
                 Ok(r) => ForwardReply::Written(r.data),
                 Err(e) => refusal_of_write(e),
             },
@@ -349,7 +360,7 @@ impl Controller {
     /// Commit a command through the leader and return what the state machine answered.
     pub async fn write(&self, cmd: Command) -> Result<Response, NodeError> {
         let req = Request { cmd, now_ms: now_ms(), id: Some(self.request_id()) };
-        match self.on_leader(Forwarded::Write(req)).await? {
+        match self.on_leader(Forwarded::Write(Box::new(req))).await? {
             ForwardReply::Written(reply) => reply.map_err(NodeError::Command),
             other => Err(NodeError::Internal(format!("unexpected answer to a write: {other:?}"))),
         }

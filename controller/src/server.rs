@@ -1,6 +1,6 @@
 //! Start one controller: open its RocksDB, start the Raft node, serve gRPC
 //! (public, agent and Raft services, health, reflection) on one port, serve
-//! `/metrics`, run the reconciler, and shut down cleanly on SIGTERM/SIGINT.
+//! `/metrics`, run the reconcilers, and shut down cleanly on SIGTERM/SIGINT.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -93,6 +93,20 @@ pub async fn run(cfg: Config) -> Result<(), BoxError> {
     }
 
     let reconciler = tokio::spawn(crate::reconciler::run(ctl.clone()));
+    let storage = match cfg.ceph.clone() {
+        Some(ceph) => {
+            info!(
+                conf = %ceph.conf.display(),
+                id = %ceph.id,
+                "storage: when leading, this controller creates profiles' pools and volumes' images in Ceph"
+            );
+            Some(tokio::spawn(crate::storage::run(ctl.clone(), ceph)))
+        }
+        None => {
+            info!("storage: no [ceph] section, so volumes and storage profiles are records only: nothing is created in Ceph");
+            None
+        }
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ClusterServiceServer<ClusterApi>>().await;
@@ -121,6 +135,9 @@ pub async fn run(cfg: Config) -> Result<(), BoxError> {
 
     info!("shutting down");
     reconciler.abort();
+    if let Some(s) = storage {
+        s.abort();
+    }
     if let Err(e) = raft.shutdown().await {
         warn!("raft shutdown: {e}");
     }

@@ -15,9 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, precondition, CommandError};
 use crate::model::names::validate_name;
+use crate::model::storage::MAX_STATUS_MESSAGE;
 use crate::model::{
-    Event, EventKind, EventLog, EventQuery, Node, NodeId, NodeRegistration, NodeState, Observed, Power, StorageProfile,
-    Vm, VmPhase, VmSpec, Volume,
+    Event, EventKind, EventLog, EventQuery, ImageRemoval, Node, NodeId, NodeRegistration, NodeState, Observed, Power,
+    StorageProfile, StorageState, StorageStatus, StorageSubject, Vm, VmPhase, VmSpec, Volume,
 };
 use crate::scheduler::{check_node, NodeView, VmRequirements};
 
@@ -95,6 +96,26 @@ pub enum Command {
         name: String,
         reason: String,
     },
+    /// The storage reconciler's outcome for a volume or profile, computed for
+    /// the record at `spec_revision` (see [`StorageStatus::spec_revision`]):
+    /// refused if the record changed since.
+    SetStorageStatus {
+        subject: StorageSubject,
+        spec_revision: u64,
+        state: StorageState,
+        message: String,
+    },
+    /// A deleted volume's image is gone from Ceph: forget the pending removal.
+    ImageRemoved {
+        pool: String,
+        image: String,
+    },
+    /// Removing a deleted volume's image failed; it stays pending, with why.
+    ImageRemovalFailed {
+        pool: String,
+        image: String,
+        message: String,
+    },
 }
 
 impl Command {
@@ -146,6 +167,15 @@ pub struct ClusterState {
     /// resumes from.
     #[serde(default)]
     node_revisions: BTreeMap<NodeId, u64>,
+    /// What Ceph holds for each volume and profile (missing: Pending at
+    /// revision 0, as for records from before statuses existed).
+    #[serde(default)]
+    volume_status: BTreeMap<String, StorageStatus>,
+    #[serde(default)]
+    profile_status: BTreeMap<String, StorageStatus>,
+    /// Images of deleted volumes still to be removed, oldest first.
+    #[serde(default)]
+    image_removals: Vec<ImageRemoval>,
     /// Names of the VMs placed on each node: derived from `vms`, so it is not
     /// in snapshots, but it keeps `AssignVm` from scanning every VM.
     #[serde(skip)]
@@ -163,6 +193,13 @@ struct Snapshot {
     events: EventLog,
     #[serde(default)]
     node_revisions: BTreeMap<NodeId, u64>,
+    // Snapshot format 2; format 1 snapshots have none of these.
+    #[serde(default)]
+    volume_status: BTreeMap<String, StorageStatus>,
+    #[serde(default)]
+    profile_status: BTreeMap<String, StorageStatus>,
+    #[serde(default)]
+    image_removals: Vec<ImageRemoval>,
 }
 
 impl From<Snapshot> for ClusterState {
@@ -181,6 +218,9 @@ impl From<Snapshot> for ClusterState {
             profiles: s.profiles,
             events: s.events,
             node_revisions: s.node_revisions,
+            volume_status: s.volume_status,
+            profile_status: s.profile_status,
+            image_removals: s.image_removals,
             by_node,
         }
     }
@@ -221,6 +261,9 @@ impl ClusterState {
             profiles: BTreeMap::new(),
             events: EventLog::with_capacity(capacity),
             node_revisions: BTreeMap::new(),
+            volume_status: BTreeMap::new(),
+            profile_status: BTreeMap::new(),
+            image_removals: Vec::new(),
             by_node: BTreeMap::new(),
         }
     }
@@ -257,6 +300,17 @@ impl ClusterState {
     }
     pub fn profiles(&self) -> impl Iterator<Item = &StorageProfile> {
         self.profiles.values()
+    }
+    /// What Ceph holds for volume `name` (Pending if nothing was recorded).
+    pub fn volume_status(&self, name: &str) -> StorageStatus {
+        self.volume_status.get(name).cloned().unwrap_or_default()
+    }
+    pub fn profile_status(&self, name: &str) -> StorageStatus {
+        self.profile_status.get(name).cloned().unwrap_or_default()
+    }
+    /// Images of deleted volumes not yet removed from Ceph, oldest first.
+    pub fn image_removals(&self) -> &[ImageRemoval] {
+        &self.image_removals
     }
     pub fn events(&self) -> &EventLog {
         &self.events
@@ -322,11 +376,13 @@ impl ClusterState {
                 self.set_node_state(&id, NodeState::Ready, "uncordoned", &mut changes)?
             }
             Command::RemoveNode { id } => self.remove_node(&id, &mut changes)?,
-            Command::CreateProfile(p) => self.create_profile(p, &mut changes)?,
+            Command::CreateProfile(p) => self.create_profile(p, revision, &mut changes)?,
             Command::DeleteProfile { name } => self.delete_profile(&name, &mut changes)?,
-            Command::CreateVolume(v) => self.create_volume(v, &mut changes)?,
-            Command::ResizeVolume { name, size_bytes } => self.resize_volume(&name, size_bytes, &mut changes)?,
-            Command::DeleteVolume { name } => self.delete_volume(&name, &mut changes)?,
+            Command::CreateVolume(v) => self.create_volume(v, revision, &mut changes)?,
+            Command::ResizeVolume { name, size_bytes } => {
+                self.resize_volume(&name, size_bytes, revision, &mut changes)?
+            }
+            Command::DeleteVolume { name } => self.delete_volume(&name, revision, &mut changes)?,
             Command::CreateVm { name, spec, desired_power } => {
                 self.create_vm(name, spec, desired_power, revision, &mut changes)?
             }
@@ -336,7 +392,7 @@ impl ClusterState {
             Command::SetVmPower { name, power, expected_generation } => {
                 self.set_vm_power(&name, power, expected_generation, revision, &mut changes)?
             }
-            Command::DeleteVm { name, delete_disks } => self.delete_vm(&name, delete_disks, &mut changes)?,
+            Command::DeleteVm { name, delete_disks } => self.delete_vm(&name, delete_disks, revision, &mut changes)?,
             Command::AssignVm { name, node } => self.assign_vm(&name, &node, revision, now_ms, &mut changes)?,
             Command::UnassignVm { name, reason } => self.unassign_vm(&name, &reason, revision, now_ms, &mut changes)?,
             Command::ReportVmStatus { name, node, phase, message } => {
@@ -347,6 +403,32 @@ impl ClusterState {
                     return Err(not_found("vm", &name));
                 }
                 changes.push((EventKind::VmUnschedulable, format!("vm/{name}"), reason));
+                Outcome::Done
+            }
+            Command::SetStorageStatus { subject, spec_revision, state, message } => {
+                self.set_storage_status(subject, spec_revision, state, message, &mut changes)?
+            }
+            Command::ImageRemoved { pool, image } => {
+                let i = self.removal_index(&pool, &image)?;
+                let r = self.image_removals.remove(i);
+                changes.push((
+                    EventKind::ImageRemoved,
+                    format!("volume/{}", r.volume),
+                    format!("image {pool}/{image} removed"),
+                ));
+                Outcome::Done
+            }
+            Command::ImageRemovalFailed { pool, image, message } => {
+                check_message(&message)?;
+                let i = self.removal_index(&pool, &image)?;
+                let r = &mut self.image_removals[i];
+                r.last_error = message.clone();
+                let subject = format!("volume/{}", r.volume);
+                changes.push((
+                    EventKind::ImageRemovalFailed,
+                    subject,
+                    format!("removing image {pool}/{image}: {message}"),
+                ));
                 Outcome::Done
             }
         };
@@ -436,10 +518,20 @@ impl ClusterState {
         Ok(Outcome::Done)
     }
 
-    fn create_profile(&mut self, p: StorageProfile, ch: &mut Changes) -> Result<Outcome, CommandError> {
+    fn create_profile(&mut self, p: StorageProfile, rev: u64, ch: &mut Changes) -> Result<Outcome, CommandError> {
         p.validate()?;
         if self.profiles.contains_key(&p.name) {
             return Err(CommandError::AlreadyExists(format!("storage profile {} already exists", p.name)));
+        }
+        // Ceph has one value per OSD option for all OSDs (the storage crate
+        // sets them for `osd`), so two profiles must not disagree on one.
+        for (k, v) in &p.osd_tunables {
+            if let Some(other) = self.profiles.values().find(|o| o.osd_tunables.get(k).is_some_and(|w| w != v)) {
+                return Err(precondition(format!(
+                    "storage profile {}: OSD tunable {k}={v} conflicts with storage profile {}, which sets {k}={}; OSD tunables apply to every OSD, so profiles must agree on them",
+                    p.name, other.name, other.osd_tunables[k]
+                )));
+            }
         }
         let msg = match &p.kind {
             crate::model::ProfileKind::Replicated { size, min_size } => {
@@ -450,6 +542,7 @@ impl ClusterState {
             }
         };
         ch.push((EventKind::ProfileCreated, format!("profile/{}", p.name), msg));
+        self.profile_status.insert(p.name.clone(), StorageStatus::pending(rev, false));
         self.profiles.insert(p.name.clone(), p);
         Ok(Outcome::Done)
     }
@@ -467,30 +560,78 @@ impl ClusterState {
             )));
         }
         self.profiles.remove(name);
+        self.profile_status.remove(name);
         ch.push((EventKind::ProfileDeleted, format!("profile/{name}"), "deleted".into()));
         Ok(Outcome::Done)
     }
 
-    fn create_volume(&mut self, v: Volume, ch: &mut Changes) -> Result<Outcome, CommandError> {
+    fn create_volume(&mut self, v: Volume, rev: u64, ch: &mut Changes) -> Result<Outcome, CommandError> {
         v.validate()?;
         if self.volumes.contains_key(&v.name) {
             return Err(CommandError::AlreadyExists(format!("volume {} already exists", v.name)));
         }
         let profile = self.profiles.get(&v.profile).ok_or_else(|| not_found("storage profile", &v.profile))?;
-        profile.pool_spec(&v.pool).validate().map_err(|e| invalid(format!("volume {}: {e}", v.name)))?;
+        for spec in profile.pools(&v.pool) {
+            spec.validate().map_err(|e| invalid(format!("volume {}: {e}", v.name)))?;
+        }
         if let Some(other) = self.volumes.values().find(|o| o.pool == v.pool && o.image == v.image) {
             return Err(CommandError::AlreadyExists(format!(
                 "image {}/{} already belongs to volume {}",
                 v.pool, v.image, other.name
             )));
         }
-        let msg = format!("{}/{} {} bytes, profile {}", v.pool, v.image, v.size_bytes, v.profile);
+        // The image of a deleted volume that was Ready holds that volume's
+        // data until it is removed: its name is taken until then. One never
+        // made Ready (no `[ceph]` anywhere, or deleted before it was) is
+        // simply taken over, as a record only cluster always allowed.
+        let pending = self.image_removals.iter().position(|r| r.pool == v.pool && r.image == v.image);
+        if let Some(r) = pending.map(|i| &self.image_removals[i]).filter(|r| r.was_ready) {
+            return Err(precondition(format!(
+                "image {}/{} of deleted volume {} is still being removed from Ceph; retry once it is gone",
+                v.pool, v.image, r.volume
+            )));
+        }
+        // A pool holds the volumes of one profile, and no pool is both a
+        // volume's pool and an erasure-coded profile's data pool.
+        let data_pool = profile.data_pool(&v.pool);
+        for o in self.volumes.values() {
+            if o.pool == v.pool && o.profile != v.profile {
+                return Err(precondition(format!(
+                    "volume {}: pool {} holds volumes of storage profile {} (volume {}); a pool belongs to one profile",
+                    v.name, v.pool, o.profile, o.name
+                )));
+            }
+            let other_data = self.profiles.get(&o.profile).and_then(|p| p.data_pool(&o.pool));
+            if other_data.as_deref() == Some(v.pool.as_str()) || data_pool.as_deref() == Some(o.pool.as_str()) {
+                let (data, of) = if other_data.as_deref() == Some(v.pool.as_str()) {
+                    (v.pool.as_str(), o.pool.as_str())
+                } else {
+                    (o.pool.as_str(), v.pool.as_str())
+                };
+                return Err(precondition(format!(
+                    "volume {}: pool {data} is the erasure-coded data pool of pool {of} (volume {}), so it cannot also hold volumes",
+                    v.name, o.name
+                )));
+            }
+        }
+        let new_pool = !self.volumes.values().any(|o| o.pool == v.pool);
+        let mut msg = format!("{}/{} {} bytes, profile {}", v.pool, v.image, v.size_bytes, v.profile);
+        if let Some(i) = pending {
+            let r = self.image_removals.remove(i);
+            msg.push_str(&format!("; takes over the image of deleted volume {} (its removal is cancelled)", r.volume));
+        }
         ch.push((EventKind::VolumeCreated, format!("volume/{}", v.name), msg));
+        if new_pool {
+            // The profile now needs one more pool in Ceph.
+            let was_ready = self.profile_status.get(&v.profile).is_some_and(|s| s.was_ready);
+            self.profile_status.insert(v.profile.clone(), StorageStatus::pending(rev, was_ready));
+        }
+        self.volume_status.insert(v.name.clone(), StorageStatus::pending(rev, false));
         self.volumes.insert(v.name.clone(), v);
         Ok(Outcome::Done)
     }
 
-    fn resize_volume(&mut self, name: &str, size: u64, ch: &mut Changes) -> Result<Outcome, CommandError> {
+    fn resize_volume(&mut self, name: &str, size: u64, rev: u64, ch: &mut Changes) -> Result<Outcome, CommandError> {
         let vol = self.volumes.get(name).ok_or_else(|| not_found("volume", name))?;
         let mut resized = vol.clone();
         resized.size_bytes = size;
@@ -502,6 +643,10 @@ impl ClusterState {
             )));
         }
         let msg = format!("{} -> {size} bytes", vol.size_bytes);
+        if size != vol.size_bytes {
+            let was_ready = self.volume_status.get(name).is_some_and(|s| s.was_ready);
+            self.volume_status.insert(name.to_string(), StorageStatus::pending(rev, was_ready));
+        }
         self.volumes.insert(name.to_string(), resized);
         ch.push((EventKind::VolumeResized, format!("volume/{name}"), msg));
         Ok(Outcome::Done)
@@ -518,7 +663,7 @@ impl ClusterState {
         })
     }
 
-    fn delete_volume(&mut self, name: &str, ch: &mut Changes) -> Result<Outcome, CommandError> {
+    fn delete_volume(&mut self, name: &str, rev: u64, ch: &mut Changes) -> Result<Outcome, CommandError> {
         if !self.volumes.contains_key(name) {
             return Err(not_found("volume", name));
         }
@@ -529,7 +674,7 @@ impl ClusterState {
                 list3(&users)
             )));
         }
-        self.volumes.remove(name);
+        self.forget_volume(name, rev);
         ch.push((EventKind::VolumeDeleted, format!("volume/{name}"), "deleted".into()));
         Ok(Outcome::Done)
     }
@@ -651,14 +796,29 @@ impl ClusterState {
         Ok(Outcome::VmGeneration(vm.generation))
     }
 
-    fn delete_vm(&mut self, name: &str, delete_disks: bool, ch: &mut Changes) -> Result<Outcome, CommandError> {
+    fn delete_vm(
+        &mut self,
+        name: &str,
+        delete_disks: bool,
+        rev: u64,
+        ch: &mut Changes,
+    ) -> Result<Outcome, CommandError> {
         let vm = self.vms.get(name).ok_or_else(|| not_found("vm", name))?;
         let volumes: Vec<String> = vm.spec.volumes().map(String::from).collect();
         if delete_disks {
             if let Some(node) = &vm.placement {
-                return Err(precondition(format!(
-                    "vm {name} is still assigned to node {node}, which may have its disks open; stop and unassign it before deleting its disks"
-                )));
+                // Its disks are closed once the node reported the VM down
+                // after the stop, or once the node is fenced out of Ceph.
+                let reported_down = vm.desired_power == Power::Stopped
+                    && matches!(vm.observed.phase, VmPhase::Stopped | VmPhase::Failed)
+                    && vm.observed.node.as_deref() == Some(node.as_str());
+                let fenced = self.nodes.get(node).is_some_and(|n| n.state == NodeState::Fenced);
+                if !reported_down && !fenced {
+                    return Err(precondition(format!(
+                        "vm {name} may still have its disks open on node {node} (observed {} there); stop it and wait until it is Stopped before deleting its disks",
+                        vm.observed.phase
+                    )));
+                }
             }
             for v in &volumes {
                 if let Some((other, _)) = self.volume_users(v, Some(name)).next() {
@@ -676,7 +836,7 @@ impl ClusterState {
         if delete_disks {
             for v in volumes {
                 // A dangling reference cannot exist (DeleteVolume refuses attached volumes), but be safe.
-                if self.volumes.remove(&v).is_some() {
+                if self.forget_volume(&v, rev) {
                     ch.push((EventKind::VolumeDeleted, format!("volume/{v}"), format!("deleted with vm {name}")));
                     deleted.push(v);
                 }
@@ -793,6 +953,74 @@ impl ClusterState {
         Ok(Outcome::Done)
     }
 
+    /// Drops a volume and its status, and queues its image for removal from
+    /// Ceph. Returns whether it existed.
+    fn forget_volume(&mut self, name: &str, rev: u64) -> bool {
+        let Some(v) = self.volumes.remove(name) else { return false };
+        let was_ready = self.volume_status.remove(name).is_some_and(|s| s.was_ready);
+        if !self.image_removals.iter().any(|r| r.pool == v.pool && r.image == v.image) {
+            self.image_removals.push(ImageRemoval {
+                pool: v.pool,
+                image: v.image,
+                volume: v.name,
+                requested_revision: rev,
+                was_ready,
+                last_error: String::new(),
+            });
+        }
+        true
+    }
+
+    fn removal_index(&self, pool: &str, image: &str) -> Result<usize, CommandError> {
+        self.image_removals
+            .iter()
+            .position(|r| r.pool == pool && r.image == image)
+            .ok_or_else(|| CommandError::NotFound(format!("no removal of image {pool}/{image} is pending")))
+    }
+
+    fn set_storage_status(
+        &mut self,
+        subject: StorageSubject,
+        spec_revision: u64,
+        state: StorageState,
+        message: String,
+        ch: &mut Changes,
+    ) -> Result<Outcome, CommandError> {
+        check_message(&message)?;
+        let (map, name, kind) = match &subject {
+            StorageSubject::Volume(n) => {
+                if !self.volumes.contains_key(n) {
+                    return Err(not_found("volume", n));
+                }
+                (&mut self.volume_status, n, EventKind::VolumeStateChanged)
+            }
+            StorageSubject::Profile(n) => {
+                if !self.profiles.contains_key(n) {
+                    return Err(not_found("storage profile", n));
+                }
+                (&mut self.profile_status, n, EventKind::ProfileStateChanged)
+            }
+        };
+        let current = map.get(name).cloned().unwrap_or_default();
+        if current.spec_revision != spec_revision {
+            return Err(precondition(format!(
+                "{subject} changed at revision {} after the outcome for revision {spec_revision} was computed",
+                current.spec_revision
+            )));
+        }
+        if current.state != state || (state == StorageState::Failed && current.message != message) {
+            let msg = if message.is_empty() {
+                format!("{} -> {state}", current.state)
+            } else {
+                format!("{} -> {state}: {message}", current.state)
+            };
+            ch.push((kind, subject.to_string(), msg));
+        }
+        let was_ready = current.was_ready || state == StorageState::Ready;
+        map.insert(name.clone(), StorageStatus { state, message, spec_revision, was_ready });
+        Ok(Outcome::Done)
+    }
+
     fn unindex(&mut self, node: &str, vm: &str) {
         if let Some(set) = self.by_node.get_mut(node) {
             set.remove(vm);
@@ -802,7 +1030,6 @@ impl ClusterState {
         }
     }
 
-    /// The state as bytes for a Raft snapshot.
     /// The state as a versioned snapshot (what Raft snapshots carry).
     pub fn snapshot(&self) -> Result<Vec<u8>, serde_json::Error> {
         serde_json::to_vec(&SnapshotOut { format: SNAPSHOT_FORMAT, state: self })
@@ -812,9 +1039,9 @@ impl ClusterState {
     pub fn restore(bytes: &[u8]) -> Result<ClusterState, serde_json::Error> {
         use serde::de::Error;
         let s: SnapshotIn = serde_json::from_slice(bytes)?;
-        if s.format != SNAPSHOT_FORMAT {
+        if !(OLDEST_SNAPSHOT_FORMAT..=SNAPSHOT_FORMAT).contains(&s.format) {
             return Err(serde_json::Error::custom(format!(
-                "snapshot format {} is not supported (this controller reads {SNAPSHOT_FORMAT})",
+                "snapshot format {} is not supported (this controller reads {OLDEST_SNAPSHOT_FORMAT} to {SNAPSHOT_FORMAT})",
                 s.format
             )));
         }
@@ -822,8 +1049,20 @@ impl ClusterState {
     }
 }
 
-/// Version of the snapshot format; bump when a field changes meaning.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Version of the snapshot format; bump when a field is added or changes
+/// meaning, so an older controller refuses a snapshot it would misread.
+/// 2 added storage statuses, pending image removals and their event kinds;
+/// a format 1 snapshot reads as having none (every field has a default).
+pub const SNAPSHOT_FORMAT: u32 = 2;
+/// The oldest format this controller still reads.
+pub const OLDEST_SNAPSHOT_FORMAT: u32 = 1;
+
+fn check_message(message: &str) -> Result<(), CommandError> {
+    if message.len() > MAX_STATUS_MESSAGE {
+        return Err(invalid(format!("status message is {} bytes, at most {MAX_STATUS_MESSAGE}", message.len())));
+    }
+    Ok(())
+}
 
 #[derive(serde::Serialize)]
 struct SnapshotOut<'a> {

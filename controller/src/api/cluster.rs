@@ -251,7 +251,7 @@ impl ClusterService for ClusterApi {
         let r = req.into_inner();
         self.read(r.allow_stale, |st| {
             let v = st.cluster.volume(&r.name).ok_or_else(|| not_found("volume", &r.name))?;
-            Ok(Response::new(convert::volume(v)))
+            Ok(Response::new(convert::volume_with_status(v, &st.cluster.volume_status(&v.name))))
         })
         .await
     }
@@ -259,7 +259,11 @@ impl ClusterService for ClusterApi {
     async fn list_volumes(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let _t = self.ctl.metrics.rpc("ListVolumes");
         self.read(req.get_ref().allow_stale, |st| {
-            let volumes = st.cluster.volumes().map(convert::volume).collect();
+            let volumes = st
+                .cluster
+                .volumes()
+                .map(|v| convert::volume_with_status(v, &st.cluster.volume_status(&v.name)))
+                .collect();
             Ok(Response::new(pb::ListVolumesResponse { volumes, revision: st.cluster.revision() }))
         })
         .await
@@ -287,7 +291,7 @@ impl ClusterService for ClusterApi {
         let r = req.into_inner();
         self.read(r.allow_stale, |st| {
             let p = st.cluster.profile(&r.name).ok_or_else(|| not_found("storage profile", &r.name))?;
-            Ok(Response::new(convert::profile(p)))
+            Ok(Response::new(convert::profile(p, &st.cluster.profile_status(&p.name))))
         })
         .await
     }
@@ -295,7 +299,8 @@ impl ClusterService for ClusterApi {
     async fn list_profiles(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListProfilesResponse>, Status> {
         let _t = self.ctl.metrics.rpc("ListProfiles");
         self.read(req.get_ref().allow_stale, |st| {
-            let profiles = st.cluster.profiles().map(convert::profile).collect();
+            let profiles =
+                st.cluster.profiles().map(|p| convert::profile(p, &st.cluster.profile_status(&p.name))).collect();
             Ok(Response::new(pb::ListProfilesResponse { profiles, revision: st.cluster.revision() }))
         })
         .await

@@ -8,8 +8,8 @@ use basalt_proto::v1 as pb;
 
 use crate::error::CommandError;
 use crate::model::{
-    Boot, Capacity, Disk, Event, EventKind, Node, NodeRegistration, NodeState, Power, ProfileKind, StorageProfile, Vm,
-    VmPhase, VmSpec, Volume,
+    Boot, Capacity, Disk, Event, EventKind, Node, NodeRegistration, NodeState, Power, ProfileKind, StorageProfile,
+    StorageState, StorageStatus, Vm, VmPhase, VmSpec, Volume,
 };
 use crate::scheduler::NodeView;
 
@@ -162,6 +162,15 @@ pub fn vm(v: &Vm, unschedulable_reason: Option<String>) -> pb::Vm {
     }
 }
 
+pub fn storage_state(s: StorageState) -> pb::StorageState {
+    match s {
+        StorageState::Pending => pb::StorageState::Pending,
+        StorageState::Ready => pb::StorageState::Ready,
+        StorageState::Failed => pb::StorageState::Failed,
+    }
+}
+
+/// A volume without its storage status (state UNSPECIFIED).
 pub fn volume(v: &Volume) -> pb::Volume {
     pb::Volume {
         name: v.name.clone(),
@@ -169,15 +178,33 @@ pub fn volume(v: &Volume) -> pb::Volume {
         image: v.image.clone(),
         size_bytes: v.size_bytes,
         profile: v.profile.clone(),
+        state: pb::StorageState::Unspecified as i32,
+        status_message: String::new(),
     }
 }
 
+/// A volume with what Ceph holds for it.
+pub fn volume_with_status(v: &Volume, status: &StorageStatus) -> pb::Volume {
+    pb::Volume {
+        name: v.name.clone(),
+        pool: v.pool.clone(),
+        image: v.image.clone(),
+        size_bytes: v.size_bytes,
+        profile: v.profile.clone(),
+        state: storage_state(status.state) as i32,
+        status_message: status.message.clone(),
+    }
+}
+
+/// The status fields are output only and ignored here.
 pub fn volume_from(v: pb::Volume) -> Volume {
     Volume { name: v.name, pool: v.pool, image: v.image, size_bytes: v.size_bytes, profile: v.profile }
 }
 
-pub fn profile(p: &StorageProfile) -> pb::StorageProfile {
+pub fn profile(p: &StorageProfile, status: &StorageStatus) -> pb::StorageProfile {
     pb::StorageProfile {
+        state: storage_state(status.state) as i32,
+        status_message: status.message.clone(),
         name: p.name.clone(),
         kind: Some(match &p.kind {
             ProfileKind::Replicated { size, min_size } => {
@@ -198,6 +225,7 @@ pub fn profile(p: &StorageProfile) -> pb::StorageProfile {
     }
 }
 
+/// The status fields are output only and ignored here.
 pub fn profile_from(p: pb::StorageProfile) -> Result<StorageProfile, CommandError> {
     let kind = match p.kind {
         Some(pb::storage_profile::Kind::Replicated(r)) => {

@@ -28,6 +28,14 @@ pub enum EventKind {
     VmStatusChanged,
     /// The scheduler found no node; recorded by the reconciler.
     VmUnschedulable,
+    /// The storage reconciler found a profile's or volume's state in Ceph
+    /// changed (Pending / Ready / Failed).
+    ProfileStateChanged,
+    VolumeStateChanged,
+    /// A deleted volume's image is gone from Ceph.
+    ImageRemoved,
+    /// Removing it failed (it is retried).
+    ImageRemovalFailed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,11 +6,13 @@ pub mod events;
 pub mod names;
 pub mod nodes;
 pub mod profiles;
+pub mod storage;
 pub mod vms;
 pub mod volumes;
 
 pub use events::{Event, EventKind, EventLog, EventQuery};
 pub use nodes::{Capacity, Node, NodeId, NodeRegistration, NodeState};
 pub use profiles::{ProfileKind, StorageProfile};
+pub use storage::{ImageRemoval, StorageState, StorageStatus, StorageSubject};
 pub use vms::{Boot, Disk, Observed, Power, Vm, VmPhase, VmSpec};
 pub use volumes::Volume;

@@ -1,5 +1,6 @@
 //! Volumes: records of RBD images. Creating the image in Ceph is the
-//! storage crate's job; here the record is checked and reserved.
+//! leader's storage reconciler's job ([`crate::storage`]); here the record
+//! is checked and reserved.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,6 +11,8 @@ use crate::error::{invalid, CommandError};
 pub const SECTOR: u64 = 512;
 pub const MIN_VOLUME_BYTES: u64 = 1 << 20;
 pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
+/// librbd's limit (the storage crate checks the same before creating one).
+pub const MAX_IMAGE_NAME: usize = 95;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Volume {
@@ -28,13 +31,14 @@ impl Volume {
     pub fn validate(&self) -> Result<(), CommandError> {
         validate_name("volume", &self.name)?;
         let what = format!("volume {}", self.name);
-        // librbd refuses '/' and '@' (namespace and snapshot separators).
+        // librbd refuses '/' and '@' (namespace and snapshot separators) and
+        // names of 96 bytes or more (RBD_MAX_IMAGE_NAME_SIZE).
         let image_ok = !self.image.is_empty()
-            && self.image.len() <= 128
+            && self.image.len() <= MAX_IMAGE_NAME
             && self.image.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b'@');
         if !image_ok {
             return Err(invalid(format!(
-                "{what}: image name {:?} must be 1-128 printable characters without '/', '@' or spaces",
+                "{what}: image name {:?} must be 1-{MAX_IMAGE_NAME} printable characters without '/', '@' or spaces",
                 self.image
             )));
         }

@@ -13,6 +13,10 @@
 //! it, which openraft re-applies at start-up because the committed log id is
 //! saved (`save_committed`).
 
+// openraft's traits fix the error type (`StorageError`, some 224 bytes); the
+// helpers here return it as is rather than boxing it only to unbox it again.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -43,8 +47,10 @@ const KEY_SNAPSHOT_META: &[u8] = b"meta";
 const KEY_SNAPSHOT_DATA: &[u8] = b"data";
 
 /// Version of the snapshot data layout; a controller refuses a snapshot whose
-/// format it does not know rather than guessing.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// format it does not know rather than guessing. Same numbering as
+/// [`crate::state_machine::SNAPSHOT_FORMAT`]: 2 added storage statuses and
+/// pending image removals, which a format 1 snapshot reads as empty.
+pub use crate::state_machine::{OLDEST_SNAPSHOT_FORMAT, SNAPSHOT_FORMAT};
 
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
@@ -330,9 +336,9 @@ impl StateMachineStore {
 
 fn decode_snapshot(bytes: &[u8]) -> Result<(ClusterState, RecentRequests), StorageError> {
     let data: SnapshotData = serde_json::from_slice(bytes).map_err(read_err)?;
-    if data.format != SNAPSHOT_FORMAT {
+    if !(OLDEST_SNAPSHOT_FORMAT..=SNAPSHOT_FORMAT).contains(&data.format) {
         return Err(read_err(std::io::Error::other(format!(
-            "snapshot format {} is not the {SNAPSHOT_FORMAT} this controller reads",
+            "snapshot format {} is not one this controller reads ({OLDEST_SNAPSHOT_FORMAT} to {SNAPSHOT_FORMAT})",
             data.format
         ))));
     }

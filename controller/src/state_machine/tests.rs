@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::error::Code;
-use crate::model::{Boot, Capacity, Disk, ProfileKind};
+use crate::model::{Boot, Capacity, Disk, ImageRemoval, ProfileKind, StorageState, StorageStatus, StorageSubject};
 
 const T: u64 = 1_700_000_000_000;
 
@@ -380,7 +380,14 @@ fn delete_vm_and_its_disks() {
     refused(&mut st, del("zz", false), Code::NotFound, "vm zz");
     refused(&mut st, del("a", true), Code::FailedPrecondition, "volume data is also attached to vm b");
     ok(&mut st, Command::AssignVm { name: "b".into(), node: "n1".into() });
-    refused(&mut st, del("b", true), Code::FailedPrecondition, "still assigned to node n1");
+    // Placed: its disks may be open until its node reports it down after a stop.
+    refused(&mut st, del("b", true), Code::FailedPrecondition, "may still have its disks open on node n1");
+    ok(&mut st, Command::SetVmPower { name: "b".into(), power: Power::Stopped, expected_generation: None });
+    refused(&mut st, del("b", true), Code::FailedPrecondition, "may still have its disks open on node n1");
+    let report = |phase| Command::ReportVmStatus { name: "b".into(), node: "n1".into(), phase, message: String::new() };
+    ok(&mut st, report(VmPhase::Stopped));
+    // Now only the shared volume stands in the way.
+    refused(&mut st, del("b", true), Code::FailedPrecondition, "volume data is also attached to vm a");
     ok(&mut st, del("b", false));
     let r = ok(&mut st, del("a", true));
     assert_eq!(r.outcome, Outcome::VmDeleted { deleted_volumes: vec!["root".into(), "data".into()] });
@@ -546,9 +553,241 @@ fn snapshot_round_trip() {
     assert_eq!(original.apply(next.clone(), T + 50), restored.apply(next, T + 50));
     assert_eq!(original, restored);
     assert!(ClusterState::restore(b"{\"revision\":1}").is_err());
-    let future = String::from_utf8(bytes.clone()).expect("utf8").replacen("\"format\":1", "\"format\":2", 1);
+    let future = String::from_utf8(bytes.clone()).expect("utf8").replacen(
+        &format!("\"format\":{SNAPSHOT_FORMAT}"),
+        &format!("\"format\":{}", SNAPSHOT_FORMAT + 1),
+        1,
+    );
     let e = ClusterState::restore(future.as_bytes()).expect_err("newer format refused");
-    assert!(e.to_string().contains("format 2"), "{e}");
+    assert!(e.to_string().contains(&format!("format {}", SNAPSHOT_FORMAT + 1)), "{e}");
+}
+
+#[test]
+fn format_1_snapshots_still_load() {
+    let (mut st, _) = busy_cluster();
+    ok(&mut st, Command::DeleteVm { name: "a".into(), delete_disks: false });
+    ok(&mut st, Command::DeleteVolume { name: "root".into() });
+    ok(&mut st, Command::CreateVolume(volume("data", "fast")));
+    // What a controller from before storage statuses wrote.
+    let mut v: serde_json::Value = serde_json::from_slice(&st.snapshot().expect("snapshot")).expect("json");
+    v["format"] = 1.into();
+    for k in ["volume_status", "profile_status", "image_removals"] {
+        assert!(v["state"].as_object_mut().and_then(|s| s.remove(k)).is_some(), "{k}");
+    }
+    let old = ClusterState::restore(&serde_json::to_vec(&v).expect("bytes")).expect("format 1 loads");
+    assert_eq!((old.revision(), old.vms().count(), old.volumes().count()), (st.revision(), 1, 1));
+    assert!(old.image_removals().is_empty());
+    // Records without a status are Pending at revision 0, and can be given one.
+    assert_eq!(old.volume_status("data"), StorageStatus::default());
+    let mut old = old;
+    let set = Command::SetStorageStatus {
+        subject: StorageSubject::Volume("data".into()),
+        spec_revision: 0,
+        state: StorageState::Ready,
+        message: "image rbd/img-data, 10737418240 bytes".into(),
+    };
+    ok(&mut old, set);
+    assert_eq!(old.volume_status("data").state, StorageState::Ready);
+}
+
+fn set_status(subject: StorageSubject, spec_revision: u64, state: StorageState, message: &str) -> Command {
+    Command::SetStorageStatus { subject, spec_revision, state, message: message.into() }
+}
+
+fn vol(name: &str) -> StorageSubject {
+    StorageSubject::Volume(name.into())
+}
+
+#[test]
+fn storage_statuses_are_recorded_against_the_spec_they_were_computed_for() {
+    let mut st = cluster();
+    // Created Pending; the profile became Pending again when its first volume
+    // brought it a pool to create (root, at revision 4).
+    let root = st.volume_status("root");
+    assert_eq!((root.state, root.spec_revision, root.was_ready), (StorageState::Pending, 4, false));
+    assert_eq!(st.volume_status("data").spec_revision, 5);
+    assert_eq!(st.profile_status("fast").spec_revision, 4);
+
+    refused(&mut st, set_status(vol("nope"), 4, StorageState::Ready, ""), Code::NotFound, "volume nope");
+    refused(
+        &mut st,
+        set_status(StorageSubject::Profile("nope".into()), 4, StorageState::Ready, ""),
+        Code::NotFound,
+        "storage profile nope",
+    );
+    refused(
+        &mut st,
+        set_status(vol("root"), 3, StorageState::Ready, ""),
+        Code::FailedPrecondition,
+        "changed at revision 4",
+    );
+    let long = "x".repeat(crate::model::storage::MAX_STATUS_MESSAGE + 1);
+    refused(&mut st, set_status(vol("root"), 4, StorageState::Failed, &long), Code::InvalidArgument, "at most 1024");
+
+    ok(&mut st, set_status(vol("root"), 4, StorageState::Ready, "image rbd/img-root, 10737418240 bytes"));
+    let root = st.volume_status("root");
+    assert_eq!((root.state, root.was_ready), (StorageState::Ready, true));
+    assert_eq!(root.message, "image rbd/img-root, 10737418240 bytes");
+    let last = st.events().iter().last().expect("event").clone();
+    assert_eq!((last.kind, last.subject.as_str()), (EventKind::VolumeStateChanged, "volume/root"));
+    assert_eq!(last.message, "Pending -> Ready: image rbd/img-root, 10737418240 bytes");
+
+    // A resize makes it Pending at the resize's revision; an outcome computed
+    // for the old size is refused, one for the new size lands.
+    let r = ok(&mut st, Command::ResizeVolume { name: "root".into(), size_bytes: 20 << 30 });
+    let root = st.volume_status("root");
+    assert_eq!((root.state, root.spec_revision, root.was_ready), (StorageState::Pending, r.revision, true));
+    refused(&mut st, set_status(vol("root"), 4, StorageState::Ready, "old"), Code::FailedPrecondition, "root");
+    ok(&mut st, set_status(vol("root"), r.revision, StorageState::Failed, "resize: busy"));
+    let events = st.events().len();
+    // The same failure again records no second event; a different one does.
+    ok(&mut st, set_status(vol("root"), r.revision, StorageState::Failed, "resize: busy"));
+    assert_eq!(st.events().len(), events);
+    ok(&mut st, set_status(vol("root"), r.revision, StorageState::Failed, "resize: gone"));
+    assert_eq!(st.events().len(), events + 1);
+    // Growing to the same size changes nothing Ceph must do.
+    ok(&mut st, Command::ResizeVolume { name: "root".into(), size_bytes: 20 << 30 });
+    assert_eq!(st.volume_status("root").spec_revision, r.revision);
+
+    // A volume in a pool the profile did not use yet makes the profile Pending.
+    let p = st.profile_status("fast").spec_revision;
+    ok(&mut st, set_status(StorageSubject::Profile("fast".into()), p, StorageState::Ready, "pools rbd"));
+    let mut v = volume("other", "fast");
+    v.pool = "rbd2".into();
+    let r = ok(&mut st, Command::CreateVolume(v));
+    let fast = st.profile_status("fast");
+    assert_eq!((fast.state, fast.spec_revision, fast.was_ready), (StorageState::Pending, r.revision, true));
+    // One more volume in a pool it already uses does not.
+    let mut v = volume("more", "fast");
+    v.pool = "rbd2".into();
+    ok(&mut st, Command::CreateVolume(v));
+    assert_eq!(st.profile_status("fast").spec_revision, r.revision);
+
+    // Deleting forgets the status.
+    ok(&mut st, Command::DeleteVolume { name: "more".into() });
+    assert_eq!(st.volume_status("more"), StorageStatus::default());
+    ok(&mut st, Command::CreateProfile(replicated("spare")));
+    ok(&mut st, Command::DeleteProfile { name: "spare".into() });
+    assert_eq!(st.profile_status("spare"), StorageStatus::default());
+}
+
+#[test]
+fn deleted_volumes_leave_their_images_to_remove() {
+    let mut st = cluster();
+    ok(&mut st, set_status(vol("data"), 5, StorageState::Ready, "image rbd/img-data, 10737418240 bytes"));
+    let r = ok(&mut st, Command::DeleteVolume { name: "data".into() });
+    assert_eq!(
+        st.image_removals(),
+        [ImageRemoval {
+            pool: "rbd".into(),
+            image: "img-data".into(),
+            volume: "data".into(),
+            requested_revision: r.revision,
+            was_ready: true,
+            last_error: String::new(),
+        }]
+    );
+    // Its image holds the volume's data: the name is not free until it is gone.
+    let again = Command::CreateVolume(volume("data", "fast"));
+    refused(&mut st, again.clone(), Code::FailedPrecondition, "still being removed");
+    let mut renamed = volume("data2", "fast");
+    renamed.image = "img-data".into();
+    refused(&mut st, Command::CreateVolume(renamed), Code::FailedPrecondition, "deleted volume data");
+
+    let failed =
+        |m: &str| Command::ImageRemovalFailed { pool: "rbd".into(), image: "img-data".into(), message: m.into() };
+    ok(&mut st, failed("image has watchers"));
+    assert_eq!(st.image_removals()[0].last_error, "image has watchers");
+    let last = st.events().iter().last().expect("event").clone();
+    assert_eq!((last.kind, last.subject.as_str()), (EventKind::ImageRemovalFailed, "volume/data"));
+    assert!(last.message.contains("removing image rbd/img-data: image has watchers"), "{}", last.message);
+    let nope = Command::ImageRemoved { pool: "rbd".into(), image: "nope".into() };
+    refused(&mut st, nope, Code::NotFound, "no removal of image rbd/nope");
+
+    ok(&mut st, Command::ImageRemoved { pool: "rbd".into(), image: "img-data".into() });
+    assert!(st.image_removals().is_empty());
+    assert_eq!(st.events().iter().last().map(|e| e.kind), Some(EventKind::ImageRemoved));
+    ok(&mut st, again);
+
+    // A volume that never became Ready (no [ceph] anywhere, say) leaves a
+    // removal too, but a new volume may take its image over, as before.
+    ok(&mut st, Command::DeleteVolume { name: "data".into() });
+    assert!(st.image_removals().iter().any(|r| r.image == "img-data" && !r.was_ready));
+    ok(&mut st, Command::CreateVolume(volume("data", "fast")));
+    assert!(st.image_removals().is_empty());
+    let last = st.events().iter().last().expect("event").clone();
+    assert!(
+        last.message.ends_with("takes over the image of deleted volume data (its removal is cancelled)"),
+        "{}",
+        last.message
+    );
+
+    // DeleteVm with delete_disks queues every volume it takes along.
+    let mut s = spec(1, 512);
+    s.boot = Boot::Volume { volume: "root".into() };
+    s.disks.push(Disk { volume: "data".into(), read_only: false });
+    ok(&mut st, create_vm("a", s));
+    ok(&mut st, Command::DeleteVm { name: "a".into(), delete_disks: true });
+    let queued: Vec<(&str, &str)> = st.image_removals().iter().map(|r| (r.image.as_str(), r.volume.as_str())).collect();
+    assert_eq!(queued, [("img-root", "root"), ("img-data", "data")]);
+    assert_eq!(st.volume_status("root"), StorageStatus::default());
+}
+
+#[test]
+fn a_pool_belongs_to_one_profile() {
+    let mut st = cluster();
+    ok(&mut st, Command::CreateProfile(replicated("slow")));
+    let mut ec = replicated("ec");
+    ec.kind = ProfileKind::ErasureCoded {
+        k: 2,
+        m: 1,
+        plugin: "jerasure".into(),
+        technique: None,
+        crush_failure_domain: "osd".into(),
+        stripe_unit: None,
+    };
+    ok(&mut st, Command::CreateProfile(ec));
+    let at = |name: &str, profile: &str, pool: &str| {
+        let mut v = volume(name, profile);
+        v.pool = pool.into();
+        Command::CreateVolume(v)
+    };
+    refused(
+        &mut st,
+        at("v", "slow", "rbd"),
+        Code::FailedPrecondition,
+        "pool rbd holds volumes of storage profile fast",
+    );
+    ok(&mut st, at("e", "ec", "vms"));
+    refused(
+        &mut st,
+        at("v", "slow", "vms-data"),
+        Code::FailedPrecondition,
+        "vms-data is the erasure-coded data pool of pool vms",
+    );
+    ok(&mut st, at("s", "slow", "x-data"));
+    refused(&mut st, at("v", "ec", "x"), Code::FailedPrecondition, "x-data is the erasure-coded data pool of pool x");
+    // The data pool's name must be a valid pool name too.
+    refused(&mut st, at("v", "ec", &"p".repeat(124)), Code::InvalidArgument, "-data");
+}
+
+#[test]
+fn profiles_agree_on_osd_tunables() {
+    let mut st = cluster();
+    let with = |name: &str, k: &str, v: u64| {
+        let mut p = replicated(name);
+        p.osd_tunables.insert(k.into(), v);
+        Command::CreateProfile(p)
+    };
+    ok(&mut st, with("a", "osd_max_backfills", 2));
+    refused(
+        &mut st,
+        with("b", "osd_max_backfills", 3),
+        Code::FailedPrecondition,
+        "osd_max_backfills=3 conflicts with storage profile a, which sets osd_max_backfills=2",
+    );
+    ok(&mut st, with("c", "osd_max_backfills", 2));
+    ok(&mut st, with("d", "osd_recovery_op_priority", 5));
 }
 
 #[test]

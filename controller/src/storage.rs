@@ -1,0 +1,539 @@
+//! The leader's storage reconciler: makes Ceph hold what the volume and
+//! profile records say, through the storage crate (librados/librbd), and
+//! records what it found as each record's [`StorageStatus`].
+//!
+//! Each pass, in this order:
+//! 1. images of deleted volumes (the state machine queued them when the
+//!    volume went) are removed, and the removal committed (`ImageRemoved`);
+//!    a failure is recorded on the pending removal and retried;
+//! 2. for every profile: its erasure-code profile (EC only; Ceph keeps an
+//!    existing one with the same values and refuses different ones — Basalt
+//!    never forces), the pools its volumes use (see
+//!    [`crate::model::profiles`] for the layout: created with the profile's
+//!    spec, or brought to it if they exist with the right type; a pool of
+//!    the wrong type is reported, never changed), then its OSD tunables;
+//! 3. for every volume whose pool is in order: its image, created with the
+//!    volume's size if missing, grown if smaller (never shrunk). An image
+//!    that vanished after it was once Ready is reported, not recreated empty.
+//!
+//! Outcomes are committed (`SetStorageStatus`) only when they differ from the
+//! recorded status, against the revision the record had when this pass read
+//! it, so a stale outcome never lands on a newer spec. What was done is
+//! remembered in leader memory: a Ready record is looked at again only after
+//! it changes or [`RECHECK`] has passed, a Failed one after [`RETRY_FAILED`].
+//! A new leader starts with an empty memory and so checks everything once.
+//! Every librados call runs on the blocking pool; the whole loop runs
+//! beside, not inside, the scheduling reconciler, so a slow Ceph delays only
+//! storage.
+//!
+//! Not done here: deleting pools (a pool outlives its last volume) or a
+//! deleted profile's erasure-code profile and OSD tunables, shrinking
+//! images, and growing an image whose exclusive lock a running VM holds
+//! (Ceph refuses; the volume is Failed and retried until it succeeds).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use basalt_storage::ceph::profiles::{PoolKind, PoolSpec};
+use basalt_storage::ceph::{CephError, ClientConfig, Cluster};
+use basalt_storage::rbd::{self, features, Image, ImageOptions};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use crate::config::CephConfig;
+use crate::model::storage::MAX_STATUS_MESSAGE;
+use crate::model::{ImageRemoval, StorageProfile, StorageState, StorageStatus, StorageSubject, Volume};
+use crate::node::{Controller, NodeError};
+use crate::state_machine::Command;
+
+/// A Failed record (or a failed removal) is tried again after this long.
+pub const RETRY_FAILED: Duration = Duration::from_secs(5);
+/// A Ready record is checked against Ceph again after this long.
+pub const RECHECK: Duration = Duration::from_secs(600);
+/// Wait between connection attempts while Ceph cannot be reached.
+const RECONNECT: Duration = Duration::from_secs(5);
+/// "No such pool or image", as Ceph returns it (negative errno).
+const ENOENT: i32 = -2;
+
+/// What a pass did for one record, in leader memory.
+struct Done {
+    spec_revision: u64,
+    state: StorageState,
+    at: Instant,
+}
+
+impl Done {
+    fn still_good(&self, status: &StorageStatus) -> bool {
+        let wait = if self.state == StorageState::Ready { RECHECK } else { RETRY_FAILED };
+        self.spec_revision == status.spec_revision && status.state == self.state && self.at.elapsed() < wait
+    }
+}
+
+#[derive(Default)]
+struct Memory {
+    profiles: HashMap<String, Done>,
+    /// Outcome of the last check of each volume pool (with, for EC, its data pool).
+    pools: HashMap<String, Result<(), String>>,
+    volumes: HashMap<String, Done>,
+    /// When removing (pool, image) last failed.
+    removals: HashMap<(String, String), Instant>,
+}
+
+struct Reconciler {
+    cfg: CephConfig,
+    cluster: Option<Cluster>,
+    next_connect: Instant,
+    last_connect_error: String,
+    memory: Memory,
+    term: u64,
+}
+
+pub async fn run(ctl: Arc<Controller>, cfg: CephConfig) {
+    let mut tick = tokio::time::interval(ctl.timing.reconcile_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut changes = ctl.shared.subscribe();
+    let mut r = Reconciler {
+        cfg,
+        cluster: None,
+        next_connect: Instant::now(),
+        last_connect_error: String::new(),
+        memory: Memory::default(),
+        term: 0,
+    };
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            c = changes.changed() => if c.is_err() { return },
+        }
+        let (leader, term) = {
+            let m = ctl.raft.metrics().borrow().clone();
+            (m.current_leader, m.current_term)
+        };
+        if leader != Some(ctl.id) || term != r.term {
+            // What another leader did meanwhile is unknown: look again.
+            r.memory = Memory::default();
+            r.term = term;
+            if leader != Some(ctl.id) {
+                continue;
+            }
+        }
+        if let Err(e) = r.pass(&ctl).await {
+            warn!("storage: {e}");
+        }
+    }
+}
+
+/// Runs `f` with the cluster on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    cluster: &Cluster,
+    f: impl FnOnce(&Cluster) -> T + Send + 'static,
+) -> Result<T, NodeError> {
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || f(&c))
+        .await
+        .map_err(|e| NodeError::Internal(format!("storage task failed: {e}")))
+}
+
+/// Ceph's messages can be long; the replicated state keeps at most
+/// [`MAX_STATUS_MESSAGE`] bytes of each.
+fn clip(mut s: String) -> String {
+    if s.len() > MAX_STATUS_MESSAGE {
+        let mut end = MAX_STATUS_MESSAGE - 3;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
+}
+
+impl Reconciler {
+    async fn connected(&mut self) -> Option<Cluster> {
+        if self.cluster.is_none() && Instant::now() >= self.next_connect {
+            let cfg = ClientConfig {
+                conf: Some(self.cfg.conf.clone()),
+                id: self.cfg.id.clone(),
+                keyring: self.cfg.keyring.clone(),
+                // Fail a call rather than hang the loop when Ceph is unreachable.
+                options: vec![
+                    ("client_mount_timeout".into(), "30".into()),
+                    ("rados_mon_op_timeout".into(), "30".into()),
+                    ("rados_osd_op_timeout".into(), "60".into()),
+                ],
+            };
+            let res = tokio::task::spawn_blocking(move || Cluster::connect(&cfg)).await;
+            match res {
+                Ok(Ok(c)) => {
+                    info!(conf = %self.cfg.conf.display(), id = %self.cfg.id, "storage: connected to Ceph");
+                    self.last_connect_error.clear();
+                    self.cluster = Some(c);
+                }
+                Ok(Err(e)) => {
+                    let e = e.to_string();
+                    if e != self.last_connect_error {
+                        warn!("storage: cannot connect to Ceph (retrying every {RECONNECT:?}): {e}");
+                        self.last_connect_error = e;
+                    }
+                    self.next_connect = Instant::now() + RECONNECT;
+                }
+                Err(e) => warn!("storage: connect task failed: {e}"),
+            }
+        }
+        self.cluster.clone()
+    }
+
+    async fn pass(&mut self, ctl: &Controller) -> Result<(), NodeError> {
+        let Some(cluster) = self.connected().await else { return Ok(()) };
+        let (removals, profiles, volumes) = {
+            let st = ctl.shared.read();
+            let c = &st.cluster;
+            let removals: Vec<ImageRemoval> = c.image_removals().to_vec();
+            let profiles: Vec<(StorageProfile, StorageStatus, Vec<String>)> = c
+                .profiles()
+                .map(|p| {
+                    let mut pools: Vec<String> =
+                        c.volumes().filter(|v| v.profile == p.name).map(|v| v.pool.clone()).collect();
+                    pools.sort();
+                    pools.dedup();
+                    (p.clone(), c.profile_status(&p.name), pools)
+                })
+                .collect();
+            let volumes: Vec<(Volume, StorageStatus, Option<String>)> = c
+                .volumes()
+                .map(|v| {
+                    let data_pool = c.profile(&v.profile).and_then(|p| p.data_pool(&v.pool));
+                    (v.clone(), c.volume_status(&v.name), data_pool)
+                })
+                .collect();
+            (removals, profiles, volumes)
+        };
+
+        for r in removals {
+            if !ctl.is_leader() {
+                return Ok(());
+            }
+            let key = (r.pool.clone(), r.image.clone());
+            if self.memory.removals.get(&key).is_some_and(|t| t.elapsed() < RETRY_FAILED) {
+                continue;
+            }
+            let (pool, image) = key.clone();
+            match blocking(&cluster, move |c| remove_image(c, &pool, &image)).await? {
+                Ok(()) => {
+                    info!(volume = %r.volume, "storage: image {}/{} removed", r.pool, r.image);
+                    self.memory.removals.remove(&key);
+                    match ctl.write(Command::ImageRemoved { pool: r.pool, image: r.image }).await {
+                        Ok(_) | Err(NodeError::Command(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => {
+                    let message = clip(e.to_string());
+                    self.memory.removals.insert(key, Instant::now());
+                    if message != r.last_error {
+                        warn!(volume = %r.volume, "storage: cannot remove image {}/{}: {message}", r.pool, r.image);
+                        let cmd = Command::ImageRemovalFailed { pool: r.pool, image: r.image, message };
+                        match ctl.write(cmd).await {
+                            Ok(_) | Err(NodeError::Command(_)) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
+        }
+
+        for (p, status, pools) in profiles {
+            if !ctl.is_leader() {
+                return Ok(());
+            }
+            if self.memory.profiles.get(&p.name).is_some_and(|d| d.still_good(&status)) {
+                continue;
+            }
+            let name = p.name.clone();
+            let pg_num = self.cfg.pg_num;
+            let (outcome, pool_results) = blocking(&cluster, move |c| ensure_profile(c, &p, &pools, pg_num)).await?;
+            self.memory.pools.extend(pool_results);
+            let (state, message) = match outcome {
+                Ok(m) => (StorageState::Ready, m),
+                Err(m) => (StorageState::Failed, m),
+            };
+            if self.record(ctl, StorageSubject::Profile(name.clone()), &status, state, message).await? {
+                self.memory
+                    .profiles
+                    .insert(name, Done { spec_revision: status.spec_revision, state, at: Instant::now() });
+            }
+        }
+
+        for (v, status, data_pool) in volumes {
+            if !ctl.is_leader() {
+                return Ok(());
+            }
+            if self.memory.volumes.get(&v.name).is_some_and(|d| d.still_good(&status)) {
+                continue;
+            }
+            let outcome = match self.memory.pools.get(&v.pool) {
+                // Its profile has not looked at the pool yet (it is next pass's work).
+                None => continue,
+                Some(Err(e)) => Err(e.clone()),
+                Some(Ok(())) => {
+                    let (pool, image, size, was_ready) =
+                        (v.pool.clone(), v.image.clone(), v.size_bytes, status.was_ready);
+                    blocking(&cluster, move |c| ensure_image(c, &pool, &image, size, data_pool, was_ready)).await?
+                }
+            };
+            let (state, message) = match outcome {
+                Ok(m) => (StorageState::Ready, m),
+                Err(m) => (StorageState::Failed, m),
+            };
+            if self.record(ctl, StorageSubject::Volume(v.name.clone()), &status, state, message).await? {
+                self.memory
+                    .volumes
+                    .insert(v.name, Done { spec_revision: status.spec_revision, state, at: Instant::now() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits an outcome unless the recorded status already says it.
+    /// Returns false if the record changed meanwhile (the next pass redoes it).
+    async fn record(
+        &self,
+        ctl: &Controller,
+        subject: StorageSubject,
+        status: &StorageStatus,
+        state: StorageState,
+        message: String,
+    ) -> Result<bool, NodeError> {
+        let message = clip(message);
+        if status.state == state && status.message == message {
+            return Ok(true);
+        }
+        match state {
+            StorageState::Failed => warn!("storage: {subject} failed: {message}"),
+            _ => info!("storage: {subject} {state}: {message}"),
+        }
+        let cmd = Command::SetStorageStatus { subject, spec_revision: status.spec_revision, state, message };
+        match ctl.write(cmd).await {
+            Ok(_) => Ok(true),
+            Err(NodeError::Command(e)) => {
+                info!("storage: outcome not recorded: {e}");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+// ---- what runs on the blocking pool ----
+
+fn remove_image(c: &Cluster, pool: &str, image: &str) -> Result<(), CephError> {
+    let gone = |e: &CephError| e.code() == Some(ENOENT);
+    let io = match c.ioctx(pool) {
+        Ok(io) => io,
+        Err(e) if gone(&e) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    match rbd::remove(&io, image) {
+        Err(e) if !gone(&e) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Every pool by name, with what `osd pool ls detail` says of it.
+fn pool_details(c: &Cluster) -> Result<BTreeMap<String, Value>, CephError> {
+    let pools: Vec<Value> = c.mon_json(&json!({"prefix": "osd pool ls", "detail": "detail", "format": "json"}))?;
+    Ok(pools.into_iter().filter_map(|p| Some((p.get("pool_name")?.as_str()?.to_string(), p))).collect())
+}
+
+/// The profile's erasure-code profile, its volumes' pools and its OSD
+/// tunables. Returns the profile's outcome and each pool's.
+#[allow(clippy::type_complexity)]
+fn ensure_profile(
+    c: &Cluster,
+    p: &StorageProfile,
+    pools: &[String],
+    pg_num: Option<u32>,
+) -> (Result<String, String>, Vec<(String, Result<(), String>)>) {
+    let all_failed = |msg: String| {
+        let each = pools.iter().map(|pool| (pool.clone(), Err(msg.clone()))).collect();
+        (Err(msg), each)
+    };
+    let mut done = Vec::new();
+    if let Some(ec) = p.erasure_code_profile() {
+        if let Err(e) = c.create_ec_profile(&ec) {
+            return all_failed(format!("erasure-code profile {}: {e}", ec.name));
+        }
+        done.push(format!("erasure-code profile {}", ec.name));
+    }
+    let details = match pool_details(c) {
+        Ok(d) => d,
+        Err(e) => return all_failed(e.to_string()),
+    };
+    let mut first_error = None;
+    let mut results = Vec::new();
+    let mut names = Vec::new();
+    for pool in pools {
+        let r = p.pools(pool).into_iter().try_for_each(|spec| {
+            names.push(spec.name.clone());
+            let spec = PoolSpec { pg_num, ..spec };
+            ensure_pool(c, &spec, details.get(&spec.name))
+        });
+        if let Err(e) = &r {
+            first_error.get_or_insert_with(|| e.clone());
+        }
+        results.push((pool.clone(), r));
+    }
+    if names.is_empty() {
+        done.push("no pools yet (no volumes)".into());
+    } else {
+        done.push(format!("pools {}", names.join(", ")));
+    }
+    if !p.osd_tunables.is_empty() {
+        match c.apply_osd_tunables(&p.tunables()) {
+            Ok(()) => {
+                let t: Vec<String> = p.osd_tunables.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                done.push(format!("OSD tunables {}", t.join(", ")));
+            }
+            Err(e) => {
+                first_error.get_or_insert_with(|| format!("OSD tunables: {e}"));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => (Err(e), results),
+        None => (Ok(done.join("; ")), results),
+    }
+}
+
+/// Creates the pool, or brings an existing one of the right type to the spec.
+fn ensure_pool(c: &Cluster, spec: &PoolSpec, existing: Option<&Value>) -> Result<(), String> {
+    let name = &spec.name;
+    let ceph = |e: CephError| format!("pool {name}: {e}");
+    let Some(info) = existing else {
+        return c.create_pool(spec).map_err(ceph);
+    };
+    // `type` in the OSD map: 1 replicated, 3 erasure.
+    let ty = info.get("type").and_then(Value::as_i64);
+    let ec_profile = info.get("erasure_code_profile").and_then(Value::as_str).unwrap_or_default();
+    match &spec.kind {
+        PoolKind::Replicated { size, min_size } => {
+            if ty != Some(1) {
+                return Err(format!(
+                    "pool {name} exists and is not replicated (erasure-code profile {ec_profile:?}); this profile needs it replicated, and Basalt does not change a pool's type"
+                ));
+            }
+            let num = |k: &str| info.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let (cur_size, cur_min) = (num("size"), num("min_size"));
+            let set = |var: &str, v: u32| c.set_pool(name, var, &v.to_string()).map_err(ceph);
+            // Keep min_size <= size at every step.
+            if u64::from(*size) >= cur_size {
+                if u64::from(*size) != cur_size {
+                    set("size", *size)?;
+                }
+                if u64::from(*min_size) != cur_min {
+                    set("min_size", *min_size)?;
+                }
+            } else {
+                if u64::from(*min_size) != cur_min {
+                    set("min_size", *min_size)?;
+                }
+                set("size", *size)?;
+            }
+        }
+        PoolKind::Erasure { profile, allow_ec_overwrites } => {
+            if ty != Some(3) {
+                return Err(format!(
+                    "pool {name} exists and is replicated; it is needed as the erasure-coded data pool (erasure-code profile {profile}), and Basalt does not change a pool's type"
+                ));
+            }
+            if ec_profile != profile {
+                return Err(format!(
+                    "pool {name} exists with erasure-code profile {ec_profile:?}, not {profile:?}; a pool's erasure-code profile cannot change"
+                ));
+            }
+            let flags = info.get("flags_names").and_then(Value::as_str).unwrap_or_default();
+            if *allow_ec_overwrites && !flags.split(',').any(|f| f == "ec_overwrites") {
+                c.set_pool(name, "allow_ec_overwrites", "true").map_err(ceph)?;
+            }
+        }
+    }
+    if let Some(app) = &spec.application {
+        if info.pointer(&format!("/application_metadata/{app}")).is_none() {
+            // Ceph refuses a second application on a pool unless forced;
+            // Basalt never forces, so that refusal is reported as is.
+            c.mon_command(&json!({"prefix": "osd pool application enable", "pool": name, "app": app})).map_err(ceph)?;
+        }
+    }
+    Ok(())
+}
+
+/// The volume's image with at least its size. Returns what Ceph now holds.
+fn ensure_image(
+    c: &Cluster,
+    pool: &str,
+    image: &str,
+    size: u64,
+    data_pool: Option<String>,
+    was_ready: bool,
+) -> Result<String, String> {
+    let err = |e: CephError| e.to_string();
+    let io = c.ioctx(pool).map_err(err)?;
+    let have = match Image::open(&io, image) {
+        Ok(img) => {
+            let cur = img.size().map_err(err)?;
+            if cur < size {
+                // Grow only: re-read just before, so nothing smaller than
+                // what is there is ever asked for.
+                img.resize(size).map_err(err)?;
+                img.size().map_err(err)?
+            } else {
+                cur
+            }
+        }
+        Err(e) if e.code() == Some(ENOENT) => {
+            if was_ready {
+                return Err(format!(
+                    "image {pool}/{image} is gone from Ceph although it was created; not recreating it empty (restore it, or delete the volume)"
+                ));
+            }
+            let opts = ImageOptions {
+                features: Some(features::VM_DEFAULT),
+                data_pool: data_pool.clone(),
+                ..Default::default()
+            };
+            rbd::create(&io, image, size, &opts).map_err(err)?;
+            size
+        }
+        Err(e) => return Err(err(e)),
+    };
+    Ok(match data_pool {
+        Some(dp) => format!("image {pool}/{image}, {have} bytes, data in pool {dp}"),
+        None => format!("image {pool}/{image}, {have} bytes"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_clipped_on_a_character_boundary() {
+        assert_eq!(clip("short".into()), "short");
+        let long = "é".repeat(MAX_STATUS_MESSAGE);
+        let c = clip(long);
+        assert!(c.len() <= MAX_STATUS_MESSAGE && c.ends_with("..."), "{}", c.len());
+    }
+
+    #[test]
+    fn a_remembered_outcome_expires() {
+        let status =
+            |state, spec_revision| StorageStatus { state, message: String::new(), spec_revision, was_ready: false };
+        let d = Done { spec_revision: 7, state: StorageState::Ready, at: Instant::now() };
+        assert!(d.still_good(&status(StorageState::Ready, 7)));
+        assert!(!d.still_good(&status(StorageState::Ready, 8)), "the record changed");
+        assert!(!d.still_good(&status(StorageState::Pending, 7)), "the recorded status is not ours");
+        let old = Done { spec_revision: 7, state: StorageState::Failed, at: Instant::now() - RETRY_FAILED };
+        assert!(!old.still_good(&status(StorageState::Failed, 7)), "failures are retried");
+    }
+}
