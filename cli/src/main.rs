@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod cluster;
 mod objects;
 mod storage_bench;
+mod vm_host;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Administer a Basalt cluster")]
@@ -50,7 +51,7 @@ enum Command {
         #[command(subcommand)]
         cmd: objects::NodeCmd,
     },
-    /// Virtual machines: create, list, show, start, stop, restart, delete.
+    /// Virtual machines: create, list, show, start, stop, restart, delete, console, stats, vgic-state.
     Vm {
         #[command(subcommand)]
         cmd: objects::VmCmd,
@@ -139,7 +140,10 @@ fn main() -> ExitCode {
 fn finish(r: Result<String, cluster::CliError>, what: &str) -> ExitCode {
     match r {
         Ok(text) => {
-            println!("{}", text.trim_end());
+            // Empty when the command streamed its output itself (vm console).
+            if !text.is_empty() {
+                println!("{}", text.trim_end());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -52,6 +52,20 @@ pub enum VmCmd {
         #[arg(long)]
         delete_disks: bool,
     },
+    /// Print the VM's serial console (from its host's agent); -f follows it.
+    Console {
+        name: String,
+        /// Keep printing what the guest writes until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// Start this many bytes before the end (0: from the beginning).
+        #[arg(long, default_value_t = 0)]
+        tail: u64,
+    },
+    /// The VMM's KVM exit counters (from its host's agent).
+    Stats { name: String },
+    /// The VM's vGICv3 state: distributor, redistributors, CPU interfaces.
+    VgicState { name: String },
 }
 
 #[derive(Args, Debug)]
@@ -571,6 +585,26 @@ pub fn vm(endpoints: &[String], cmd: &VmCmd, as_json: bool) -> Result<String, Cl
                     wait_phase(&mut c, &p.name, pb::VmPhase::Running, Duration::from_secs(p.timeout)).await?;
                 }
                 written(&w, &format!("vm {} restarted", p.name), as_json)
+            }
+            VmCmd::Console { name, follow, tail } => {
+                crate::vm_host::console(&mut c, name, *tail, *follow).await?;
+                String::new()
+            }
+            VmCmd::Stats { name } => {
+                let v = crate::vm_host::control(&mut c, name, "counters").await?;
+                if as_json {
+                    v.to_string()
+                } else {
+                    crate::vm_host::counters_table(&v)
+                }
+            }
+            VmCmd::VgicState { name } => {
+                let v = crate::vm_host::control(&mut c, name, "vgic-state").await?;
+                if as_json {
+                    v.to_string()
+                } else {
+                    serde_json::to_string_pretty(&v).unwrap_or_default()
+                }
             }
             VmCmd::Delete { name, delete_disks } => {
                 let w = c

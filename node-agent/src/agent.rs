@@ -39,6 +39,19 @@ impl Agent {
             let m = self.metrics.clone();
             tokio::spawn(basalt_metrics_http::serve(l, Arc::new(move || m.render())));
         }
+        let node_listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| format!("node service on {}: {e}", cfg.listen))?;
+        info!("node service on {}", cfg.listen);
+        let node_api = basalt_proto::v1::node_service_server::NodeServiceServer::new(crate::node_service::NodeApi {
+            state_dir: cfg.state_dir.clone(),
+        });
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(node_listener);
+            if let Err(e) = tonic::transport::Server::builder().add_service(node_api).serve_with_incoming(incoming).await {
+                warn!("node service stopped: {e}");
+            }
+        });
         let (ev_tx, ev_rx) = mpsc::channel(64);
         let (rep_tx, rep_rx) = mpsc::unbounded_channel();
         let mut sup = Supervisor::new(cfg.clone(), ev_tx.clone(), rep_tx.clone(), self.metrics.clone());

@@ -21,6 +21,8 @@ pub struct FileConfig {
     pub labels: BTreeMap<String, String>,
     pub state_dir: Option<PathBuf>,
     pub vmm: Option<PathBuf>,
+    /// Where the node service listens (default: all addresses, the port of `address`).
+    pub listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u64>,
@@ -78,6 +80,7 @@ pub struct Flags {
     pub labels: Vec<String>,
     pub state_dir: Option<PathBuf>,
     pub vmm: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u64>,
@@ -100,6 +103,8 @@ pub struct Config {
     /// One directory per VM under `vms/`: its config, console log and control socket.
     pub state_dir: PathBuf,
     pub vmm: PathBuf,
+    /// The node service (VM console, counters, vGIC state for basaltctl).
+    pub listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
     pub ceph: CephConfig,
     pub timing: Timing,
@@ -160,6 +165,8 @@ impl Config {
                 "address {address:?} (how other hosts reach this one, for migrations) must be host:port (--address)"
             ));
         }
+        let port = address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or(0);
+        let listen = flags.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], port)));
         let controllers = if flags.controllers.is_empty() { file.controllers } else { flags.controllers };
         if controllers.is_empty() {
             return invalid("controllers must list at least one controller host:port (--controller)");
@@ -212,6 +219,7 @@ impl Config {
             memory_mib,
             state_dir: flags.state_dir.or(file.state_dir).unwrap_or_else(|| "/var/lib/basalt-agent".into()),
             vmm: flags.vmm.or(file.vmm).unwrap_or_else(|| "basalt-vmm".into()),
+            listen,
             metrics_listen: flags.metrics_listen.or(file.metrics_listen),
             ceph,
             timing: Timing {
@@ -250,6 +258,7 @@ mod tests {
         assert_eq!(c.labels["rack"], "r1");
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/basalt-agent"));
         assert_eq!(c.timing.max_restarts, 3);
+        assert_eq!(c.listen, "0.0.0.0:7200".parse().expect("addr"), "the node service listens on the address's port");
         assert_eq!(c.ceph.id.as_deref(), Some("vm"));
     }
 

@@ -13,6 +13,7 @@ mod agent;
 mod config;
 mod controllers;
 mod metrics;
+mod node_service;
 mod reporter;
 mod supervisor;
 mod vmm;
@@ -41,6 +42,10 @@ struct Args {
     /// The basalt-vmm binary (a path, or a name found in PATH).
     #[arg(long)]
     vmm: Option<PathBuf>,
+    /// Serve the node service (VM console, counters, vGIC state) here
+    /// (default: all addresses, the port of --address).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -97,6 +102,7 @@ fn main() -> ExitCode {
         labels: args.labels,
         state_dir: args.state_dir,
         vmm: args.vmm,
+        listen: args.listen,
         metrics_listen: args.metrics_listen,
         vcpus: args.vcpus,
         memory_mib: args.memory_mib,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use basalt_proto::v1 as pb;
 use basalt_proto::v1::cluster_service_client::ClusterServiceClient;
 use basalt_storage::ceph::{ClientConfig, Cluster};
-use basalt_tests::controllers::{ControllerCluster, Options};
+use basalt_tests::controllers::{host_bin, ControllerCluster, Options};
 use basalt_tests::rig::netns::BRIDGE_ADDR;
 use basalt_tests::rig::{guest, Arm64Host, Artifacts, Netns, NetnsCeph};
 use tonic::transport::Channel;
@@ -31,6 +31,7 @@ case "$(cat /proc/cmdline)" in
     while true; do
         i=$((i+1))
         echo "TICK $i" | dd of=/dev/vda bs=512 seek=2 count=1 conv=sync oflag=direct 2>/dev/null
+        echo "TICK $i"
         sleep 1
     done ;;
 *)
@@ -296,6 +297,45 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
         t.strip_prefix("TICK ").and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
     };
     api.eventually("the ticker ticks", Duration::from_secs(120), |_| (ticks() > 0).then_some(()));
+
+    // What only the host knows, through basaltctl and the agent's node service.
+    let endpoints: Vec<String> = ctl.ids().iter().map(|id| ctl.addr(*id)).collect();
+    let basaltctl = |args: &[&str]| {
+        let out = std::process::Command::new(host_bin("basaltctl"))
+            .arg("--endpoints")
+            .arg(endpoints.join(","))
+            .args(args)
+            .output()
+            .expect("run basaltctl");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (rc, out, err) = basaltctl(&["-o", "json", "vm", "stats", "ticker"]);
+    assert_eq!(rc, Some(0), "vm stats: {err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).expect("stats JSON");
+    assert!(stats["serial_tx_bytes"].as_u64().unwrap_or(0) > 0, "the guest wrote to its console: {stats}");
+    assert!(stats["vcpus"][0]["mmio_exits_handled"].as_u64().unwrap_or(0) > 0, "{stats}");
+    let (rc, out, err) = basaltctl(&["vm", "stats", "ticker"]);
+    assert!(rc == Some(0) && out.contains("serial_tx_bytes"), "vm stats as a table: {out} {err}");
+    let (rc, out, err) = basaltctl(&["-o", "json", "vm", "vgic-state", "ticker"]);
+    assert_eq!(rc, Some(0), "vm vgic-state: {err}");
+    let gic: serde_json::Value = serde_json::from_str(&out).expect("vgic JSON");
+    let irqs = gic["irqs"].as_array().cloned().unwrap_or_default();
+    assert!(irqs.iter().any(|i| i["intid"] == 27), "the virtual timer's PPI 27 is in the vGIC state: {gic}");
+    let (rc, out, err) = basaltctl(&["vm", "console", "ticker", "--tail", "2000"]);
+    assert!(rc == Some(0) && out.contains("TICK "), "vm console shows the guest's output: {out} {err}");
+    let (rc, _, err) = basaltctl(&["vm", "stats", "too-big"]);
+    assert!(rc == Some(1) && err.contains("not placed"), "a pending VM has no host to ask: {rc:?} {err}");
+    // The node service refuses what it does not offer, and names that are not VM names.
+    let node = api.nodes().into_iter().find(|n| n.vms.iter().any(|v| v == "ticker")).expect("ticker's node");
+    let mut ns_client = api
+        .rt
+        .block_on(basalt_proto::v1::node_service_client::NodeServiceClient::connect(format!("http://{}", node.address)))
+        .expect("node service");
+    for (vm, cmd) in [("ticker", "pause"), ("../../etc", "status"), ("ticker", "shutdown")] {
+        let r = api.rt.block_on(ns_client.vm_control(pb::VmControlRequest { vm: vm.into(), command: cmd.into() }));
+        assert_eq!(r.err().map(|s| s.code()), Some(tonic::Code::InvalidArgument), "{vm} {cmd}");
+    }
+    assert!(ticks() > 0, "still running after those refusals");
     for id in ctl.ids() {
         ctl.stop(id);
     }
