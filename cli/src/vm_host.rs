@@ -48,12 +48,7 @@ pub async fn control(c: &mut ClusterServiceClient<Channel>, vm: &str, command: &
 
 /// Copies the console to stdout: the last `tail` bytes (all with 0), then,
 /// with `follow`, whatever the guest prints until interrupted.
-pub async fn console(
-    c: &mut ClusterServiceClient<Channel>,
-    vm: &str,
-    tail: u64,
-    follow: bool,
-) -> Result<(), CliError> {
+pub async fn console(c: &mut ClusterServiceClient<Channel>, vm: &str, tail: u64, follow: bool) -> Result<(), CliError> {
     let mut n = node_of(c, vm).await?;
     let offset = if tail == 0 { 0 } else { -(tail.min(i64::MAX as u64) as i64) };
     let mut s = n
@@ -102,8 +97,8 @@ mod tests {
 
     #[test]
     fn counters_read_as_sorted_lines() {
-        let v: Value =
-            serde_json::from_str(r#"{"ids":[1,2],"exits":{"mmio":5,"hvc":1},"vcpus":[{"n":3},{"n":4}]}"#).expect("json");
+        let v: Value = serde_json::from_str(r#"{"ids":[1,2],"exits":{"mmio":5,"hvc":1},"vcpus":[{"n":3},{"n":4}]}"#)
+            .expect("json");
         let t = counters_table(&v);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 5, "{t}");

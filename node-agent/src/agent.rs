@@ -48,7 +48,9 @@ impl Agent {
         });
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(node_listener);
-            if let Err(e) = tonic::transport::Server::builder().add_service(node_api).serve_with_incoming(incoming).await {
+            if let Err(e) =
+                tonic::transport::Server::builder().add_service(node_api).serve_with_incoming(incoming).await
+            {
                 warn!("node service stopped: {e}");
             }
         });
@@ -97,7 +99,11 @@ impl Agent {
             host = %cfg.host_id, revision = r.revision, vcpus = cfg.vcpus, memory_mib = cfg.memory_mib,
             "registered with the controllers"
         );
-        Ok(if r.heartbeat_interval_ms > 0 { Duration::from_millis(r.heartbeat_interval_ms) } else { cfg.timing.heartbeat })
+        Ok(if r.heartbeat_interval_ms > 0 {
+            Duration::from_millis(r.heartbeat_interval_ms)
+        } else {
+            cfg.timing.heartbeat
+        })
     }
 
     /// Registration is retried forever on transport errors; a refusal (bad
@@ -162,7 +168,9 @@ impl Agent {
         let mut backoff = Duration::from_millis(200);
         loop {
             let stream = match self.ctl.agent().await {
-                Ok(mut c) => c.watch_assignments(pb::WatchAssignmentsRequest { node: node.clone(), from_revision: last }).await,
+                Ok(mut c) => {
+                    c.watch_assignments(pb::WatchAssignmentsRequest { node: node.clone(), from_revision: last }).await
+                }
                 Err(e) => Err(tonic::Status::unavailable(e)),
             };
             match stream {

@@ -76,5 +76,8 @@ impl Controllers {
 /// Errors that say "this controller could not serve the call" (as opposed to
 /// a refusal of the request itself): worth trying another controller.
 pub fn is_transport(s: &tonic::Status) -> bool {
-    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown | tonic::Code::Cancelled)
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
 }

@@ -91,7 +91,8 @@ impl NodeService for NodeApi {
             .await
             .map_err(|e| Status::not_found(format!("vm {}: no console output yet ({e})", r.vm)))?;
         let len = f.metadata().await.map_err(|e| Status::internal(e.to_string()))?.len();
-        let mut pos = if r.offset < 0 { len.saturating_sub(r.offset.unsigned_abs()) } else { (r.offset as u64).min(len) };
+        let mut pos =
+            if r.offset < 0 { len.saturating_sub(r.offset.unsigned_abs()) } else { (r.offset as u64).min(len) };
         f.seek(std::io::SeekFrom::Start(pos)).await.map_err(|e| Status::internal(e.to_string()))?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -151,7 +152,10 @@ mod tests {
         let call = |vm: &str, cmd: &str| pb::VmControlRequest { vm: vm.into(), command: cmd.into() };
         let code = |r: Result<_, Status>| r.err().map(|s| s.code());
         assert_eq!(code(api.vm_control(Request::new(call("web", "pause"))).await), Some(tonic::Code::InvalidArgument));
-        assert_eq!(code(api.vm_control(Request::new(call("../x", "status"))).await), Some(tonic::Code::InvalidArgument));
+        assert_eq!(
+            code(api.vm_control(Request::new(call("../x", "status"))).await),
+            Some(tonic::Code::InvalidArgument)
+        );
         assert_eq!(code(api.vm_control(Request::new(call("web", "status"))).await), Some(tonic::Code::NotFound));
         let d = VmDir::new(dir.path(), "web");
         std::fs::create_dir_all(&d.0).expect("vm dir");

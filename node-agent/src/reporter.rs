@@ -17,9 +17,16 @@ use crate::metrics::Metrics;
 
 #[derive(Debug)]
 pub enum ReporterMsg {
-    Status { vm: String, phase: pb::VmPhase, message: String },
+    Status {
+        vm: String,
+        phase: pb::VmPhase,
+        message: String,
+    },
     /// The guest powered off by itself: make its desired power Stopped.
-    GuestPoweredOff { vm: String, generation: u64 },
+    GuestPoweredOff {
+        vm: String,
+        generation: u64,
+    },
     /// The controllers are back (or a new watch began): send everything again.
     Resync,
 }
@@ -97,7 +104,12 @@ async fn send_all(
                 return Err(e);
             }
         };
-        let req = pb::ReportVmStatusRequest { node: node.into(), vm: vm.clone(), phase: phase as i32, message: message.clone() };
+        let req = pb::ReportVmStatusRequest {
+            node: node.into(),
+            vm: vm.clone(),
+            phase: phase as i32,
+            message: message.clone(),
+        };
         match client.report_vm_status(req).await {
             Ok(_) => info!(vm, phase = phase.as_str_name(), "reported"),
             Err(s) if is_transport(&s) => {

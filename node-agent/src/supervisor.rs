@@ -31,10 +31,17 @@ use crate::vmm::{last_log_line, vm_config, ExitKind, VmDir};
 pub enum Event {
     Assigned(pb::Assignments),
     /// The VMM's control socket answered: the VM is running.
-    Up { vm: String, token: u64 },
+    Up {
+        vm: String,
+        token: u64,
+    },
     /// `status` is None for a process adopted from an earlier agent (not our
     /// child, so its status is unknown).
-    Exited { vm: String, token: u64, status: Option<ExitStatus> },
+    Exited {
+        vm: String,
+        token: u64,
+        status: Option<ExitStatus>,
+    },
     Tick,
 }
 
@@ -159,7 +166,11 @@ impl Supervisor {
                     }
                     slot.vm = Some(vm);
                 }
-                info!(revision = a.revision, vms = self.slots.values().filter(|s| s.vm.is_some()).count(), "assignments");
+                info!(
+                    revision = a.revision,
+                    vms = self.slots.values().filter(|s| s.vm.is_some()).count(),
+                    "assignments"
+                );
             }
             Event::Up { vm, token } => {
                 if let Some(slot) = self.slots.get_mut(&vm) {
@@ -185,7 +196,8 @@ impl Supervisor {
         let Some(p) = slot.proc.take() else { return };
         let dir = VmDir::new(&cfg.state_dir, vm);
         let _ = std::fs::remove_file(dir.pid_file());
-        let kind = status.map_or(ExitKind::Other("exited (status unknown: started by an earlier agent)".into()), ExitKind::of);
+        let kind =
+            status.map_or(ExitKind::Other("exited (status unknown: started by an earlier agent)".into()), ExitKind::of);
         self.metrics.exit(kind.label());
         if p.stop_requested.is_some() {
             let msg = if p.killed {
@@ -243,8 +255,7 @@ impl Supervisor {
             let now = Instant::now();
             let stop_timeout = self.cfg.timing.stop_timeout;
             let Some(slot) = self.slots.get_mut(&name) else { continue };
-            let want_running =
-                slot.vm.as_ref().is_some_and(|v| v.desired_power == pb::Power::Running as i32);
+            let want_running = slot.vm.as_ref().is_some_and(|v| v.desired_power == pb::Power::Running as i32);
             match (&mut slot.proc, want_running) {
                 (Some(p), false) => match p.stop_requested {
                     None => {
@@ -334,7 +345,8 @@ impl Supervisor {
         let _ = std::fs::write(dir.pid_file(), pid.to_string());
         self.metrics.start();
         info!(vm = %name, pid, generation = vm.generation, "started basalt-vmm");
-        slot.proc = Some(Proc { token, pid, generation: vm.generation, up: false, stop_requested: None, killed: false });
+        slot.proc =
+            Some(Proc { token, pid, generation: vm.generation, up: false, stop_requested: None, killed: false });
         set_phase(&self.reports, name, slot, VmPhase::Starting, format!("basalt-vmm pid {pid} on {}", cfg.host_id));
 
         let events = self.events.clone();
@@ -422,4 +434,161 @@ fn is_our_vmm(pid: i32, dir: &VmDir) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
     let want = dir.config();
     alive(pid) && cmdline.split(|b| *b == 0).any(|a| Path::new(std::ffi::OsStr::from_bytes(a)) == want)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The supervision logic against a stand-in for basalt-vmm (a shell
+    //! script at the process seam that exits or sleeps as the VM's cmdline
+    //! says); real VMMs are covered by tests/tests/agent_cluster.rs.
+    use super::*;
+    use crate::config::{FileConfig, Flags};
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        kernel: String,
+        events: mpsc::Sender<Event>,
+        reports: mpsc::UnboundedReceiver<ReporterMsg>,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().expect("tmp");
+        let vmm = dir.path().join("fake-vmm");
+        std::fs::write(
+            &vmm,
+            "#!/bin/sh\n# args: --config FILE --control-socket SOCK\n\
+             grep -q mode=crash \"$2\" && { echo 'guest failed: boom' >&2; exit 2; }\n\
+             grep -q mode=poweroff \"$2\" && exit 0\n\
+             exec sleep 600\n",
+        )
+        .expect("fake vmm");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let kernel = dir.path().join("Image");
+        std::fs::write(&kernel, b"k").expect("kernel");
+        let file: FileConfig = toml::from_str(&format!(
+            "host_id = \"h1\"\naddress = \"127.0.0.1:7200\"\ncontrollers = [\"127.0.0.1:1\"]\nvcpus = 2\nmemory_mib = 1024\n\
+             state_dir = \"{}\"\nvmm = \"{}\"\n[timing]\nrestart_backoff_ms = 50\nmax_restarts = 2\nstop_timeout_ms = 3000\n",
+            dir.path().join("state").display(),
+            vmm.display()
+        ))
+        .expect("config");
+        let cfg = Arc::new(Config::resolve(file, Flags::default()).expect("valid"));
+        let (ev_tx, ev_rx) = mpsc::channel(16);
+        let (rep_tx, rep_rx) = mpsc::unbounded_channel();
+        tokio::spawn(Supervisor::new(cfg, ev_tx.clone(), rep_tx, Arc::new(Metrics::new())).run(ev_rx));
+        Rig { kernel: kernel.display().to_string(), _dir: dir, events: ev_tx, reports: rep_rx }
+    }
+
+    fn vm(kernel: &str, name: &str, mode: &str, power: pb::Power, generation: u64) -> pb::Vm {
+        pb::Vm {
+            name: name.into(),
+            spec: Some(pb::VmSpec {
+                vcpus: 1,
+                memory_mib: 128,
+                boot: Some(pb::vm_spec::Boot::Kernel(pb::KernelBoot {
+                    kernel: kernel.into(),
+                    initrd: String::new(),
+                    cmdline: format!("mode={mode}"),
+                })),
+                ..Default::default()
+            }),
+            desired_power: power as i32,
+            generation,
+            ..Default::default()
+        }
+    }
+
+    async fn assign(r: &Rig, vms: Vec<pb::Vm>) {
+        r.events.send(Event::Assigned(pb::Assignments { revision: 1, vms, volumes: vec![] })).await.expect("send");
+    }
+
+    /// The next status report (power-off notices are collected aside).
+    async fn next(r: &mut Rig, offs: &mut Vec<(String, u64)>) -> (String, VmPhase, String) {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), r.reports.recv()).await.expect("a report in time");
+            match m.expect("reporter channel open") {
+                ReporterMsg::Status { vm, phase, message } => return (vm, phase, message),
+                ReporterMsg::GuestPoweredOff { vm, generation } => offs.push((vm, generation)),
+                ReporterMsg::Resync => {}
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_crashing_vm_is_restarted_with_backoff_then_left_failed() {
+        let mut r = rig();
+        let mut offs = Vec::new();
+        assign(&r, vec![vm(&r.kernel, "c", "crash", pb::Power::Running, 1)]).await;
+        let mut failures = Vec::new();
+        while failures.len() < 3 {
+            let (vm, phase, msg) = next(&mut r, &mut offs).await;
+            assert_eq!(vm, "c");
+            if phase == VmPhase::Failed {
+                assert!(msg.contains("the guest or KVM failed") && msg.contains("boom"), "{msg}");
+                failures.push(msg);
+            }
+        }
+        assert!(
+            failures[0].contains("restarting in 0.1 s") || failures[0].contains("restarting in 0.0 s"),
+            "{failures:?}"
+        );
+        assert!(failures[1].contains("restarting in 0.1 s"), "the backoff doubles: {failures:?}");
+        assert!(failures[2].contains("not restarted again (2 restarts"), "{failures:?}");
+        // No further start for this generation...
+        assert!(tokio::time::timeout(Duration::from_millis(700), r.reports.recv()).await.is_err(), "no more reports");
+        // ...until a new intent (generation) arrives.
+        assign(&r, vec![vm(&r.kernel, "c", "crash", pb::Power::Running, 2)]).await;
+        assert_eq!(next(&mut r, &mut offs).await.1, VmPhase::Starting);
+        assert!(offs.is_empty());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_guest_power_off_is_reported_and_becomes_the_desired_power() {
+        let mut r = rig();
+        let mut offs = Vec::new();
+        assign(&r, vec![vm(&r.kernel, "p", "poweroff", pb::Power::Running, 7)]).await;
+        assert_eq!(next(&mut r, &mut offs).await.1, VmPhase::Starting);
+        let (_, phase, msg) = next(&mut r, &mut offs).await;
+        assert_eq!((phase, msg.as_str()), (VmPhase::Stopped, "the guest powered off"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while let Ok(m) = r.reports.try_recv() {
+            if let ReporterMsg::GuestPoweredOff { vm, generation } = m {
+                offs.push((vm, generation));
+            }
+        }
+        assert_eq!(offs, vec![("p".to_string(), 7)], "compare-and-set on the generation that ran");
+        assert!(tokio::time::timeout(Duration::from_millis(700), r.reports.recv()).await.is_err(), "not restarted");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn stopped_and_unassigned_vms_are_terminated() {
+        let mut r = rig();
+        let mut offs = Vec::new();
+        assign(
+            &r,
+            vec![vm(&r.kernel, "a", "run", pb::Power::Running, 1), vm(&r.kernel, "b", "run", pb::Power::Running, 1)],
+        )
+        .await;
+        for _ in 0..2 {
+            assert_eq!(next(&mut r, &mut offs).await.1, VmPhase::Starting);
+        }
+        // a: desired Stopped; b: no longer assigned here.
+        assign(&r, vec![vm(&r.kernel, "a", "run", pb::Power::Stopped, 2)]).await;
+        // The two exits may come in either order.
+        let mut stopped = BTreeMap::new();
+        for _ in 0..2 {
+            let (vm, phase, msg) = next(&mut r, &mut offs).await;
+            stopped.insert(vm, (phase, msg));
+        }
+        assert_eq!(stopped["a"], (VmPhase::Stopped, "stopped".to_string()));
+        assert_eq!(stopped["b"].0, VmPhase::Stopped);
+        // A spec the host cannot run is refused without a process.
+        let mut bad = vm("/nonexistent/Image", "x", "run", pb::Power::Running, 1);
+        bad.name = "x".into();
+        assign(&r, vec![bad]).await;
+        let (vm_x, phase, msg) = next(&mut r, &mut offs).await;
+        assert_eq!((vm_x.as_str(), phase), ("x", VmPhase::Failed));
+        assert!(msg.contains("cannot run on h1") && msg.contains("kernel"), "{msg}");
+    }
 }

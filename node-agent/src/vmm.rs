@@ -55,7 +55,8 @@ pub fn vm_config(
     };
     let mut disks = Vec::with_capacity(spec.disks.len());
     for d in &spec.disks {
-        let v = volumes.get(&d.volume).ok_or_else(|| format!("volume {} was not sent with the assignment", d.volume))?;
+        let v =
+            volumes.get(&d.volume).ok_or_else(|| format!("volume {} was not sent with the assignment", d.volume))?;
         disks.push(DiskConfig {
             backend: DiskBackend::Rbd {
                 pool: v.pool.clone(),

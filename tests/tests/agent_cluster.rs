@@ -55,12 +55,18 @@ struct Api {
 impl Api {
     fn vm(&self, name: &str) -> Option<pb::Vm> {
         let mut c = self.client.clone();
-        self.rt.block_on(c.get_vm(pb::GetRequest { name: name.into(), allow_stale: false })).ok().map(|r| r.into_inner())
+        self.rt
+            .block_on(c.get_vm(pb::GetRequest { name: name.into(), allow_stale: false }))
+            .ok()
+            .map(|r| r.into_inner())
     }
 
     fn volume(&self, name: &str) -> Option<pb::Volume> {
         let mut c = self.client.clone();
-        self.rt.block_on(c.get_volume(pb::GetRequest { name: name.into(), allow_stale: false })).ok().map(|r| r.into_inner())
+        self.rt
+            .block_on(c.get_volume(pb::GetRequest { name: name.into(), allow_stale: false }))
+            .ok()
+            .map(|r| r.into_inner())
     }
 
     fn nodes(&self) -> Vec<pb::Node> {
@@ -137,11 +143,7 @@ fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, con
 }
 
 fn read_image(ceph: &NetnsCeph, image: &str, offset: u64, len: usize) -> Vec<u8> {
-    let cfg = ClientConfig {
-        conf: Some(ceph.conf()),
-        keyring: Some(ceph.admin_keyring()),
-        ..ClientConfig::default()
-    };
+    let cfg = ClientConfig { conf: Some(ceph.conf()), keyring: Some(ceph.admin_keyring()), ..ClientConfig::default() };
     let c = Cluster::connect(&cfg).expect("connect to the namespace's Ceph");
     let io = c.ioctx(POOL).expect("pool");
     let img = basalt_storage::rbd::Image::open(&io, image).expect("open image");
@@ -199,7 +201,10 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     let controllers: String = ctl.ids().iter().map(|id| format!("--controller {} ", ctl.addr(*id))).collect();
 
     let mut hosts = Hosts(
-        [11u8, 12].iter().map(|o| agent_host(&arts, &mut ns, &ceph, *o, &controllers).spawn().expect("spawn host")).collect(),
+        [11u8, 12]
+            .iter()
+            .map(|o| agent_host(&arts, &mut ns, &ceph, *o, &controllers).spawn().expect("spawn host"))
+            .collect(),
     );
     api.eventually("both agents registered and Ready", Duration::from_secs(400), |a| {
         let n = a.nodes();
@@ -264,7 +269,11 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     create("aa2", vm_spec(128, Some("aa2-disk"), "writer", "e2e-group")).expect("create aa2");
     let placed: Vec<String> = ["aa1", "aa2"]
         .iter()
-        .map(|n| api.eventually(&format!("{n} placed"), Duration::from_secs(60), |a| a.vm(n).map(|v| v.placement).filter(|p| !p.is_empty())))
+        .map(|n| {
+            api.eventually(&format!("{n} placed"), Duration::from_secs(60), |a| {
+                a.vm(n).map(|v| v.placement).filter(|p| !p.is_empty())
+            })
+        })
         .collect();
     assert_ne!(placed[0], placed[1], "one anti-affinity group, two hosts");
     // A VM that fits nowhere is refused, saying why.
@@ -283,7 +292,9 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     }
 
     // Deleting a VM with its disks removes the image from Ceph.
-    api.rt.block_on(c.delete_vm(pb::DeleteVmRequest { name: "writer".into(), delete_disks: true })).expect("delete writer");
+    api.rt
+        .block_on(c.delete_vm(pb::DeleteVmRequest { name: "writer".into(), delete_disks: true }))
+        .expect("delete writer");
     api.eventually("writer's image removed", Duration::from_secs(120), |_| {
         (!image_exists(&ceph, "writer-disk-img")).then_some(())
     });
@@ -307,7 +318,11 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
             .args(args)
             .output()
             .expect("run basaltctl");
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (rc, out, err) = basaltctl(&["-o", "json", "vm", "stats", "ticker"]);
     assert_eq!(rc, Some(0), "vm stats: {err}");
