@@ -286,14 +286,19 @@ impl ControllerCluster {
 
     /// GET /metrics of controller `id`.
     pub fn scrape_metrics(&self, id: u64) -> std::io::Result<String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(self.metrics_addr(id))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
+        scrape_metrics(&self.metrics_addr(id))
     }
+}
+
+/// `GET /metrics` from any of Basalt's daemons (controller, agent): the raw HTTP answer.
+pub fn scrape_metrics(addr: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }
 
 impl Drop for ControllerCluster {

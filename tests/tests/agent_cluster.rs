@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use basalt_proto::v1 as pb;
 use basalt_proto::v1::cluster_service_client::ClusterServiceClient;
 use basalt_storage::ceph::{ClientConfig, Cluster};
-use basalt_tests::controllers::{host_bin, ControllerCluster, Options};
+use basalt_tests::controllers::{host_bin, scrape_metrics, ControllerCluster, Options};
 use basalt_tests::rig::netns::BRIDGE_ADDR;
 use basalt_tests::rig::{guest, Arm64Host, Artifacts, Netns, NetnsCeph};
 use tonic::transport::Channel;
@@ -120,7 +120,7 @@ fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, con
         "set -e\nmkdir -p /etc/ceph\ncp /basalt/ceph/ceph.conf /basalt/ceph/vm.keyring /etc/ceph/\n\
          NO_COLOR=1 exec basalt-agent --host-id {id} --address 10.77.0.{octet}:7200 {controllers} --vmm /basalt/bin/basalt-vmm \
          --state-dir /tmp/agent --ceph-conf /etc/ceph/ceph.conf --ceph-id vm --ceph-keyring /etc/ceph/vm.keyring \
-         --vcpus 4 --memory-mib 600 --label host={id}\n"
+         --vcpus 4 --memory-mib 600 --label host={id} --metrics-listen 0.0.0.0:9110\n"
     );
     let conf = ceph.host_conf("/etc/ceph/vm.keyring").expect("host ceph.conf");
     let keyring = std::fs::read(ceph.vm_keyring()).expect("vm keyring");
@@ -351,6 +351,12 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
         assert_eq!(r.err().map(|s| s.code()), Some(tonic::Code::InvalidArgument), "{vm} {cmd}");
     }
     assert!(ticks() > 0, "still running after those refusals");
+    // The agent's own metrics, scraped over the bridge.
+    let host = node.address.rsplit_once(':').map(|(h, _)| h.to_string()).expect("host:port");
+    let metrics = scrape_metrics(&format!("{host}:9110")).expect("agent metrics");
+    assert!(metrics.contains("basalt_agent_vms{phase=\"VM_PHASE_RUNNING\"} 1"), "{metrics}");
+    assert!(metrics.contains("basalt_agent_controllers_up 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("basalt_agent_vmm_starts_total ")), "{metrics}");
     for id in ctl.ids() {
         ctl.stop(id);
     }
