@@ -46,6 +46,13 @@ pub struct CephFileConfig {
     /// Placement groups of each pool the controller creates; without it
     /// Ceph's `osd_pool_default_pg_num` with the PG autoscaler on.
     pub pg_num: Option<u32>,
+    /// The restricted cephx client VMs open their disks with (id without
+    /// `client.`, e.g. `vm`). When set, the leader owns its caps: `mon
+    /// 'profile rbd'` and `osd`/`mgr` `profile rbd` on exactly the pools
+    /// Basalt volumes use plus `vm_client_pools`. The client must exist.
+    pub vm_client: Option<String>,
+    /// Pools the VM client keeps access to besides the volumes' own.
+    pub vm_client_pools: Option<Vec<String>>,
 }
 
 /// The validated `[ceph]` section.
@@ -55,6 +62,21 @@ pub struct CephConfig {
     pub id: String,
     pub keyring: Option<PathBuf>,
     pub pg_num: Option<u32>,
+    /// The VM client whose caps the leader keeps in line with the pools.
+    pub vm_client: Option<String>,
+    /// Extra pools for the VM client, sorted, no duplicates.
+    pub vm_client_pools: Vec<String>,
+}
+
+/// A cephx client id: not empty, A-Z a-z 0-9 - _ . only, no `client.`.
+fn check_client_id(key: &str, id: &str) -> Result<(), ConfigError> {
+    if id.starts_with("client.") {
+        return Err(ConfigError::Invalid(format!("{key} {id:?}: give the client id without the \"client.\" prefix")));
+    }
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        return Err(ConfigError::Invalid(format!("{key} {id:?} must be 1 or more of A-Z a-z 0-9 - _ .")));
+    }
+    Ok(())
 }
 
 impl CephFileConfig {
@@ -65,12 +87,7 @@ impl CephFileConfig {
             return Err(bad(format!("ceph.conf {} is not a file", conf.display())));
         }
         let id = self.id.unwrap_or_else(|| "admin".into());
-        if id.starts_with("client.") {
-            return Err(bad(format!("ceph.id {id:?}: give the client id without the \"client.\" prefix")));
-        }
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-            return Err(bad(format!("ceph.id {id:?} must be 1 or more of A-Z a-z 0-9 - _ .")));
-        }
+        check_client_id("ceph.id", &id)?;
         if let Some(k) = &self.keyring {
             if !k.is_file() {
                 return Err(bad(format!("ceph.keyring {} is not a file", k.display())));
@@ -81,7 +98,39 @@ impl CephFileConfig {
                 return Err(bad(format!("ceph.pg_num {pg} must be a power of two between 1 and 32768")));
             }
         }
-        Ok(CephConfig { conf, id, keyring: self.keyring, pg_num: self.pg_num })
+        if let Some(vm) = &self.vm_client {
+            check_client_id("ceph.vm_client", vm)?;
+            if *vm == id || vm == "admin" {
+                return Err(bad(format!(
+                    "ceph.vm_client {vm:?} would lose every cap but profile rbd; name the VMs' own client (e.g. \"vm\"), not the controller's or admin"
+                )));
+            }
+        }
+        let mut vm_client_pools = self.vm_client_pools.unwrap_or_default();
+        if !vm_client_pools.is_empty() && self.vm_client.is_none() {
+            return Err(bad("ceph.vm_client_pools needs ceph.vm_client".into()));
+        }
+        for p in &vm_client_pools {
+            let ok = !p.is_empty()
+                && p.len() <= 128
+                && !p.starts_with('.')
+                && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                return Err(bad(format!(
+                    "ceph.vm_client_pools: pool {p:?} must be 1-128 of A-Z a-z 0-9 - _ . and not start with '.'"
+                )));
+            }
+        }
+        vm_client_pools.sort();
+        vm_client_pools.dedup();
+        Ok(CephConfig {
+            conf,
+            id,
+            keyring: self.keyring,
+            pg_num: self.pg_num,
+            vm_client: self.vm_client,
+            vm_client_pools,
+        })
     }
 }
 
@@ -312,6 +361,22 @@ mod tests {
         assert!(err(format!("conf = {conf:?}\nkeyring = {:?}\n", dir)).contains("ceph.keyring"));
         assert!(err(format!("conf = {conf:?}\npg_num = 12\n")).contains("power of two"));
         assert!(err(format!("conf = {conf:?}\nmonitors = 1\n")).contains("monitors"));
+        // The VMs' client, whose caps the leader owns.
+        assert_eq!(with(&format!("conf = {conf:?}\n")).expect("valid").ceph.expect("ceph").vm_client, None);
+        let c =
+            with(&format!("conf = {conf:?}\nvm_client = \"vm\"\nvm_client_pools = [\"rbd-ec\", \"rbd\", \"rbd\"]\n"))
+                .expect("valid")
+                .ceph
+                .expect("ceph");
+        assert_eq!((c.vm_client.as_deref(), c.vm_client_pools), (Some("vm"), vec!["rbd".to_string(), "rbd-ec".into()]));
+        assert!(err(format!("conf = {conf:?}\nvm_client = \"client.vm\"\n")).contains("prefix"));
+        assert!(err(format!("conf = {conf:?}\nvm_client = \"\"\n")).contains("ceph.vm_client"));
+        assert!(err(format!("conf = {conf:?}\nvm_client = \"admin\"\n")).contains("not the controller's"));
+        assert!(
+            err(format!("conf = {conf:?}\nid = \"basalt\"\nvm_client = \"basalt\"\n")).contains("not the controller's")
+        );
+        assert!(err(format!("conf = {conf:?}\nvm_client_pools = [\"rbd\"]\n")).contains("needs ceph.vm_client"));
+        assert!(err(format!("conf = {conf:?}\nvm_client = \"vm\"\nvm_client_pools = [\"a b\"]\n")).contains("\"a b\""));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

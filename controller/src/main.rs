@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -46,9 +47,27 @@ struct Args {
     /// Keyring of that client (default: what ceph.conf says).
     #[arg(long)]
     ceph_keyring: Option<PathBuf>,
+    /// The cephx client VMs open their disks with, without "client." (e.g.
+    /// vm): the leader sets its caps to the pools Basalt volumes use.
+    #[arg(long)]
+    ceph_vm_client: Option<String>,
+    /// A pool that client keeps access to besides the volumes' (repeatable;
+    /// replaces the file's vm_client_pools).
+    #[arg(long = "ceph-vm-client-pool", value_name = "POOL")]
+    ceph_vm_client_pools: Vec<String>,
     /// Log filter (tracing EnvFilter syntax), e.g. "info,openraft=warn".
     #[arg(long, env = "BASALT_LOG", default_value = "info,openraft=warn")]
     log: String,
+}
+
+/// How long the runtime's remaining tasks and blocking calls get once the
+/// server has stopped.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(2);
+/// From then on, the whole exit.
+const EXIT_DEADLINE: Duration = Duration::from_secs(5);
+
+extern "C" {
+    fn _exit(status: std::os::raw::c_int) -> !;
 }
 
 fn config(args: &Args) -> Result<Config, String> {
@@ -62,11 +81,20 @@ fn config(args: &Args) -> Result<Config, String> {
     f.data_dir = args.data_dir.clone().or(f.data_dir);
     f.metrics_listen = args.metrics_listen.or(f.metrics_listen);
     f.bootstrap |= args.bootstrap;
-    if args.ceph_conf.is_some() || args.ceph_id.is_some() || args.ceph_keyring.is_some() {
+    if args.ceph_conf.is_some()
+        || args.ceph_id.is_some()
+        || args.ceph_keyring.is_some()
+        || args.ceph_vm_client.is_some()
+        || !args.ceph_vm_client_pools.is_empty()
+    {
         let c = f.ceph.get_or_insert_with(Default::default);
         c.conf = args.ceph_conf.clone().or(c.conf.take());
         c.id = args.ceph_id.clone().or(c.id.take());
         c.keyring = args.ceph_keyring.clone().or(c.keyring.take());
+        c.vm_client = args.ceph_vm_client.clone().or(c.vm_client.take());
+        if !args.ceph_vm_client_pools.is_empty() {
+            c.vm_client_pools = Some(args.ceph_vm_client_pools.clone());
+        }
     }
     for p in &args.peers {
         let (id, addr) = p.split_once('=').ok_or_else(|| format!("--peer {p:?}: expected ID=HOST:PORT"))?;
@@ -100,9 +128,21 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(basalt_controller::server::run(cfg));
-    // A Ceph call still running on the blocking pool ends by its own timeout;
-    // do not wait for it.
-    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    // Stopping must not depend on Ceph: a librados call still running on the
+    // blocking pool (a connect to monitors that do not answer, an OSD op)
+    // ends only by its own timeout, so neither the runtime nor the process
+    // exit waits for it. Returning from main runs libc's exit handlers and
+    // librados's C++ static destructors while such a call may still be
+    // using them; if the exit hangs there, leave without them, with status 3
+    // (Raft's writes are synced when made: nothing is lost).
+    std::thread::spawn(|| {
+        std::thread::sleep(EXIT_DEADLINE);
+        eprintln!("basalt-controller: still exiting after {EXIT_DEADLINE:?}; leaving now");
+        // SAFETY: _exit(2) ends the process at once; it is async-signal-safe
+        // and needs no state from other threads.
+        unsafe { _exit(3) }
+    });
+    rt.shutdown_timeout(RUNTIME_SHUTDOWN);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,9 +1,12 @@
 //! Start one controller: open its RocksDB, start the Raft node, serve gRPC
 //! (public, agent and Raft services, health, reflection) on one port, serve
-//! `/metrics`, run the reconcilers, and shut down cleanly on SIGTERM/SIGINT.
+//! `/metrics`, run the reconcilers, and shut down on SIGTERM/SIGINT within a
+//! few seconds: open calls get [`DRAIN`] to finish (assignment streams are
+//! ended at once), Raft [`RAFT_SHUTDOWN`], and nothing waits for Ceph.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::BasicNode;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -26,6 +29,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Largest Raft message (a snapshot chunk or a batch of entries).
 const MAX_RAFT_MESSAGE: usize = 256 << 20;
+/// After the stop signal, calls in progress get this long to finish; then
+/// the server stops with whatever connections are left.
+const DRAIN: Duration = Duration::from_secs(2);
+/// How long Raft gets to stop its tasks.
+const RAFT_SHUTDOWN: Duration = Duration::from_secs(2);
 
 pub async fn run(cfg: Config) -> Result<(), BoxError> {
     std::fs::create_dir_all(&cfg.data_dir)
@@ -98,6 +106,7 @@ pub async fn run(cfg: Config) -> Result<(), BoxError> {
             info!(
                 conf = %ceph.conf.display(),
                 id = %ceph.id,
+                vm_client = ceph.vm_client.as_deref().unwrap_or("(none)"),
                 "storage: when leading, this controller creates profiles' pools and volumes' images in Ceph"
             );
             Some(tokio::spawn(crate::storage::run(ctl.clone(), ceph)))
@@ -119,27 +128,52 @@ pub async fn run(cfg: Config) -> Result<(), BoxError> {
         tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     info!(node_id = cfg.node_id, listen = %cfg.listen, advertise = %cfg.advertise, "serving gRPC");
 
-    tonic::transport::Server::builder()
+    // Set on SIGTERM/SIGINT: assignment streams end (agents move to another
+    // controller) and the drain below starts.
+    let (stop_tx, stopping) = tokio::sync::watch::channel(false);
+    let signal = async {
+        shutdown_signal().await;
+        info!("stop signal: finishing open calls (at most {DRAIN:?})");
+        stop_tx.send_replace(true);
+    };
+    let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ClusterServiceServer::new(ClusterApi { ctl: ctl.clone() }))
-        .add_service(AgentServiceServer::new(AgentApi { ctl: ctl.clone() }))
+        .add_service(AgentServiceServer::new(AgentApi { ctl: ctl.clone(), stopping: stopping.clone() }))
         .add_service(
             RaftServiceServer::new(RaftRpc { ctl: ctl.clone() })
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)
                 .max_encoding_message_size(MAX_RAFT_MESSAGE),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
-        .await?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    // tonic's graceful shutdown waits for every connection to close, with no
+    // bound: a stream or a call that does not end would keep the process up.
+    let mut stopped = stopping.clone();
+    let drained = async move {
+        if stopped.wait_for(|s| *s).await.is_ok() {
+            tokio::time::sleep(DRAIN).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = serve => r?,
+        _ = drained => warn!("connections still open {DRAIN:?} after the stop signal; closing them"),
+    }
 
     info!("shutting down");
     reconciler.abort();
+    // A Ceph call in progress goes on on the blocking pool until its own
+    // timeout; main does not wait for it.
     if let Some(s) = storage {
         s.abort();
     }
-    if let Err(e) = raft.shutdown().await {
-        warn!("raft shutdown: {e}");
+    match tokio::time::timeout(RAFT_SHUTDOWN, raft.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("raft shutdown: {e}"),
+        Err(_) => warn!("raft did not stop within {RAFT_SHUTDOWN:?}; exiting anyway"),
     }
     Ok(())
 }

@@ -11,7 +11,13 @@
 //!    never forces), the pools its volumes use (see
 //!    [`crate::model::profiles`] for the layout: created with the profile's
 //!    spec, or brought to it if they exist with the right type; a pool of
-//!    the wrong type is reported, never changed), then its OSD tunables;
+//!    the wrong type is reported, never changed), then its OSD tunables.
+//!    With `vm_client` set, the VMs' cephx client then gets `profile rbd` on
+//!    exactly the pools volumes use (and `vm_client_pools`): its caps are
+//!    read (`auth get`) when that set changes, after [`RECHECK_CAPS`], or
+//!    [`RETRY_FAILED`] after a failure, and written (`auth caps`) only when
+//!    they differ. A missing client is not created: every profile with pools
+//!    is Failed with the reason until it exists;
 //! 3. for every volume whose pool is in order: its image, created with the
 //!    volume's size if missing, grown if smaller (never shrunk). An image
 //!    that vanished after it was once Ready is reported, not recreated empty.
@@ -22,16 +28,17 @@
 //! remembered in leader memory: a Ready record is looked at again only after
 //! it changes or [`RECHECK`] has passed, a Failed one after [`RETRY_FAILED`].
 //! A new leader starts with an empty memory and so checks everything once.
-//! Every librados call runs on the blocking pool; the whole loop runs
-//! beside, not inside, the scheduling reconciler, so a slow Ceph delays only
-//! storage.
+//! Every librados call runs on the blocking pool, with bounded connect, mon
+//! and OSD timeouts ([`CLIENT_OPTIONS`]); the whole loop runs beside, not
+//! inside, the scheduling reconciler, so a slow Ceph delays only storage,
+//! and nothing waits for a call in progress when the controller stops.
 //!
 //! Not done here: deleting pools (a pool outlives its last volume) or a
 //! deleted profile's erasure-code profile and OSD tunables, shrinking
 //! images, and growing an image whose exclusive lock a running VM holds
 //! (Ceph refuses; the volume is Failed and retried until it succeeds).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,8 +58,16 @@ use crate::state_machine::Command;
 pub const RETRY_FAILED: Duration = Duration::from_secs(5);
 /// A Ready record is checked against Ceph again after this long.
 pub const RECHECK: Duration = Duration::from_secs(600);
+/// The VM client's caps are read from Ceph again after this long (someone
+/// may have changed them), and at once when the pools change.
+pub const RECHECK_CAPS: Duration = Duration::from_secs(60);
 /// Wait between connection attempts while Ceph cannot be reached.
 const RECONNECT: Duration = Duration::from_secs(5);
+/// librados options of the reconciler's client, so that no call (connect
+/// included; librados's defaults are 300 s and forever) holds a pass for
+/// minutes when Ceph is unreachable: seconds.
+pub const CLIENT_OPTIONS: [(&str, &str); 3] =
+    [("client_mount_timeout", "15"), ("rados_mon_op_timeout", "30"), ("rados_osd_op_timeout", "30")];
 /// "No such pool or image", as Ceph returns it (negative errno).
 const ENOENT: i32 = -2;
 
@@ -70,6 +85,13 @@ impl Done {
     }
 }
 
+/// The last check of the VM client's caps.
+struct CapsDone {
+    want: BTreeMap<String, String>,
+    outcome: Result<(), String>,
+    at: Instant,
+}
+
 #[derive(Default)]
 struct Memory {
     profiles: HashMap<String, Done>,
@@ -78,6 +100,7 @@ struct Memory {
     volumes: HashMap<String, Done>,
     /// When removing (pool, image) last failed.
     removals: HashMap<(String, String), Instant>,
+    vm_caps: Option<CapsDone>,
 }
 
 struct Reconciler {
@@ -157,11 +180,7 @@ impl Reconciler {
                 id: self.cfg.id.clone(),
                 keyring: self.cfg.keyring.clone(),
                 // Fail a call rather than hang the loop when Ceph is unreachable.
-                options: vec![
-                    ("client_mount_timeout".into(), "30".into()),
-                    ("rados_mon_op_timeout".into(), "30".into()),
-                    ("rados_osd_op_timeout".into(), "60".into()),
-                ],
+                options: CLIENT_OPTIONS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             };
             let res = tokio::task::spawn_blocking(move || Cluster::connect(&cfg)).await;
             match res {
@@ -209,6 +228,13 @@ impl Reconciler {
                 .collect();
             (removals, profiles, volumes)
         };
+        // Every pool a VM may open: volume pools, EC data pools, and the
+        // ones the operator keeps.
+        let mut vm_pools: BTreeSet<String> = self.cfg.vm_client_pools.iter().cloned().collect();
+        for (v, _, data_pool) in &volumes {
+            vm_pools.insert(v.pool.clone());
+            vm_pools.extend(data_pool.clone());
+        }
 
         for r in removals {
             if !ctl.is_leader() {
@@ -243,6 +269,7 @@ impl Reconciler {
             }
         }
 
+        let mut outcomes = Vec::new();
         for (p, status, pools) in profiles {
             if !ctl.is_leader() {
                 return Ok(());
@@ -251,12 +278,24 @@ impl Reconciler {
                 continue;
             }
             let name = p.name.clone();
+            let has_pools = !pools.is_empty();
             let pg_num = self.cfg.pg_num;
             let (outcome, pool_results) = blocking(&cluster, move |c| ensure_profile(c, &p, &pools, pg_num)).await?;
             self.memory.pools.extend(pool_results);
-            let (state, message) = match outcome {
-                Ok(m) => (StorageState::Ready, m),
-                Err(m) => (StorageState::Failed, m),
+            outcomes.push((name, status, has_pools, outcome));
+        }
+        // After the pools: the VMs' client may open exactly these.
+        let caps = self.vm_client_caps(&cluster, &vm_pools).await?;
+        for (name, status, has_pools, outcome) in outcomes {
+            if !ctl.is_leader() {
+                return Ok(());
+            }
+            let (state, message) = match (outcome, &caps) {
+                (Ok(m), Some(Err(e))) if has_pools => {
+                    (StorageState::Failed, format!("VMs cannot open its pools: {e}; {m}"))
+                }
+                (Ok(m), _) => (StorageState::Ready, m),
+                (Err(m), _) => (StorageState::Failed, m),
             };
             if self.record(ctl, StorageSubject::Profile(name.clone()), &status, state, message).await? {
                 self.memory
@@ -293,6 +332,46 @@ impl Reconciler {
             }
         }
         Ok(())
+    }
+
+    /// Brings the VM client's caps to the pools (see the module docs).
+    /// `None` without `vm_client`; else whether its caps are as they should be.
+    async fn vm_client_caps(
+        &mut self,
+        cluster: &Cluster,
+        pools: &BTreeSet<String>,
+    ) -> Result<Option<Result<(), String>>, NodeError> {
+        let Some(id) = self.cfg.vm_client.clone() else { return Ok(None) };
+        let want = vm_caps(pools);
+        let last = self.memory.vm_caps.as_ref();
+        if let Some(d) = last {
+            let wait = if d.outcome.is_ok() { RECHECK_CAPS } else { RETRY_FAILED };
+            if d.want == want && d.at.elapsed() < wait {
+                return Ok(Some(d.outcome.clone()));
+            }
+        }
+        let last_outcome = last.map(|d| d.outcome.clone());
+        let w = want.clone();
+        let who = id.clone();
+        let (outcome, changed) = match blocking(cluster, move |c| sync_caps(c, &who, &w)).await? {
+            Ok(changed) => (Ok(()), changed),
+            Err(e) => (Err(clip(e)), false),
+        };
+        match &outcome {
+            Ok(()) if changed => {
+                let osd = want.get("osd").map(String::as_str).unwrap_or("(none: no pools)");
+                info!("storage: client.{id} caps set for the VMs' pools: osd '{osd}'");
+            }
+            Ok(()) => {}
+            Err(e) if last_outcome.as_ref() != Some(&outcome) => warn!("storage: VM client: {e}"),
+            Err(_) => {}
+        }
+        if last_outcome.is_some_and(|o| o != outcome) {
+            // Profiles carry this outcome: look at them all again.
+            self.memory.profiles.clear();
+        }
+        self.memory.vm_caps = Some(CapsDone { want, outcome: outcome.clone(), at: Instant::now() });
+        Ok(Some(outcome))
     }
 
     /// Commits an outcome unless the recorded status already says it.
@@ -337,6 +416,32 @@ fn remove_image(c: &Cluster, pool: &str, image: &str) -> Result<(), CephError> {
     match rbd::remove(&io, image) {
         Err(e) if !gone(&e) => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// The VM client's caps for these pools: `profile rbd` on the monitors,
+/// and on the OSDs and managers for each pool; no osd/mgr caps at all
+/// without pools (`profile rbd` with no pool would mean every pool).
+fn vm_caps(pools: &BTreeSet<String>) -> BTreeMap<String, String> {
+    let mut caps = BTreeMap::from([("mon".to_string(), "profile rbd".to_string())]);
+    if !pools.is_empty() {
+        let each: Vec<String> = pools.iter().map(|p| format!("profile rbd pool={p}")).collect();
+        caps.insert("osd".into(), each.join(", "));
+        caps.insert("mgr".into(), each.join(", "));
+    }
+    caps
+}
+
+/// Sets `client.<id>`'s caps to `want` if Ceph has others. Returns whether
+/// it changed them; a client that does not exist is an error (not created).
+fn sync_caps(c: &Cluster, id: &str, want: &BTreeMap<String, String>) -> Result<bool, String> {
+    match c.client_caps(id) {
+        Ok(None) => Err(format!(
+            "cephx client client.{id} (ceph.vm_client) does not exist; create it (ceph auth get-or-create client.{id}) and the controller sets its caps"
+        )),
+        Ok(Some(have)) if have == *want => Ok(false),
+        Ok(Some(_)) => c.set_client_caps(id, want).map(|()| true).map_err(|e| format!("client.{id} caps: {e}")),
+        Err(e) => Err(format!("client.{id}: {e}")),
     }
 }
 
@@ -523,6 +628,21 @@ mod tests {
         let long = "é".repeat(MAX_STATUS_MESSAGE);
         let c = clip(long);
         assert!(c.len() <= MAX_STATUS_MESSAGE && c.ends_with("..."), "{}", c.len());
+    }
+
+    #[test]
+    fn vm_caps_name_every_pool_and_nothing_else() {
+        let pools: BTreeSet<String> = ["vms", "vms-data", "rbd"].into_iter().map(String::from).collect();
+        let caps = vm_caps(&pools);
+        let each = "profile rbd pool=rbd, profile rbd pool=vms, profile rbd pool=vms-data";
+        let want: BTreeMap<String, String> = [("mgr", each), ("mon", "profile rbd"), ("osd", each)]
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        assert_eq!(caps, want);
+        // No pools: no OSD access at all, never an unrestricted `profile rbd`.
+        let none = vm_caps(&BTreeSet::new());
+        assert_eq!(none.into_iter().collect::<Vec<_>>(), vec![("mon".to_string(), "profile rbd".to_string())]);
     }
 
     #[test]

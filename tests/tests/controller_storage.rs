@@ -5,17 +5,20 @@
 //! profiles, OSD tunables and RBD images, grows and removes images, records
 //! each volume's and profile's state (with Ceph's own reason when Ceph
 //! refuses), and a removal left pending by a killed leader is done by the
-//! next one. Everything is checked in Ceph through the storage crate.
+//! next one; with `vm_client`, the VMs' cephx client gets caps on exactly
+//! the pools volumes use. Everything is checked in Ceph through the storage
+//! crate. And a controller whose Ceph cannot be reached stops on SIGTERM.
 //!
-//! Every pool and erasure-code profile is named uniquely per run and removed
-//! at the end (the dev Ceph sets mon_allow_pool_delete); the dev Ceph's own
-//! `rbd`, `rbd-ec` and `ec21` are only read.
+//! Every pool, erasure-code profile and cephx client is named uniquely per
+//! run and removed at the end (the dev Ceph sets mon_allow_pool_delete); the
+//! dev Ceph's own `rbd`, `rbd-ec`, `ec21` and `client.vm` are only read.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use basalt_proto::v1 as pb;
+use basalt_proto::v1::agent_service_client::AgentServiceClient;
 use basalt_storage::ceph::{ClientConfig, Cluster};
 use basalt_storage::rbd::{self, Image};
 use basalt_tests::controllers::{ControllerCluster, Options};
@@ -54,14 +57,15 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{t}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Removes the pools and erasure-code profiles a test made, also when it
-/// fails. Declare it before the controllers, so they are killed first and
-/// cannot recreate what this removes.
+/// Removes the pools, erasure-code profiles and cephx clients a test made,
+/// also when it fails. Declare it before the controllers, so they are
+/// killed first and cannot recreate what this removes.
 struct Cleanup {
     ceph: Cluster,
     pools: Vec<String>,
     ec_profiles: Vec<String>,
     tunables: Vec<&'static str>,
+    clients: Vec<String>,
 }
 
 impl Drop for Cleanup {
@@ -79,19 +83,46 @@ impl Drop for Cleanup {
         if !self.tunables.is_empty() {
             let _ = self.ceph.reset_osd_tunables(&self.tunables);
         }
+        for c in &self.clients {
+            if let Err(e) = self.ceph.mon_command(&json!({"prefix": "auth rm", "entity": format!("client.{c}")})) {
+                eprintln!("cleanup: remove client.{c}: {e}");
+            }
+        }
+    }
+}
+
+/// A directory of the test's own, removed on drop (also when it fails).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
 fn cleanup() -> Cleanup {
-    Cleanup { ceph: admin(), pools: Vec::new(), ec_profiles: Vec::new(), tunables: Vec::new() }
+    Cleanup { ceph: admin(), pools: Vec::new(), ec_profiles: Vec::new(), tunables: Vec::new(), clients: Vec::new() }
 }
 
 /// Three controllers that all know the dev Ceph. Small pools (8 PGs): the dev
 /// Ceph's three OSDs allow only a few default-sized ones.
 fn start() -> ControllerCluster {
+    start_with("")
+}
+
+/// As [`start`], with more keys in `[ceph]`.
+fn start_with(ceph: &str) -> ControllerCluster {
     let dir = ceph_dir();
     let config = format!(
-        "[timing]\nreconcile_ms = 200\n[ceph]\nconf = {:?}\nid = \"admin\"\nkeyring = {:?}\npg_num = 8\n",
+        "[timing]\nreconcile_ms = 200\n[ceph]\nconf = {:?}\nid = \"admin\"\nkeyring = {:?}\npg_num = 8\n{ceph}",
         dir.join("ceph.conf"),
         dir.join("ceph.client.admin.keyring")
     );
@@ -458,4 +489,243 @@ async fn a_removal_left_by_a_killed_leader_is_done_by_the_next() {
     api.create_volume(volume(&v, &pool, 16 * MIB, &profile)).await.expect("same image name again");
     wait_volume(&c, &v, pb::StorageState::Ready, |_| true).await;
     eprintln!("removal across a leader change: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// SIGTERM to `id`; waits up to `within` for it to exit and returns how it
+/// exited and how long it took. Not the harness's `stop()`, which SIGKILLs
+/// after 10 s and does not say whether it had to.
+async fn sigterm(c: &mut ControllerCluster, id: u64, within: Duration) -> (std::process::ExitStatus, Duration) {
+    let pid = c.pid(id).expect("running");
+    let t = Instant::now();
+    // SAFETY: kill(2) on the PID of a child the harness spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    loop {
+        if let Some(status) = c.exited(id) {
+            let took = t.elapsed();
+            c.kill(id); // already reaped: only marks it stopped
+            return (status, took);
+        }
+        if t.elapsed() > within {
+            let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|d| {
+                    d.filter_map(|t| t.ok())
+                        .map(|t| {
+                            let p = t.path();
+                            let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+                            let wchan = std::fs::read_to_string(p.join("wchan")).unwrap_or_default();
+                            format!("{} {}", comm.trim(), wchan.trim())
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            c.kill(id);
+            panic!("controller {id} still running {within:?} after SIGTERM (threads: {threads})\n{}", c.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A controller whose Ceph cannot be reached (a ceph.conf naming a monitor
+/// port nobody listens on) still stops on SIGTERM alone, with exit code 0,
+/// within a few seconds: while the leader's reconciler is inside
+/// `rados_connect`, and with an agent's assignment stream open on it. Its
+/// connect attempts are bounded (`client_mount_timeout`) and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_cannot_reach_ceph_stops_on_sigterm() {
+    let t0 = Instant::now();
+    let port = basalt_tests::controllers::free_port();
+    let dir = TempDir::new("basalt-no-ceph");
+    let conf = dir.0.join("ceph.conf");
+    let keyring = dir.0.join("ceph.client.admin.keyring");
+    std::fs::write(&conf, format!("[global]\nmon_host = 127.0.0.1:{port}\n")).expect("write conf");
+    std::fs::copy(ceph_dir().join("ceph.client.admin.keyring"), &keyring).expect("copy the admin keyring");
+    let config = format!("[timing]\nreconcile_ms = 200\n[ceph]\nconf = {conf:?}\nkeyring = {keyring:?}\n");
+    let mut c = ControllerCluster::start(3, Options { config, ..Default::default() });
+    let leader = c.wait_leader(LEADER_WAIT).await;
+    let mut api = c.client(leader);
+    api.create_profile(replicated("rep", 2, 1)).await.expect("create profile");
+    api.create_volume(volume("v", "basalt-unreachable", 16 * MIB, "rep")).await.expect("create volume");
+    // An agent watching its assignments on every controller: a stream that
+    // never ends by itself.
+    let mut agent = AgentServiceClient::new(c.channel(leader));
+    let reg = pb::RegisterRequest {
+        id: "n1".into(),
+        address: "10.77.0.11:7100".into(),
+        arch: "aarch64".into(),
+        capacity: Some(pb::Capacity { vcpus: 2, memory_mib: 2048 }),
+        labels: Default::default(),
+    };
+    agent.register(reg).await.expect("register");
+    let mut watches = BTreeMap::new();
+    for id in c.ids() {
+        let mut w = AgentServiceClient::new(c.channel(id))
+            .watch_assignments(pb::WatchAssignmentsRequest { node: "n1".into(), from_revision: 0 })
+            .await
+            .expect("watch")
+            .into_inner();
+        w.message().await.expect("stream").expect("first set");
+        watches.insert(id, w);
+    }
+    // The leader has been connecting since it was elected: SIGTERM it there.
+    let log = std::fs::read_to_string(c.log_path(leader)).unwrap_or_default();
+    assert!(!log.contains("connected to Ceph"), "nothing listens on port {port}\n{log}");
+    let (status, took) = sigterm(&mut c, leader, Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "leader {leader}: {status} (a signal means it did not stop by itself)");
+    assert!(took < Duration::from_secs(6), "leader {leader} took {took:?} to stop");
+    eprintln!("leader stopped {:.2} s after SIGTERM", took.as_secs_f64());
+    // Its agents were told, rather than left waiting on a dead stream.
+    let mut w = watches.remove(&leader).expect("watch");
+    let end = tokio::time::timeout(Duration::from_secs(5), w.message()).await.expect("the stream ended");
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+
+    // The next leader gives up each connect attempt after client_mount_timeout and says so.
+    let next = c.wait_leader(LEADER_WAIT).await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let log = std::fs::read_to_string(c.log_path(next)).unwrap_or_default();
+        if log.contains("storage: cannot connect to Ceph") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no connect failure reported\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in c.running() {
+        let (status, took) = sigterm(&mut c, id, Duration::from_secs(10)).await;
+        assert_eq!(status.code(), Some(0), "controller {id}: {status}");
+        assert!(took < Duration::from_secs(6), "controller {id} took {took:?} to stop");
+        eprintln!("controller {id} stopped {:.2} s after SIGTERM", took.as_secs_f64());
+    }
+    eprintln!("unreachable Ceph, SIGTERM: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// `ceph auth get-or-create client.<id>` with these caps; writes its keyring
+/// to `keyring`.
+fn create_client(ceph: &Cluster, id: &str, caps: &[&str], keyring: &std::path::Path) {
+    let cmd = json!({"prefix": "auth get-or-create", "entity": format!("client.{id}"), "caps": caps, "format": "json"});
+    let entries: Vec<Value> = ceph.mon_json(&cmd).unwrap_or_else(|e| panic!("create client.{id}: {e}"));
+    let key = entries[0]["key"].as_str().expect("key");
+    std::fs::write(keyring, format!("[client.{id}]\n\tkey = {key}\n")).expect("write keyring");
+}
+
+/// Connects as `client.<id>` (a new session, so a new ticket with the
+/// client's current caps), opens the image, writes and reads back a few bytes.
+fn open_as(
+    id: &str,
+    keyring: &std::path::Path,
+    pool: &str,
+    image: &str,
+) -> Result<(), basalt_storage::ceph::CephError> {
+    let cfg = ClientConfig {
+        conf: Some(ceph_dir().join("ceph.conf")),
+        id: id.into(),
+        keyring: Some(keyring.into()),
+        options: vec![("client_mount_timeout".into(), "30".into()), ("rados_osd_op_timeout".into(), "30".into())],
+    };
+    let c = Cluster::connect(&cfg)?;
+    let io = c.ioctx(pool)?;
+    let img = Image::open(&io, image)?;
+    img.write_at(4096, b"a VM's bytes")?;
+    assert_eq!(img.read_at(4096, 12)?, b"a VM's bytes");
+    Ok(())
+}
+
+/// Polls until the client's caps are `want`.
+async fn wait_caps(c: &ControllerCluster, ceph: &Cluster, id: &str, want: &BTreeMap<String, String>) {
+    let deadline = Instant::now() + CEPH_WAIT;
+    loop {
+        let have = ceph.client_caps(id).expect("auth get");
+        if have.as_ref() == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "client.{id} caps {have:?}, not {want:?}\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn caps(pools: &[&str]) -> BTreeMap<String, String> {
+    let mut pools = pools.to_vec();
+    pools.sort();
+    let each = pools.iter().map(|p| format!("profile rbd pool={p}")).collect::<Vec<_>>().join(", ");
+    BTreeMap::from([("mon".into(), "profile rbd".into()), ("osd".into(), each.clone()), ("mgr".into(), each)])
+}
+
+/// With `vm_client`, the leader gives the VMs' cephx client `profile rbd` on
+/// exactly the pools volumes use (EC data pools included) plus
+/// `vm_client_pools`, and VMs can then open their images as that client; a
+/// client that does not exist is reported on the profiles, not created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vm_client_may_open_exactly_the_pools_volumes_use() {
+    let t0 = Instant::now();
+    let mut clean = cleanup();
+    let ceph = admin();
+    let client = unique("basalt-vm");
+    let kept = unique("basalt-kept");
+    let (rep, ec) = (unique("rep"), unique("ec"));
+    let (old_pool, new_pool, ec_pool, late_pool) =
+        (unique("basalt-old"), unique("basalt-new"), unique("basalt-vmec"), unique("basalt-late"));
+    let ec_data = format!("{ec_pool}-data");
+    clean.pools.extend([old_pool.clone(), new_pool.clone(), ec_pool.clone(), ec_data.clone(), late_pool.clone()]);
+    clean.ec_profiles.push(ec.clone());
+    clean.clients.push(client.clone());
+    let dir = TempDir::new("basalt-vm-client");
+    let keyring = dir.0.join(format!("ceph.client.{client}.keyring"));
+
+    // A VM client whose caps name another pool, and an image in a pool it
+    // cannot use: opening it is refused.
+    let other = format!("profile rbd pool={kept}");
+    create_client(&ceph, &client, &["mon", "profile rbd", "osd", &other, "mgr", &other], &keyring);
+    ceph.create_pool(&basalt_storage::ceph::profiles::PoolSpec {
+        pg_num: Some(8),
+        ..basalt_storage::ceph::profiles::PoolSpec::replicated(&old_pool, 2, 1)
+    })
+    .expect("create pool");
+    let old_image = "img-old";
+    let opts = rbd::ImageOptions { features: Some(rbd::features::VM_DEFAULT), ..Default::default() };
+    rbd::create(&ceph.ioctx(&old_pool).expect("pool"), old_image, 16 * MIB, &opts).expect("create image");
+    let err = open_as(&client, &keyring, &old_pool, old_image).expect_err("not its pool");
+    assert_eq!(err.code(), Some(-libc::EPERM), "permission denied: {err}");
+
+    // The controllers own its caps from now on: a volume on that image, one
+    // in a pool they create, one erasure-coded.
+    let c = start_with(&format!("vm_client = {client:?}\nvm_client_pools = [{kept:?}]\n"));
+    let leader = c.wait_leader(LEADER_WAIT).await;
+    let mut api = c.client(leader);
+    api.create_profile(replicated(&rep, 2, 1)).await.expect("create profile");
+    api.create_profile(erasure(&ec, 2, 1)).await.expect("create EC profile");
+    let (v_old, v_new, v_ec) = (unique("v"), unique("v"), unique("v"));
+    api.create_volume(pb::Volume { image: old_image.into(), ..volume(&v_old, &old_pool, 16 * MIB, &rep) })
+        .await
+        .expect("volume on the existing image");
+    api.create_volume(volume(&v_new, &new_pool, 16 * MIB, &rep)).await.expect("volume in a new pool");
+    api.create_volume(volume(&v_ec, &ec_pool, 16 * MIB, &ec)).await.expect("EC volume");
+    for v in [&v_old, &v_new, &v_ec] {
+        wait_volume(&c, v, pb::StorageState::Ready, |_| true).await;
+    }
+    let want = caps(&[&kept, &old_pool, &new_pool, &ec_pool, &ec_data]);
+    wait_caps(&c, &ceph, &client, &want).await;
+    eprintln!("caps: {:?}", want["osd"]);
+    // The VM's opens now work, the EC one writing to its data pool.
+    open_as(&client, &keyring, &old_pool, old_image).expect("open the image that was refused");
+    open_as(&client, &keyring, &new_pool, &format!("img-{v_new}")).expect("open in the new pool");
+    open_as(&client, &keyring, &ec_pool, &format!("img-{v_ec}")).expect("open the EC image");
+    assert_eq!(wait_profile(&c, &rep, pb::StorageState::Ready).await.state, pb::StorageState::Ready as i32);
+
+    // Without the client, a new pool cannot be given to it: the profile says
+    // why, and the client is not created behind the operator's back.
+    ceph.mon_command(&json!({"prefix": "auth rm", "entity": format!("client.{client}")})).expect("auth rm");
+    let v_late = unique("v");
+    api.create_volume(volume(&v_late, &late_pool, 16 * MIB, &rep)).await.expect("volume in another pool");
+    let p = wait_profile(&c, &rep, pb::StorageState::Failed).await;
+    assert!(p.status_message.contains(&format!("client.{client} (ceph.vm_client) does not exist")), "{p:?}");
+    eprintln!("without the client: {}", p.status_message);
+    assert_eq!(ceph.client_caps(&client).expect("auth get"), None, "not created by the controller");
+    // The image is made all the same; once the operator creates the client
+    // the leader gives it every pool, and the profile is Ready again.
+    wait_volume(&c, &v_late, pb::StorageState::Ready, |_| true).await;
+    create_client(&ceph, &client, &["mon", "profile rbd"], &keyring);
+    wait_caps(&c, &ceph, &client, &caps(&[&kept, &old_pool, &new_pool, &ec_pool, &ec_data, &late_pool])).await;
+    wait_profile(&c, &rep, pb::StorageState::Ready).await;
+    open_as(&client, &keyring, &late_pool, &format!("img-{v_late}")).expect("open in the late pool");
+    eprintln!("VM client caps: {:.1} s", t0.elapsed().as_secs_f64());
 }

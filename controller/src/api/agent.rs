@@ -17,6 +17,10 @@ use crate::state_machine::Command;
 
 pub struct AgentApi {
     pub ctl: Arc<Controller>,
+    /// Becomes true when the controller is stopping: open assignment
+    /// streams end with UNAVAILABLE, so agents watch another controller and
+    /// the server's drain is not held up by streams that never end.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 type AssignmentStream = Pin<Box<dyn Stream<Item = Result<pb::Assignments, Status>> + Send>>;
@@ -72,6 +76,10 @@ impl AgentService for AgentApi {
         let node = r.node;
         let mut sent = r.from_revision;
         let mut first = true;
+        let mut stopping = self.stopping.clone();
+        if *stopping.borrow() {
+            return Err(Status::unavailable("this controller is stopping; watch another one"));
+        }
         tokio::spawn(async move {
             loop {
                 let msg = {
@@ -98,6 +106,10 @@ impl AgentService for AgentApi {
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
+                    _ = stopping.wait_for(|s| *s) => {
+                        let _ = tx.try_send(Err(Status::unavailable("this controller is stopping; watch another one")));
+                        return;
+                    }
                 }
             }
         });

@@ -1,6 +1,7 @@
 //! Ceph administration through monitor commands: erasure-code profiles,
-//! pools, OSD tunables, the balancer, the blocklist (fencing), health and
-//! capacity. Each call validates its input first; nothing invalid is sent.
+//! pools, OSD tunables, cephx client caps, the balancer, the blocklist
+//! (fencing), health and capacity. Each call validates its input first;
+//! nothing invalid is sent.
 
 use std::collections::BTreeMap;
 
@@ -179,6 +180,50 @@ impl Cluster {
         Ok(())
     }
 
+    // ---- cephx clients ----
+
+    /// The caps of `client.<id>` by service (`mon`, `osd`, `mgr`, ...), as
+    /// Ceph stores them (`auth get`), or `None` if Ceph has no such client.
+    /// The client's key is not returned.
+    pub fn client_caps(&self, id: &str) -> Result<Option<BTreeMap<String, String>>, CephError> {
+        validate_client_id(id)?;
+        let entity = format!("client.{id}");
+        let reply: Result<Vec<Value>, _> =
+            self.mon_json(&json!({"prefix": "auth get", "entity": entity, "format": "json"}));
+        let entries = match reply {
+            Ok(e) => e,
+            Err(e) if e.code() == Some(-libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let entry = entries.iter().find(|e| e.get("entity").and_then(Value::as_str) == Some(entity.as_str()));
+        let Some(entry) = entry else {
+            return Err(CephError::Reply { op: "auth get".into(), detail: format!("no entry for {entity}") });
+        };
+        let caps = entry.get("caps").and_then(Value::as_object).map(|c| c.iter().map(|(k, v)| (k.clone(), s(v))));
+        Ok(Some(caps.into_iter().flatten().collect()))
+    }
+
+    /// Replaces every cap of `client.<id>` with `caps` (`auth caps`): a
+    /// service not named loses its caps; the key is unchanged. The client
+    /// must exist (Ceph answers ENOENT otherwise). Ceph checks the caps'
+    /// grammar and refuses what it cannot parse.
+    pub fn set_client_caps(&self, id: &str, caps: &BTreeMap<String, String>) -> Result<(), CephError> {
+        validate_client_id(id)?;
+        let mut args = Vec::new();
+        for (service, cap) in caps {
+            if service.is_empty() || !service.bytes().all(|b| b.is_ascii_lowercase()) {
+                return Err(CephError::invalid(
+                    "cap",
+                    format!("{service:?} is not a service name (mon, osd, mgr, mds)"),
+                ));
+            }
+            args.push(service.clone());
+            args.push(cap.clone());
+        }
+        self.mon_command(&json!({"prefix": "auth caps", "entity": format!("client.{id}"), "caps": args}))?;
+        Ok(())
+    }
+
     // ---- balancer ----
 
     pub fn balancer_status(&self) -> Result<Value, CephError> {
@@ -263,6 +308,20 @@ impl Cluster {
     }
 }
 
+/// A cephx client id without the `client.` prefix.
+fn validate_client_id(id: &str) -> Result<(), CephError> {
+    if id.is_empty()
+        || id.starts_with("client.")
+        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(CephError::invalid(
+            "client id",
+            format!("{id:?} must be 1 or more of A-Z a-z 0-9 - _ ., without the \"client.\" prefix"),
+        ));
+    }
+    Ok(())
+}
+
 /// Accepts `ip:port/nonce` (one client) or `ip:port` forms Ceph parses.
 fn validate_addr(addr: &str) -> Result<(), CephError> {
     let bad = || {
@@ -283,7 +342,17 @@ fn validate_addr(addr: &str) -> Result<(), CephError> {
 
 #[cfg(test)]
 mod tests {
-    use super::validate_addr;
+    use super::{validate_addr, validate_client_id};
+
+    #[test]
+    fn client_ids_are_checked() {
+        assert!(validate_client_id("vm").is_ok());
+        assert!(validate_client_id("basalt-vm_1.a").is_ok());
+        assert!(validate_client_id("").is_err());
+        assert!(validate_client_id("client.vm").is_err());
+        assert!(validate_client_id("vm x").is_err());
+        assert!(validate_client_id("vm\"").is_err());
+    }
 
     #[test]
     fn blocklist_addresses_are_checked() {
