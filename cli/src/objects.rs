@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use basalt_proto::v1 as pb;
+use basalt_proto::v1::cluster_service_client::ClusterServiceClient;
 use clap::{Args, Subcommand};
+use tonic::transport::Channel;
 use serde_json::{json, Value};
 
 use crate::cluster::{connect, runtime, CliError};
@@ -25,6 +27,8 @@ pub enum NodeCmd {
     Remove { id: String },
 }
 
+// Parsed once per run: the size of the Create variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
     /// Create a VM (started unless --stopped; the scheduler picks its node).
@@ -100,6 +104,11 @@ pub struct VmCreate {
     /// Attach a volume, VOLUME or VOLUME:ro (repeatable).
     #[arg(long = "disk")]
     disks: Vec<String>,
+    /// Create a new volume and attach it, VOLUME:SIZE:PROFILE[:POOL] (pool
+    /// default rbd; the image is named after the volume). Repeatable. If the
+    /// VM cannot be created, the volumes created for it are deleted again.
+    #[arg(long = "new-disk", value_parser = parse_new_disk)]
+    new_disks: Vec<NewDisk>,
     /// KEY=VALUE (repeatable).
     #[arg(long = "label", value_parser = parse_kv)]
     labels: Vec<(String, String)>,
@@ -430,6 +439,65 @@ pub fn node(endpoints: &[String], cmd: &NodeCmd, as_json: bool) -> Result<String
     })
 }
 
+#[derive(Debug, Clone)]
+pub struct NewDisk {
+    volume: String,
+    size: u64,
+    profile: String,
+    pool: String,
+}
+
+fn parse_new_disk(s: &str) -> Result<NewDisk, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (volume, size, profile, pool) = match parts.as_slice() {
+        [v, z, p] => (*v, *z, *p, "rbd"),
+        [v, z, p, pool] => (*v, *z, *p, *pool),
+        _ => return Err(format!("{s:?}: want VOLUME:SIZE:PROFILE[:POOL], e.g. web-root:10g:fast")),
+    };
+    if volume.is_empty() || profile.is_empty() || pool.is_empty() {
+        return Err(format!("{s:?}: VOLUME, PROFILE and POOL must not be empty"));
+    }
+    let size = parse_size(size)?;
+    Ok(NewDisk { volume: volume.into(), size, profile: profile.into(), pool: pool.into() })
+}
+
+/// `vm create --new-disk`: the volumes first, then the VM; on a refusal of
+/// the VM the volumes made for it are deleted, so a failed create changes nothing.
+async fn create_vm_with_new_disks(
+    c: &mut ClusterServiceClient<Channel>,
+    a: &VmCreate,
+    req: pb::CreateVmRequest,
+) -> Result<pb::WriteResult, CliError> {
+    let mut made: Vec<String> = Vec::new();
+    let undo = |made: Vec<String>, mut c: ClusterServiceClient<Channel>| async move {
+        for v in made {
+            let _ = c.delete_volume(nref(&v)).await;
+        }
+    };
+    for d in &a.new_disks {
+        let v = pb::Volume {
+            name: d.volume.clone(),
+            pool: d.pool.clone(),
+            image: d.volume.clone(),
+            size_bytes: d.size,
+            profile: d.profile.clone(),
+            ..Default::default()
+        };
+        if let Err(e) = c.create_volume(v).await {
+            undo(made, c.clone()).await;
+            return Err(CliError::Refused(e));
+        }
+        made.push(d.volume.clone());
+    }
+    match c.create_vm(req).await {
+        Ok(w) => Ok(w.into_inner()),
+        Err(e) => {
+            undo(made, c.clone()).await;
+            Err(CliError::Refused(e))
+        }
+    }
+}
+
 fn vm_spec(a: &VmCreate) -> Result<pb::VmSpec, CliError> {
     let boot = match (&a.kernel, &a.boot_volume) {
         (Some(k), _) => pb::vm_spec::Boot::Kernel(pb::KernelBoot {
@@ -450,6 +518,7 @@ fn vm_spec(a: &VmCreate) -> Result<pb::VmSpec, CliError> {
         };
         disks.push(pb::Disk { volume, read_only });
     }
+    disks.extend(a.new_disks.iter().map(|d| pb::Disk { volume: d.volume.clone(), read_only: false }));
     Ok(pb::VmSpec {
         vcpus: a.vcpus,
         memory_mib: a.memory,
@@ -513,15 +582,8 @@ pub fn vm(endpoints: &[String], cmd: &VmCmd, as_json: bool) -> Result<String, Cl
             VmCmd::Create(a) => {
                 let spec = vm_spec(a)?;
                 let desired = if a.stopped { pb::Power::Stopped } else { pb::Power::Running };
-                let w = c
-                    .create_vm(pb::CreateVmRequest {
-                        name: a.name.clone(),
-                        spec: Some(spec),
-                        desired_power: desired as i32,
-                    })
-                    .await
-                    .map_err(CliError::Refused)?
-                    .into_inner();
+                let req = pb::CreateVmRequest { name: a.name.clone(), spec: Some(spec), desired_power: desired as i32 };
+                let w = create_vm_with_new_disks(&mut c, a, req).await?;
                 written(&w, &format!("vm {} created", a.name), as_json)
             }
             VmCmd::List { node, labels } => {

@@ -3,16 +3,9 @@
 //! Raft figures are read from openraft's metrics at scrape time, so they are
 //! never stale and cost nothing between scrapes.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -134,35 +127,3 @@ impl Drop for RpcTimer<'_> {
     }
 }
 
-/// Serve `GET /metrics` (anything else: 404) until the task is dropped.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    render: Arc<dyn Fn() -> String + Send + Sync>,
-) -> std::io::Result<()> {
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let render = render.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let render = render.clone();
-                async move {
-                    let resp = if req.uri().path() == "/metrics" {
-                        hyper::Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                            .body(Full::new(Bytes::from(render())))
-                    } else {
-                        hyper::Response::builder().status(404).body(Full::new(Bytes::from_static(b"try /metrics\n")))
-                    };
-                    Ok::<_, Infallible>(resp.unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::new()))))
-                }
-            });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
-                tracing::debug!("metrics connection: {e}");
-            }
-        });
-    }
-}
-
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
-}

@@ -85,7 +85,7 @@ pub async fn run(cfg: Config) -> Result<(), BoxError> {
 
     if let Some(addr) = cfg.metrics_listen {
         let listener =
-            crate::metrics::bind(addr).await.map_err(|e| format!("metrics: cannot listen on {addr}: {e}"))?;
+            basalt_metrics_http::bind(addr).await.map_err(|e| format!("metrics: cannot listen on {addr}: {e}"))?;
         let (raft_m, shared) = (raft.clone(), ctl.shared.clone());
         let render = Arc::new(move || {
             let m = raft_m.metrics().borrow().clone();
@@ -94,7 +94,7 @@ pub async fn run(cfg: Config) -> Result<(), BoxError> {
         });
         info!(%addr, "metrics at http://{addr}/metrics");
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(listener, render).await {
+            if let Err(e) = basalt_metrics_http::serve(listener, render).await {
                 warn!("metrics server stopped: {e}");
             }
         });

@@ -43,8 +43,9 @@ case "$(cat /proc/cmdline)" in
 esac
 "#;
 
-// client.vm (the agents' restricted key) may use pools rbd and rbd-ec only.
-const POOL: &str = "rbd";
+/// A pool the controllers create for the profile; the leader grants the
+/// agents' restricted key (client.vm) access to it.
+const POOL: &str = "e2e-vms";
 const PROFILE: &str = "e2e-rep";
 
 struct Api {
@@ -190,7 +191,7 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     let ceph = NetnsCeph::start(&ns).expect("Ceph in the namespace");
     eprintln!("[e2e] Ceph up after {:.0?}", t0.elapsed());
     let ctl_cfg = format!(
-        "[ceph]\nconf = \"{}\"\nid = \"admin\"\nkeyring = \"{}\"\n",
+        "[ceph]\nconf = \"{}\"\nid = \"admin\"\nkeyring = \"{}\"\nvm_client = \"vm\"\n",
         ceph.conf().display(),
         ceph.admin_keyring().display()
     );
@@ -237,6 +238,12 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
         });
     }
     assert!(image_exists(&ceph, "writer-disk-img"), "the volume's image is in Ceph");
+    // READY also means client.vm's caps now name the profile's pool.
+    api.eventually("profile READY", Duration::from_secs(60), |a| {
+        let mut c = a.client.clone();
+        let p = a.rt.block_on(c.get_profile(pb::GetRequest { name: PROFILE.into(), allow_stale: false })).ok()?;
+        (p.into_inner().state == pb::StorageState::Ready as i32).then_some(())
+    });
 
     // A VM boots on an agent, writes its disk and powers off.
     let create = |name: &str, spec: pb::VmSpec| {

@@ -633,6 +633,17 @@ async fn basaltctl_manages_profiles_volumes_vms_and_nodes() {
     assert_eq!(none.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&none.stderr).contains("no controller reachable"));
 
+    // --new-disk: the volume is created with the VM, and rolled back when the VM is refused.
+    ok(&["vm", "create", "nd", "--kernel", "/k", "--new-disk", "nd-root:1g:rep3", "--stopped"]);
+    let nd: serde_json::Value = serde_json::from_str(&ok(&["-o", "json", "vm", "show", "nd"])).expect("json");
+    assert_eq!(nd["disks"][0]["volume"], "nd-root", "{nd}");
+    let vol: serde_json::Value = serde_json::from_str(&ok(&["-o", "json", "volume", "show", "nd-root"])).expect("json");
+    assert_eq!((vol["pool"].as_str(), vol["size_bytes"].as_u64()), (Some("rbd"), Some(1 << 30)), "{vol}");
+    fails(&["vm", "create", "nd", "--kernel", "/k", "--new-disk", "nd-data:1g:rep3"], 1, "already exists");
+    fails(&["volume", "show", "nd-data"], 1, "not found");
+    fails(&["vm", "create", "x", "--kernel", "/k", "--new-disk", "nd-data:1g"], 2, "VOLUME:SIZE:PROFILE");
+    ok(&["vm", "delete", "nd", "--delete-disks"]);
+
     let events = ok(&["events", "--subject", "vm/web-1"]);
     assert!(events.contains("VmCreated") && events.contains("VmPowerChanged"), "{events}");
     let out = ok(&["vm", "delete", "web-1", "--delete-disks"]);
