@@ -117,11 +117,20 @@ fn vm_spec(memory_mib: u64, volume: Option<&str>, role: &str, group: &str) -> pb
 
 fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, controllers: &str) -> Arm64Host {
     let id = format!("host-{octet}");
+    // A connection to port 7300 restarts the agent (SIGTERM, then a new one):
+    // its running VMs must be adopted, not lost or started twice.
     let script = format!(
         "set -e\nmkdir -p /etc/ceph\ncp /basalt/ceph/ceph.conf /basalt/ceph/vm.keyring /etc/ceph/\n\
-         NO_COLOR=1 exec basalt-agent --host-id {id} --address 10.77.0.{octet}:7200 {controllers} --vmm /basalt/bin/basalt-vmm \
-         --state-dir /tmp/agent --ceph-conf /etc/ceph/ceph.conf --ceph-id vm --ceph-keyring /etc/ceph/vm.keyring \
-         --vcpus 4 --memory-mib 600 --label host={id} --metrics-listen 0.0.0.0:9110\n"
+         start_agent() {{ NO_COLOR=1 basalt-agent --host-id {id} --address 10.77.0.{octet}:7200 {controllers} \
+         --vmm /basalt/bin/basalt-vmm --state-dir /tmp/agent --ceph-conf /etc/ceph/ceph.conf --ceph-id vm \
+         --ceph-keyring /etc/ceph/vm.keyring --vcpus 4 --memory-mib 600 --label host={id} \
+         --metrics-listen 0.0.0.0:9110 & echo $! > /tmp/agent.pid; }}\n\
+         start_agent\n\
+         while true; do\n\
+           nc -l -p 7300 </dev/null >/dev/null 2>&1 || {{ sleep 1; continue; }}\n\
+           p=$(cat /tmp/agent.pid); kill -TERM $p; while kill -0 $p 2>/dev/null; do sleep 0.1; done\n\
+           echo AGENT-RESTART; start_agent\n\
+         done\n"
     );
     let conf = ceph.host_conf("/etc/ceph/vm.keyring").expect("host ceph.conf");
     let keyring = std::fs::read(ceph.vm_keyring()).expect("vm keyring");
@@ -383,6 +392,17 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     });
     let vm = api.wait_phase("ticker", pb::VmPhase::Running, Duration::from_secs(60));
     assert!(!vm.placement.is_empty());
+
+    // The agent of the ticker's host restarts: the new one adopts the running VMM.
+    let octet: usize = vm.placement.trim_start_matches("host-").parse().expect("host-N");
+    let host_ix = usize::from(octet != 11);
+    std::net::TcpStream::connect(format!("10.77.0.{octet}:7300")).expect("ask the host to restart its agent");
+    assert!(hosts.0[host_ix].wait_for_console("AGENT-RESTART", Duration::from_secs(60)), "agent restarted");
+    assert!(hosts.0[host_ix].wait_for_console("adopting the VMM", Duration::from_secs(60)), "the new agent adopted it");
+    let before = ticks();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(ticks() > before, "the VM ran on through the agent's restart");
+    assert_eq!(api.vm("ticker").and_then(|v| v.observed).map(|o| o.phase), Some(pb::VmPhase::Running as i32));
     api.power("ticker", pb::Power::Stopped);
     let vm = api.wait_phase("ticker", pb::VmPhase::Stopped, Duration::from_secs(120));
     let stopped_at = ticks();
