@@ -126,4 +126,3 @@ impl Drop for RpcTimer<'_> {
             .observe(self.start.elapsed().as_secs_f64());
     }
 }
-

@@ -392,3 +392,31 @@ impl Controller {
         }
     }
 }
+
+/// The rhythm of the leader's control loops (VM placement, storage): wakes
+/// at every applied change and every reconcile tick, and says whether this
+/// controller leads and in which term. `None` once the controller stops.
+pub struct LeaderTicks {
+    ctl: Arc<Controller>,
+    tick: tokio::time::Interval,
+    changes: tokio::sync::watch::Receiver<u64>,
+}
+
+impl LeaderTicks {
+    pub fn new(ctl: Arc<Controller>) -> Self {
+        let mut tick = tokio::time::interval(ctl.timing.reconcile_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let changes = ctl.shared.subscribe();
+        LeaderTicks { ctl, tick, changes }
+    }
+
+    /// Waits for the next wake-up: `(leads, term)`.
+    pub async fn next(&mut self) -> Option<(bool, u64)> {
+        tokio::select! {
+            _ = self.tick.tick() => {}
+            c = self.changes.changed() => if c.is_err() { return None },
+        }
+        let m = self.ctl.raft.metrics().borrow().clone();
+        Some((m.current_leader == Some(self.ctl.id), m.current_term))
+    }
+}

@@ -10,27 +10,17 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use crate::model::NodeState;
-use crate::node::{Controller, NodeError};
+use crate::node::{Controller, LeaderTicks, NodeError};
 use crate::scheduler::plan_pending;
 use crate::state_machine::Command;
 
 pub async fn run(ctl: Arc<Controller>) {
-    let mut tick = tokio::time::interval(ctl.timing.reconcile_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut changes = ctl.shared.subscribe();
+    let mut ticks = LeaderTicks::new(ctl.clone());
     // Last refusal recorded per VM, so an unchanged verdict is not re-recorded
     // every pass. Leader memory only: a new leader records each once more.
     let mut recorded: HashMap<String, String> = HashMap::new();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            c = changes.changed() => if c.is_err() { return },
-        }
-        let (leader, term) = {
-            let m = ctl.raft.metrics().borrow().clone();
-            (m.current_leader, m.current_term)
-        };
-        if leader != Some(ctl.id) {
+    while let Some((leads, term)) = ticks.next().await {
+        if !leads {
             recorded.clear();
             continue;
         }

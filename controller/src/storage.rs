@@ -51,7 +51,7 @@ use tracing::{info, warn};
 use crate::config::CephConfig;
 use crate::model::storage::MAX_STATUS_MESSAGE;
 use crate::model::{ImageRemoval, StorageProfile, StorageState, StorageStatus, StorageSubject, Volume};
-use crate::node::{Controller, NodeError};
+use crate::node::{Controller, LeaderTicks, NodeError};
 use crate::state_machine::Command;
 
 /// A Failed record (or a failed removal) is tried again after this long.
@@ -113,9 +113,7 @@ struct Reconciler {
 }
 
 pub async fn run(ctl: Arc<Controller>, cfg: CephConfig) {
-    let mut tick = tokio::time::interval(ctl.timing.reconcile_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut changes = ctl.shared.subscribe();
+    let mut ticks = LeaderTicks::new(ctl.clone());
     let mut r = Reconciler {
         cfg,
         cluster: None,
@@ -124,20 +122,12 @@ pub async fn run(ctl: Arc<Controller>, cfg: CephConfig) {
         memory: Memory::default(),
         term: 0,
     };
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            c = changes.changed() => if c.is_err() { return },
-        }
-        let (leader, term) = {
-            let m = ctl.raft.metrics().borrow().clone();
-            (m.current_leader, m.current_term)
-        };
-        if leader != Some(ctl.id) || term != r.term {
+    while let Some((leads, term)) = ticks.next().await {
+        if !leads || term != r.term {
             // What another leader did meanwhile is unknown: look again.
             r.memory = Memory::default();
             r.term = term;
-            if leader != Some(ctl.id) {
+            if !leads {
                 continue;
             }
         }

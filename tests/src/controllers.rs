@@ -32,9 +32,33 @@ pub fn host_bin(name: &str) -> PathBuf {
     }
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, for a daemon to bind soon after.
+///
+/// Taken outside Linux's ephemeral range (32768-60999): a port from
+/// `bind(:0)` is also what outgoing connections pick as source ports, and one
+/// was seen taken again before the controller bound it ("Address already in
+/// use", no leader). Random per process, never handed out twice in one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port on 127.0.0.1")
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let mut x = (u64::from(std::process::id()) * 2_654_435_761 + u64::from(nanos)) | 1;
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    for _ in 0..10_000 {
+        // xorshift: cheap, and different in every test process.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 20_000 + (x % 12_000) as u16;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in 20000-31999 on 127.0.0.1")
 }
 
 #[derive(Default)]
