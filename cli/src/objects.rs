@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use basalt_proto::v1 as pb;
 use basalt_proto::v1::cluster_service_client::ClusterServiceClient;
 use clap::{Args, Subcommand};
-use tonic::transport::Channel;
 use serde_json::{json, Value};
+use tonic::transport::Channel;
 
 use crate::cluster::{connect, runtime, CliError};
 use crate::storage_bench::parse_size;
