@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use basalt_proto::names::{is_dns_label, is_host_port};
 use serde::Deserialize;
 
 /// What the file may say; every field can also come from a flag.
@@ -144,20 +145,16 @@ impl FileConfig {
     }
 }
 
-pub fn is_host_port(addr: &str) -> bool {
-    addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
-}
-
 impl Config {
     /// Merges the file (if any) with the flags, fills defaults from the host,
     /// and checks the result.
     pub fn resolve(file: FileConfig, flags: Flags) -> Result<Config, ConfigError> {
         let host_id = flags.host_id.or(file.host_id).unwrap_or_default();
-        let id_ok = !host_id.is_empty()
-            && host_id.len() <= 63
-            && host_id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !id_ok {
-            return invalid(format!("host_id {host_id:?} must be 1-63 characters of a-z, 0-9 and '-' (--host-id)"));
+        // The controllers' rule for node names: an id they would refuse is refused here.
+        if !is_dns_label(&host_id) {
+            return invalid(format!(
+                "host_id {host_id:?} must be 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit (--host-id)"
+            ));
         }
         let address = flags.address.or(file.address).unwrap_or_default();
         if !is_host_port(&address) {
@@ -285,6 +282,7 @@ mod tests {
             assert!(e.contains(want), "{e:?} should mention {want:?}");
         };
         bad(&OK.replace("arm-1", "Arm_1"), "host_id");
+        bad(&OK.replace("arm-1", "-arm1"), "host_id");
         bad(&OK.replace("[\"10.0.0.1:7001\"]", "[]"), "at least one");
         bad(&OK.replace("10.0.0.1:7001", "10.0.0.1"), "host:port");
         bad(&OK.replace("address = \"10.0.0.2:7200\"\n", ""), "address");

@@ -15,22 +15,32 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct Controllers {
     addrs: Vec<String>,
-    current: Mutex<Option<(usize, Channel)>>,
-    next: Mutex<usize>,
+    state: Mutex<Current>,
+}
+
+/// The channel in use (and its address's index), and where to start looking
+/// once it fails.
+#[derive(Default)]
+struct Current {
+    channel: Option<(usize, Channel)>,
+    next: usize,
 }
 
 impl Controllers {
     pub fn new(addrs: Vec<String>) -> Self {
-        Controllers { addrs, current: Mutex::new(None), next: Mutex::new(0) }
+        Controllers { addrs, state: Mutex::new(Current::default()) }
     }
 
     /// A channel to a controller that accepted a connection, trying each
     /// address once, starting after the last one that failed.
     pub async fn channel(&self) -> Result<Channel, String> {
-        if let Some((_, ch)) = self.current.lock().ok().and_then(|c| c.clone()) {
-            return Ok(ch);
-        }
-        let start = self.next.lock().map(|n| *n).unwrap_or(0);
+        let start = {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, ch)) = &st.channel {
+                return Ok(ch.clone());
+            }
+            st.next
+        };
         let mut errors = Vec::new();
         for k in 0..self.addrs.len() {
             let i = (start + k) % self.addrs.len();
@@ -42,9 +52,7 @@ impl Controllers {
                 .tcp_nodelay(true);
             match ep.connect().await {
                 Ok(ch) => {
-                    if let Ok(mut c) = self.current.lock() {
-                        *c = Some((i, ch.clone()));
-                    }
+                    self.state.lock().unwrap_or_else(|p| p.into_inner()).channel = Some((i, ch.clone()));
                     tracing::info!("connected to controller {addr}");
                     return Ok(ch);
                 }
@@ -56,11 +64,9 @@ impl Controllers {
 
     /// The current controller failed a call: use the next one from now on.
     pub fn failed(&self) {
-        let Ok(mut c) = self.current.lock() else { return };
-        if let Some((i, _)) = c.take() {
-            if let Ok(mut n) = self.next.lock() {
-                *n = (i + 1) % self.addrs.len().max(1);
-            }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((i, _)) = st.channel.take() {
+            st.next = (i + 1) % self.addrs.len().max(1);
         }
     }
 

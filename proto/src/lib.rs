@@ -1,7 +1,10 @@
 //! Generated gRPC types and services of Basalt's API (package `basalt.v1`).
 //!
-//! This crate holds nothing but the `.proto` files and what tonic/prost
-//! generate from them, so every binary speaks the same wire format.
+//! This crate holds the `.proto` files, what tonic/prost generate from them
+//! (so every binary speaks the same wire format), and the rules for the names
+//! and addresses the messages carry ([`names`]).
+
+pub mod names;
 
 /// Package `basalt.v1`: the public cluster API.
 pub mod v1 {

@@ -152,19 +152,22 @@ fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, con
         .script(&script)
 }
 
-fn read_image(ceph: &NetnsCeph, image: &str, offset: u64, len: usize) -> Vec<u8> {
+/// The test's own client of the namespace's Ceph (admin), on the VMs' pool.
+fn with_pool<T>(ceph: &NetnsCeph, f: impl FnOnce(&basalt_storage::ceph::IoCtx) -> T) -> T {
     let cfg = ClientConfig { conf: Some(ceph.conf()), keyring: Some(ceph.admin_keyring()), ..ClientConfig::default() };
     let c = Cluster::connect(&cfg).expect("connect to the namespace's Ceph");
-    let io = c.ioctx(POOL).expect("pool");
-    let img = basalt_storage::rbd::Image::open(&io, image).expect("open image");
-    img.read_at(offset, len).expect("read image")
+    f(&c.ioctx(POOL).expect("pool"))
+}
+
+fn read_image(ceph: &NetnsCeph, image: &str, offset: u64, len: usize) -> Vec<u8> {
+    with_pool(ceph, |io| {
+        let img = basalt_storage::rbd::Image::open(io, image).expect("open image");
+        img.read_at(offset, len).expect("read image")
+    })
 }
 
 fn image_exists(ceph: &NetnsCeph, image: &str) -> bool {
-    let cfg = ClientConfig { conf: Some(ceph.conf()), keyring: Some(ceph.admin_keyring()), ..ClientConfig::default() };
-    let c = Cluster::connect(&cfg).expect("connect");
-    let io = c.ioctx(POOL).expect("pool");
-    basalt_storage::rbd::list(&io).expect("list images").iter().any(|i| i == image)
+    with_pool(ceph, |io| basalt_storage::rbd::list(io).expect("list images").iter().any(|i| i == image))
 }
 
 /// The emulated hosts; if the test fails, their consoles (the agents' logs) are printed.

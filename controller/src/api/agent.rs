@@ -90,8 +90,11 @@ impl AgentService for AgentApi {
                         let vms: Vec<pb::Vm> = st.cluster.vms_on(&node).map(|v| convert::vm(v, None)).collect();
                         let names: std::collections::BTreeSet<&str> =
                             st.cluster.vms_on(&node).flat_map(|v| v.spec.volumes()).collect();
-                        let volumes =
-                            names.into_iter().filter_map(|n| st.cluster.volume(n)).map(convert::volume).collect();
+                        let volumes = names
+                            .into_iter()
+                            .filter_map(|n| st.cluster.volume(n))
+                            .map(|v| convert::volume(v, &st.cluster.volume_status(&v.name)))
+                            .collect();
                         Some(pb::Assignments { revision: rev, vms, volumes })
                     } else {
                         None

@@ -251,7 +251,7 @@ impl ClusterService for ClusterApi {
         let r = req.into_inner();
         self.read(r.allow_stale, |st| {
             let v = st.cluster.volume(&r.name).ok_or_else(|| not_found("volume", &r.name))?;
-            Ok(Response::new(convert::volume_with_status(v, &st.cluster.volume_status(&v.name))))
+            Ok(Response::new(convert::volume(v, &st.cluster.volume_status(&v.name))))
         })
         .await
     }
@@ -259,11 +259,8 @@ impl ClusterService for ClusterApi {
     async fn list_volumes(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let _t = self.ctl.metrics.rpc("ListVolumes");
         self.read(req.get_ref().allow_stale, |st| {
-            let volumes = st
-                .cluster
-                .volumes()
-                .map(|v| convert::volume_with_status(v, &st.cluster.volume_status(&v.name)))
-                .collect();
+            let volumes =
+                st.cluster.volumes().map(|v| convert::volume(v, &st.cluster.volume_status(&v.name))).collect();
             Ok(Response::new(pb::ListVolumesResponse { volumes, revision: st.cluster.revision() }))
         })
         .await

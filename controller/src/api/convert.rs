@@ -170,21 +170,8 @@ pub fn storage_state(s: StorageState) -> pb::StorageState {
     }
 }
 
-/// A volume without its storage status (state UNSPECIFIED).
-pub fn volume(v: &Volume) -> pb::Volume {
-    pb::Volume {
-        name: v.name.clone(),
-        pool: v.pool.clone(),
-        image: v.image.clone(),
-        size_bytes: v.size_bytes,
-        profile: v.profile.clone(),
-        state: pb::StorageState::Unspecified as i32,
-        status_message: String::new(),
-    }
-}
-
 /// A volume with what Ceph holds for it.
-pub fn volume_with_status(v: &Volume, status: &StorageStatus) -> pb::Volume {
+pub fn volume(v: &Volume, status: &StorageStatus) -> pb::Volume {
     pb::Volume {
         name: v.name.clone(),
         pool: v.pool.clone(),

@@ -7,21 +7,11 @@ use crate::error::{invalid, CommandError};
 
 pub const MAX_LABELS: usize = 64;
 
-/// A DNS label (RFC 1123): 1-63 of a-z 0-9 '-', starting and ending with a letter or digit.
-/// `host:port` with a non-empty host and a port from 1 to 65535: the shape of
-/// every address the cluster stores or dials (agents, controllers, peers).
-pub fn is_host_port(addr: &str) -> bool {
-    addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
-}
+pub use basalt_proto::names::is_host_port;
 
+/// Object names are DNS labels ([`basalt_proto::names::is_dns_label`]).
 pub fn validate_name(what: &str, name: &str) -> Result<(), CommandError> {
-    let b = name.as_bytes();
-    let ok = !b.is_empty()
-        && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-';
-    if ok {
+    if basalt_proto::names::is_dns_label(name) {
         Ok(())
     } else {
         Err(invalid(format!(
