@@ -11,7 +11,14 @@
 //!   deploy/arm64-host/build-qemudisk     # Debian's arm64 qemu on an ext4 disk
 //! Then:
 //!   CARGO_TARGET_DIR=/var/cache/basalt/target cargo bench -p basalt-tests --bench vmm_boot
-//! Env: BENCH_ROUNDS (measured rounds per VMM, default 5).
+//! Env: BENCH_ROUNDS (measured rounds per VMM, default 5); BENCH_GUEST_KERNEL
+//! (an arm64 Image for both guests instead of Debian's, such as the minimal
+//! one of deploy/arm64-host/build-guest-kernel); BENCH_GUEST_CMDLINE (the
+//! guests' kernel command line after the console, default "panic=-1 quiet");
+//! BENCH_GUEST_DMESG=1 (warm-up guests print their kernel log).
+//!
+//! The guest's /init prints the marker first, right after mounting /proc
+//! (guest::initramfs_bare): what init would do before it is guest work.
 //!
 //! Method: the host script (busybox sh) starts each VMM in the background
 //! with its serial console going to a FIFO, reads the FIFO line by line and
@@ -55,7 +62,7 @@ struct Round {
 /// One column of the summary: a duration taken from a round, if it has one.
 type Metric = fn(&Round) -> Option<f64>;
 
-fn host_script(rounds: u32) -> String {
+fn host_script(rounds: u32, cmdline: &str) -> String {
     format!(
         r#"set -u
 q=
@@ -68,7 +75,7 @@ mkdir -p /qemu && mount -t ext4 -o ro "$q" /qemu || exit 1
 L=/qemu/usr/lib/aarch64-linux-gnu
 # The guest's tty ends lines with CR LF; read strips only the LF.
 CR=$(printf '\r')
-echo "BENCH-INFO kernel (emulated host and guests) $(uname -r), emulated host cpus $(nproc) mem-kib $(sed -n 's/MemTotal: *\([0-9]*\).*/\1/p' /proc/meminfo)"
+echo "BENCH-INFO emulated host kernel $(uname -r), emulated host cpus $(nproc) mem-kib $(sed -n 's/MemTotal: *\([0-9]*\).*/\1/p' /proc/meminfo)"
 # KVM's per-VM exit counters live in debugfs.
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 # The disk carries its own glibc: its loader runs qemu, with no change to /init.
@@ -109,13 +116,15 @@ measure() {{ # vmm label initrd
     exec 3<>/tmp/con
     read -r t0 _ < /proc/uptime
     if [ "$1" = basalt ]; then
-        {{ basalt-vmm --kernel guest/Image --initrd "$3" --memory 256 --vcpus 1 \
-            --cmdline 'console=ttyS0 {CMDLINE}' --console file:/tmp/con > /tmp/out 2>&1 3>&-
+        # Warm-up: basalt-vmm logs its own set-up steps with their times.
+        vlog=warn; [ "$2" = warmup ] && vlog=info
+        {{ BASALT_VMM_LOG=$vlog basalt-vmm --kernel guest/Image --initrd "$3" --memory 256 --vcpus 1 \
+            --cmdline 'console=ttyS0 {cmdline}' --console file:/tmp/con > /tmp/out 2>&1 3>&-
           echo "BENCH-VMM-EXIT rc=$?" >&3; }} &
     else
         {{ $QEMU -accel kvm -M virt,gic-version=3 -cpu host -smp 1 -m 256 -nodefaults -display none \
             -serial file:/tmp/con -kernel guest/Image -initrd "$3" \
-            -append 'console=ttyAMA0 {CMDLINE}' -no-reboot > /tmp/out 2>&1 3>&-
+            -append 'console=ttyAMA0 {cmdline}' -no-reboot > /tmp/out 2>&1 3>&-
           echo "BENCH-VMM-EXIT rc=$?" >&3; }} &
     fi
     pid=$!
@@ -214,9 +223,22 @@ fn main() {
     assert!(qemu_disk.is_file(), "{} is missing: run deploy/arm64-host/build-qemudisk", qemu_disk.display());
     // read and echo are shell builtins: the stamp costs the guest no fork.
     let mark = format!("read -r u _ < /proc/uptime; echo \"{MARKER} guest-uptime=$u\"");
-    let initrd = guest::initramfs(&arts, &mark).expect("guest initramfs");
-    let initrd_hold = guest::initramfs(&arts, &format!("{mark}\nsleep 10")).expect("guest initramfs");
+    let initrd = guest::initramfs_bare(&arts, &mark).expect("guest initramfs");
+    // BENCH_GUEST_DMESG=1: the warm-up guests print their kernel log after
+    // the marker (with initcall_debug in BENCH_GUEST_CMDLINE: where boot time goes).
+    let dmesg = if std::env::var_os("BENCH_GUEST_DMESG").is_some() { "/bin/busybox dmesg\n" } else { "" };
+    let initrd_hold =
+        guest::initramfs_bare(&arts, &format!("{mark}\n{dmesg}/bin/busybox sleep 10")).expect("guest initramfs");
 
+    // The guest kernel: Debian's (the emulated host's own) unless
+    // BENCH_GUEST_KERNEL names another Image, such as the minimal one of
+    // deploy/arm64-host/build-guest-kernel.
+    let (kernel_name, kernel) = match std::env::var("BENCH_GUEST_KERNEL") {
+        Ok(p) => (p.clone(), std::fs::read(&p).unwrap_or_else(|e| panic!("BENCH_GUEST_KERNEL={p}: {e}"))),
+        Err(_) => (arts.kernel.display().to_string(), guest::kernel(&arts).expect("kernel")),
+    };
+    let cmdline = std::env::var("BENCH_GUEST_CMDLINE").unwrap_or_else(|_| CMDLINE.to_string());
+    let kernel_size = kernel.len();
     let load_before = loadavg();
     let started = std::time::Instant::now();
     let out = Arm64Host::new("vmm-bench")
@@ -225,11 +247,11 @@ fn main() {
         .timeout(Duration::from_secs(600 + 300 * u64::from(rounds)))
         .arm64_bin(&arts, "basalt-vmm")
         .expect("arm64 basalt-vmm (deploy/cross/build)")
-        .file("guest/Image", guest::kernel(&arts).expect("kernel"), 0o644)
+        .file("guest/Image", kernel, 0o644)
         .file("guest/initrd", initrd, 0o644)
         .file("guest/initrd-hold", initrd_hold, 0o644)
         .read_only_disk(&qemu_disk)
-        .script(&host_script(rounds))
+        .script(&host_script(rounds, &cmdline))
         .run()
         .expect("host runs");
     out.assert_success();
@@ -262,6 +284,8 @@ fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         loadavg()
     );
+    println!("- guest kernel (both): {kernel_name}, {} MiB", kernel_size >> 20);
+    println!("- guest kernel command line (both, after the console): `{cmdline}`");
     for i in &info {
         println!("- {i}");
     }

@@ -36,6 +36,22 @@ pub fn initramfs(arts: &Artifacts, script: &str) -> Result<Vec<u8>, RigError> {
     Ok(a.finish())
 }
 
+/// The smallest guest: busybox and an /init that mounts /proc and runs
+/// `script` at once (busybox applets by full name, `/bin/busybox sleep`),
+/// then powers off. No modules, no applet links: for boot-time
+/// measurement, where everything init does before its marker is guest work
+/// that tells nothing about the VMM.
+pub fn initramfs_bare(arts: &Artifacts, script: &str) -> Result<Vec<u8>, RigError> {
+    let busybox = std::fs::read(arm64_dir(arts).join("busybox")).map_err(io("read arm64 busybox"))?;
+    let mut a = Archive::new();
+    a.dir("bin").dir("proc");
+    a.file("bin/busybox", 0o755, &busybox);
+    let init =
+        format!("#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n{script}\n/bin/busybox poweroff -f\n");
+    a.file("init", 0o755, init.as_bytes());
+    Ok(a.finish())
+}
+
 /// The guest kernel: the host's own Debian arm64 Image.
 pub fn kernel(arts: &Artifacts) -> Result<Vec<u8>, RigError> {
     std::fs::read(&arts.kernel).map_err(io("read the arm64 kernel"))
