@@ -168,11 +168,21 @@ pub struct TimingConfig {
     pub reconcile_ms: u64,
     /// How long a call waits for a leader before answering UNAVAILABLE.
     pub leader_wait_ms: u64,
+    /// Silence after which an Unreachable node is fenced out of Ceph (and
+    /// its HA VMs restarted elsewhere). Longer than the lease, so a short
+    /// network blip makes a node Unreachable without fencing it.
+    pub fence_after_ms: u64,
 }
 
 impl Default for TimingConfig {
     fn default() -> Self {
-        TimingConfig { node_lease_ms: 10_000, agent_heartbeat_ms: 2_000, reconcile_ms: 500, leader_wait_ms: 10_000 }
+        TimingConfig {
+            node_lease_ms: 10_000,
+            agent_heartbeat_ms: 2_000,
+            reconcile_ms: 500,
+            leader_wait_ms: 10_000,
+            fence_after_ms: 20_000,
+        }
     }
 }
 
@@ -264,6 +274,12 @@ impl FileConfig {
                 t.node_lease_ms, t.agent_heartbeat_ms
             )));
         }
+        if t.fence_after_ms <= t.node_lease_ms {
+            return Err(bad(format!(
+                "timing.fence_after_ms ({}) must exceed timing.node_lease_ms ({}): a node is fenced only after it has been Unreachable for a while",
+                t.fence_after_ms, t.node_lease_ms
+            )));
+        }
         if t.reconcile_ms == 0 || t.leader_wait_ms == 0 || t.agent_heartbeat_ms == 0 {
             return Err(bad("timing values must be positive".into()));
         }
@@ -290,6 +306,7 @@ impl Config {
         crate::node::Timing {
             leader_wait: ms(self.timing.leader_wait_ms),
             node_lease: ms(self.timing.node_lease_ms),
+            fence_after: ms(self.timing.fence_after_ms),
             heartbeat_interval: ms(self.timing.agent_heartbeat_ms),
             reconcile_interval: ms(self.timing.reconcile_ms),
         }
@@ -331,6 +348,8 @@ mod tests {
         assert!(err(format!("node_id = 1\n{base}bogus = 3\n")).contains("bogus"));
         assert!(err(format!("node_id = 1\n{base}[raft]\nheartbeat_ms = 500\n")).contains("twice"));
         assert!(err(format!("node_id = 1\n{base}[timing]\nnode_lease_ms = 100\n")).contains("node_lease_ms"));
+        assert!(err(format!("node_id = 1\n{base}[timing]\nfence_after_ms = 5000\n"))
+            .contains("fence_after_ms (5000) must exceed"));
         assert!(err("node_id = 1\nlisten = \"0.0.0.0:7001\"\ndata_dir = \"/d\"\n".into()).contains("advertise"));
         assert!(parse("node_id = 1\nlisten = \"nowhere\"\ndata_dir = \"/d\"\n").is_err());
     }

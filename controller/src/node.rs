@@ -98,6 +98,8 @@ pub struct Timing {
     pub leader_wait: Duration,
     /// A node whose agent has not sent a heartbeat for this long becomes Unreachable.
     pub node_lease: Duration,
+    /// An Unreachable node silent for this long is fenced (see storage::fencing).
+    pub fence_after: Duration,
     pub heartbeat_interval: Duration,
     pub reconcile_interval: Duration,
 }
@@ -107,6 +109,7 @@ impl Default for Timing {
         Timing {
             leader_wait: Duration::from_secs(10),
             node_lease: Duration::from_secs(10),
+            fence_after: Duration::from_secs(20),
             heartbeat_interval: Duration::from_secs(2),
             reconcile_interval: Duration::from_millis(500),
         }

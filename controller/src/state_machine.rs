@@ -362,8 +362,12 @@ impl ClusterState {
         let mut changes = Changes::new();
         let outcome = match cmd {
             Command::RegisterNode(reg) => self.register_node(reg, &mut changes)?,
-            Command::SetNodeState { id, state, reason } => self.set_node_state(&id, state, &reason, &mut changes)?,
-            Command::CordonNode { id } => self.set_node_state(&id, NodeState::Cordoned, "cordoned", &mut changes)?,
+            Command::SetNodeState { id, state, reason } => {
+                self.set_node_state(&id, state, &reason, revision, now_ms, &mut changes)?
+            }
+            Command::CordonNode { id } => {
+                self.set_node_state(&id, NodeState::Cordoned, "cordoned", revision, now_ms, &mut changes)?
+            }
             Command::UncordonNode { id } => {
                 match self.nodes.get(&id).map(|n| n.state) {
                     Some(NodeState::Cordoned) | None => {}
@@ -373,7 +377,7 @@ impl ClusterState {
                         )))
                     }
                 }
-                self.set_node_state(&id, NodeState::Ready, "uncordoned", &mut changes)?
+                self.set_node_state(&id, NodeState::Ready, "uncordoned", revision, now_ms, &mut changes)?
             }
             Command::RemoveNode { id } => self.remove_node(&id, &mut changes)?,
             Command::CreateProfile(p) => self.create_profile(p, revision, &mut changes)?,
@@ -484,6 +488,8 @@ impl ClusterState {
         id: &str,
         to: NodeState,
         reason: &str,
+        rev: u64,
+        now: u64,
         ch: &mut Changes,
     ) -> Result<Outcome, CommandError> {
         let node = self.nodes.get_mut(id).ok_or_else(|| not_found("node", id))?;
@@ -502,7 +508,36 @@ impl ClusterState {
         node.state = to;
         let msg = if reason.is_empty() { format!("{from} -> {to}") } else { format!("{from} -> {to}: {reason}") };
         ch.push((EventKind::NodeStateChanged, format!("node/{id}"), msg));
+        if to == NodeState::Fenced {
+            self.evacuate_fenced(id, rev, now, ch)?;
+        }
         Ok(Outcome::Done)
+    }
+
+    /// A fenced node's VMs: the HA ones leave it (unassigned, so the
+    /// scheduler places them elsewhere; their disks can no longer be
+    /// written from the fenced host), the others stay placed there, Failed,
+    /// until the node comes back or an operator deletes or moves them.
+    fn evacuate_fenced(&mut self, id: &str, rev: u64, now: u64, ch: &mut Changes) -> Result<(), CommandError> {
+        let mut on: Vec<(String, bool)> = self.vms_on(id).map(|v| (v.name.clone(), v.spec.ha)).collect();
+        on.sort();
+        for (name, ha) in on {
+            if ha {
+                self.unassign_vm(&name, &format!("node {id} fenced; HA restarts it elsewhere"), rev, now, ch)?;
+            } else if let Some(vm) = self.vms.get_mut(&name) {
+                let message =
+                    format!("node {id} fenced; not HA, so it stays there until the node is back or it is deleted");
+                vm.observed = Observed {
+                    phase: VmPhase::Failed,
+                    node: Some(id.to_string()),
+                    message: message.clone(),
+                    at_ms: now,
+                };
+                vm.updated_revision = rev;
+                ch.push((EventKind::VmStatusChanged, format!("vm/{name}"), message));
+            }
+        }
+        Ok(())
     }
 
     fn remove_node(&mut self, id: &str, ch: &mut Changes) -> Result<Outcome, CommandError> {

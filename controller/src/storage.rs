@@ -49,8 +49,11 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::config::CephConfig;
+use crate::fencing;
 use crate::model::storage::MAX_STATUS_MESSAGE;
-use crate::model::{ImageRemoval, StorageProfile, StorageState, StorageStatus, StorageSubject, Volume};
+use crate::model::{
+    ImageRemoval, Node, NodeState, StorageProfile, StorageState, StorageStatus, StorageSubject, Volume,
+};
 use crate::node::{Controller, LeaderTicks, NodeError};
 use crate::state_machine::Command;
 
@@ -69,7 +72,7 @@ const RECONNECT: Duration = Duration::from_secs(5);
 pub const CLIENT_OPTIONS: [(&str, &str); 3] =
     [("client_mount_timeout", "15"), ("rados_mon_op_timeout", "30"), ("rados_osd_op_timeout", "30")];
 /// "No such pool or image", as Ceph returns it (negative errno).
-const ENOENT: i32 = -2;
+pub(crate) const ENOENT: i32 = -2;
 
 /// What a pass did for one record, in leader memory.
 struct Done {
@@ -101,6 +104,12 @@ struct Memory {
     /// When removing (pool, image) last failed.
     removals: HashMap<(String, String), Instant>,
     vm_caps: Option<CapsDone>,
+    /// Why a node could not be fenced, last said (said again only when it changes).
+    fence_refused: HashMap<String, String>,
+    /// Nodes seen Fenced: when one is back, its blocklist entry is lifted.
+    fenced: BTreeSet<String>,
+    /// When every back-in-service node's entry was last looked for.
+    unfence_checked: Option<Instant>,
 }
 
 struct Reconciler {
@@ -195,6 +204,8 @@ impl Reconciler {
 
     async fn pass(&mut self, ctl: &Controller) -> Result<(), NodeError> {
         let Some(cluster) = self.connected().await else { return Ok(()) };
+        // First: a host that went silent may hold disks that HA VMs wait for.
+        self.fence(ctl, &cluster).await?;
         let (removals, profiles, volumes) = {
             let st = ctl.shared.read();
             let c = &st.cluster;
@@ -319,6 +330,97 @@ impl Reconciler {
                 self.memory
                     .volumes
                     .insert(v.name, Done { spec_revision: status.spec_revision, state, at: Instant::now() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Fences nodes silent for `fence_after` and lifts the fence of nodes an
+    /// operator brought back (see [`crate::fencing`]).
+    async fn fence(&mut self, ctl: &Controller, cluster: &Cluster) -> Result<(), NodeError> {
+        let term = self.term;
+        let (to_fence, back, all) = {
+            let st = ctl.shared.read();
+            let c = &st.cluster;
+            let mut to_fence = Vec::new();
+            let mut back = Vec::new();
+            for n in c.nodes() {
+                match n.state {
+                    NodeState::Unreachable if ctl.silence(&n.id, term) >= ctl.timing.fence_after => {
+                        to_fence.push((n.clone(), fencing::node_images(c, &n.id)));
+                    }
+                    NodeState::Fenced => {
+                        self.memory.fenced.insert(n.id.clone());
+                    }
+                    NodeState::Ready | NodeState::Cordoned => back.push(n.clone()),
+                    NodeState::Unreachable => {}
+                }
+            }
+            (to_fence, back, c.nodes().cloned().collect::<Vec<Node>>())
+        };
+        let own = match blocking(cluster, |c| c.client_addrs()).await? {
+            Ok(a) => fencing::client_ips(&a),
+            Err(e) => {
+                warn!("storage: own Ceph address unknown, no fencing this pass: {e}");
+                return Ok(());
+            }
+        };
+        for (node, images) in to_fence {
+            if !ctl.is_leader() {
+                return Ok(());
+            }
+            let ip = match fencing::fence_ip(&node, all.iter(), &own) {
+                Ok(ip) => ip,
+                Err(why) => {
+                    if self.memory.fence_refused.get(&node.id) != Some(&why) {
+                        warn!(node = %node.id, "cannot fence: {why}; it stays Unreachable and its VMs stay there");
+                        self.memory.fence_refused.insert(node.id.clone(), why);
+                    }
+                    continue;
+                }
+            };
+            warn!(node = %node.id, "fencing: silent for more than {:?}; blocklisting {ip} in Ceph", ctl.timing.fence_after);
+            let done = blocking(cluster, move |c| fencing::fence_host(c, ip, &images)).await?;
+            match done {
+                Ok(reason) => {
+                    info!(node = %node.id, "{reason}");
+                    let cmd = Command::SetNodeState { id: node.id.clone(), state: NodeState::Fenced, reason };
+                    match ctl.write(cmd).await {
+                        Ok(_) => {
+                            self.memory.fenced.insert(node.id.clone());
+                        }
+                        // Heartbeats came back meanwhile (it is Ready again): the
+                        // entry is lifted below once it is seen back.
+                        Err(NodeError::Command(e)) => {
+                            warn!(node = %node.id, "fenced in Ceph but not marked Fenced: {e}");
+                            self.memory.fenced.insert(node.id.clone());
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => warn!(node = %node.id, "fencing failed (retried next pass): {e}"),
+            }
+        }
+        // Lift the entries of nodes that are back: at once for one seen
+        // Fenced by this leader, else once a minute (a fence by an earlier
+        // leader, or one made before a crash).
+        let recheck_all = self.memory.unfence_checked.is_none_or(|t| t.elapsed() >= RECHECK_CAPS);
+        let lift: Vec<Node> = back.into_iter().filter(|n| recheck_all || self.memory.fenced.contains(&n.id)).collect();
+        if recheck_all {
+            self.memory.unfence_checked = Some(Instant::now());
+        }
+        for n in lift {
+            self.memory.fenced.remove(&n.id);
+            let Ok(ip) = fencing::fence_ip(&n, all.iter(), &own) else { continue };
+            match blocking(cluster, move |c| fencing::unfence_host(c, ip)).await? {
+                Ok(true) => {
+                    info!(node = %n.id, "fence lifted: {} removed from Ceph's blocklist", fencing::host_entry(ip))
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(node = %n.id, "cannot lift the fence (retried): {e}");
+                    self.memory.fenced.insert(n.id.clone());
+                }
             }
         }
         Ok(())

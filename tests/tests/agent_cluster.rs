@@ -10,7 +10,9 @@
 //! with the reason; deleting a VM with its disks removes the image. Then the
 //! agents' resilience: every controller stopped while a VM runs — it keeps
 //! running (its guest keeps writing) — and after the restart the agents
-//! re-sync and act on new requests.
+//! re-sync and act on new requests. Last, failover: an HA VM's host loses
+//! its agent while the VM still writes; the node is fenced out of Ceph and
+//! the VM restarts on the other host, and only the new instance can write.
 
 use std::time::{Duration, Instant};
 
@@ -27,10 +29,14 @@ use tonic::transport::Channel;
 const GUEST: &str = r#"
 case "$(cat /proc/cmdline)" in
 *basalt.role=ticker*)
-    i=0
+    # Counts on from what the disk holds, tagged with this boot's id: a
+    # restarted VM shows a new tag, a second writer would show two.
+    i=$(dd if=/dev/vda bs=512 skip=2 count=1 iflag=direct 2>/dev/null | sed -n 's/^TICK \([0-9]*\).*/\1/p')
+    i=${i:-0}
+    b=$(cut -c1-8 /proc/sys/kernel/random/boot_id)
     while true; do
         i=$((i+1))
-        echo "TICK $i" | dd of=/dev/vda bs=512 seek=2 count=1 conv=sync oflag=direct 2>/dev/null
+        echo "TICK $i $b" | dd of=/dev/vda bs=512 seek=2 count=1 conv=sync oflag=direct 2>/dev/null
         echo "TICK $i"
         sleep 1
     done ;;
@@ -118,7 +124,9 @@ fn vm_spec(memory_mib: u64, volume: Option<&str>, role: &str, group: &str) -> pb
 fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, controllers: &str) -> Arm64Host {
     let id = format!("host-{octet}");
     // A connection to port 7300 restarts the agent (SIGTERM, then a new one):
-    // its running VMs must be adopted, not lost or started twice.
+    // its running VMs must be adopted, not lost or started twice. One to port
+    // 7301 kills it for good (SIGKILL), leaving its VMMs running: a host the
+    // controllers lose while its VMs still write.
     let script = format!(
         "set -e\nmkdir -p /etc/ceph\ncp /basalt/ceph/ceph.conf /basalt/ceph/vm.keyring /etc/ceph/\n\
          start_agent() {{ NO_COLOR=1 basalt-agent --host-id {id} --address 10.77.0.{octet}:7200 {controllers} \
@@ -126,6 +134,8 @@ fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, con
          --ceph-keyring /etc/ceph/vm.keyring --vcpus 4 --memory-mib 600 --label host={id} \
          --metrics-listen 0.0.0.0:9110 & echo $! > /tmp/agent.pid; }}\n\
          start_agent\n\
+         ( while true; do nc -l -p 7301 </dev/null >/dev/null 2>&1 || {{ sleep 1; continue; }}; \
+           kill -KILL $(cat /tmp/agent.pid); echo AGENT-KILLED; done ) &\n\
          while true; do\n\
            nc -l -p 7300 </dev/null >/dev/null 2>&1 || {{ sleep 1; continue; }}\n\
            p=$(cat /tmp/agent.pid); kill -TERM $p; while kill -0 $p 2>/dev/null; do sleep 0.1; done\n\
@@ -154,9 +164,7 @@ fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, con
 
 /// The test's own client of the namespace's Ceph (admin), on the VMs' pool.
 fn with_pool<T>(ceph: &NetnsCeph, f: impl FnOnce(&basalt_storage::ceph::IoCtx) -> T) -> T {
-    let cfg = ClientConfig { conf: Some(ceph.conf()), keyring: Some(ceph.admin_keyring()), ..ClientConfig::default() };
-    let c = Cluster::connect(&cfg).expect("connect to the namespace's Ceph");
-    f(&c.ioctx(POOL).expect("pool"))
+    f(&admin_cluster(ceph).ioctx(POOL).expect("pool"))
 }
 
 fn read_image(ceph: &NetnsCeph, image: &str, offset: u64, len: usize) -> Vec<u8> {
@@ -164,6 +172,19 @@ fn read_image(ceph: &NetnsCeph, image: &str, offset: u64, len: usize) -> Vec<u8>
         let img = basalt_storage::rbd::Image::open(io, image).expect("open image");
         img.read_at(offset, len).expect("read image")
     })
+}
+
+/// A ticker's last write: its count and the tag of the boot that wrote it.
+fn tick(ceph: &NetnsCeph, image: &str) -> (u64, String) {
+    let t = text(&read_image(ceph, image, 1024, 512));
+    let mut w = t.strip_prefix("TICK ").unwrap_or("").split_whitespace();
+    let n = w.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    (n, w.next().unwrap_or("").to_string())
+}
+
+fn admin_cluster(ceph: &NetnsCeph) -> Cluster {
+    let cfg = ClientConfig { conf: Some(ceph.conf()), keyring: Some(ceph.admin_keyring()), ..ClientConfig::default() };
+    Cluster::connect(&cfg).expect("connect to the namespace's Ceph")
 }
 
 fn image_exists(ceph: &NetnsCeph, image: &str) -> bool {
@@ -241,10 +262,10 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
         profile: PROFILE.into(),
         ..Default::default()
     };
-    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk"] {
+    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ha-disk"] {
         api.rt.block_on(c.create_volume(vol(v))).unwrap_or_else(|e| panic!("create volume {v}: {e}"));
     }
-    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk"] {
+    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ha-disk"] {
         api.eventually(&format!("volume {v} READY"), Duration::from_secs(120), |a| {
             a.volume(v).filter(|x| x.state == pb::StorageState::Ready as i32)
         });
@@ -322,10 +343,7 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     // Resilience: a VM keeps running while every controller is down.
     create("ticker", vm_spec(128, Some("ticker-disk"), "ticker", "")).expect("create ticker");
     api.wait_phase("ticker", pb::VmPhase::Running, Duration::from_secs(400));
-    let ticks = || {
-        let t = text(&read_image(&ceph, "ticker-disk-img", 1024, 512));
-        t.strip_prefix("TICK ").and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
-    };
+    let ticks = || tick(&ceph, "ticker-disk-img").0;
     api.eventually("the ticker ticks", Duration::from_secs(120), |_| (ticks() > 0).then_some(()));
 
     // What only the host knows, through basaltctl and the agent's node service.
@@ -411,6 +429,61 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     let stopped_at = ticks();
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(ticks(), stopped_at, "the stopped VM no longer writes: {vm:?}");
+
+    // Failover: the agent of an HA VM's host dies, its VMM writes on. After
+    // the lease the node is Unreachable, after fence_after it is fenced out
+    // of Ceph (blocklisted, locks broken), and the VM restarts on the other
+    // host, counting on from its disk; the old VMM can no longer write.
+    let mut ha = vm_spec(128, Some("ha-disk"), "ticker", "");
+    ha.ha = true;
+    create("ha", ha).expect("create ha");
+    let vm = api.wait_phase("ha", pb::VmPhase::Running, Duration::from_secs(400));
+    let old_host = vm.placement.clone();
+    let old_octet: u8 = old_host.trim_start_matches("host-").parse().expect("host-N");
+    let (_, first_boot) =
+        api.eventually("ha ticks", Duration::from_secs(120), |_| Some(tick(&ceph, "ha-disk-img")).filter(|t| t.0 > 0));
+    std::net::TcpStream::connect(format!("10.77.0.{old_octet}:7301")).expect("ask the host to kill its agent");
+    let old_ix = usize::from(old_octet != 11);
+    assert!(hosts.0[old_ix].wait_for_console("AGENT-KILLED", Duration::from_secs(60)), "agent killed");
+    let killed_at = Instant::now();
+    let before = tick(&ceph, "ha-disk-img");
+    std::thread::sleep(Duration::from_secs(3));
+    let during = tick(&ceph, "ha-disk-img");
+    assert!(during.0 > before.0 && during.1 == first_boot, "the orphaned VMM still writes: {before:?} -> {during:?}");
+    api.eventually(&format!("{old_host} Fenced"), Duration::from_secs(120), |a| {
+        a.nodes().into_iter().find(|n| n.id == old_host).filter(|n| n.state == pb::NodeState::Fenced as i32)
+    });
+    eprintln!("[e2e] {old_host} fenced {:.0?} after its agent died", killed_at.elapsed());
+    let entry = format!("10.77.0.{old_octet}:0/0");
+    let blocklist = admin_cluster(&ceph).blocklist().expect("blocklist");
+    assert!(blocklist.iter().any(|e| e.addr == entry), "{entry} is on Ceph's blocklist: {blocklist:?}");
+    let vm = api.wait_phase("ha", pb::VmPhase::Running, Duration::from_secs(400));
+    assert!(!vm.placement.is_empty() && vm.placement != old_host, "restarted on the other host: {vm:?}");
+    let (count, boot) = api.eventually("the restarted guest writes", Duration::from_secs(120), |_| {
+        Some(tick(&ceph, "ha-disk-img")).filter(|t| t.1 != first_boot && t.0 > 0)
+    });
+    assert!(count > during.0, "it counted on from the disk ({} before, {count} now)", during.0);
+    eprintln!("[e2e] ha restarted on {} {:.0?} after its agent died", vm.placement, killed_at.elapsed());
+    // Only the new instance writes from now on, while the old VMM still runs.
+    let mut last = count;
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_secs(1));
+        let (n, b) = tick(&ceph, "ha-disk-img");
+        assert_eq!(b, boot, "only the restarted VM writes the disk (the fenced one's writes are refused)");
+        assert!(n >= last, "{n} after {last}");
+        last = n;
+    }
+    assert!(last > count, "the restarted VM keeps counting");
+    // The operator cleans up the host (here: powers it off, orphaned VMM and
+    // all) and brings the node back as Cordoned: the fence is lifted.
+    let out = hosts.0.remove(old_ix).stop().expect("stop the fenced host");
+    eprintln!("--- {} (fenced) console tail\n{}", out.name, tail(&out.console, 20));
+    let (rc, _, err) = basaltctl(&["node", "cordon", &old_host]);
+    assert_eq!(rc, Some(0), "cordon the fenced node: {err}");
+    api.eventually("the fence lifted", Duration::from_secs(60), |_| {
+        let l = admin_cluster(&ceph).blocklist().ok()?;
+        (!l.iter().any(|e| e.addr == entry)).then_some(())
+    });
     eprintln!("[e2e] done after {:.0?}", t0.elapsed());
 
     for h in hosts.0.drain(..) {

@@ -460,6 +460,42 @@ fn unassign_only_when_stopped_or_fenced() {
 }
 
 #[test]
+fn fencing_moves_ha_vms_off_the_node_and_fails_the_others() {
+    let mut st = cluster();
+    let mut ha = spec(1, 512);
+    ha.ha = true;
+    ok(&mut st, create_vm("ha", ha));
+    ok(&mut st, create_vm("plain", spec(1, 512)));
+    ok(&mut st, create_vm("elsewhere", spec(1, 512)));
+    for (vm, node) in [("ha", "n1"), ("plain", "n1"), ("elsewhere", "n2")] {
+        ok(&mut st, Command::AssignVm { name: vm.into(), node: node.into() });
+        report(&mut st, vm, node, VmPhase::Running);
+    }
+    let set = |state| Command::SetNodeState { id: "n1".into(), state, reason: "lease expired".into() };
+    ok(&mut st, set(NodeState::Unreachable));
+    // Unreachable alone moves nothing: the host may still be running them.
+    assert_eq!(st.vm("ha").and_then(|v| v.placement.clone()).as_deref(), Some("n1"));
+    assert!(st.pending_vms().is_empty());
+    let before = st.revision();
+    ok(&mut st, set(NodeState::Fenced));
+    let ha = st.vm("ha").expect("ha");
+    assert_eq!((ha.placement.as_deref(), ha.observed.phase), (None, VmPhase::Unknown), "{ha:?}");
+    assert_eq!(st.pending_vms().iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["ha"], "HA VM waits for a node");
+    let plain = st.vm("plain").expect("plain");
+    assert_eq!((plain.placement.as_deref(), plain.observed.phase), (Some("n1"), VmPhase::Failed));
+    assert!(plain.observed.message.contains("not HA"), "{:?}", plain.observed);
+    let other = st.vm("elsewhere").expect("elsewhere");
+    assert_eq!((other.placement.as_deref(), other.observed.phase), (Some("n2"), VmPhase::Running));
+    let events = st.query_events(&EventQuery { since_revision: Some(before), ..Default::default() });
+    let msgs: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
+    assert_eq!(msgs.len(), 3, "{msgs:?}");
+    assert!(msgs[1].contains("unassigned from node n1: node n1 fenced; HA restarts it elsewhere"), "{msgs:?}");
+    // The HA VM can be placed on the other node; the fenced node takes nothing.
+    refused(&mut st, Command::AssignVm { name: "ha".into(), node: "n1".into() }, Code::FailedPrecondition, "Fenced");
+    ok(&mut st, Command::AssignVm { name: "ha".into(), node: "n2".into() });
+}
+
+#[test]
 fn status_reports_come_from_the_assigned_node() {
     let mut st = cluster();
     ok(&mut st, create_vm("a", spec(1, 512)));
