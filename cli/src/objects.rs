@@ -19,7 +19,9 @@ pub enum NodeCmd {
     List,
     /// One node in detail.
     Show { id: String },
-    /// Take no new VMs on this node (its VMs keep running).
+    /// Take no new VMs on this node (its VMs keep running). On a Fenced node:
+    /// bring it back as Cordoned and lift its Ceph blocklist entry; only after
+    /// the host has been rebooted or all its VMMs stopped.
     Cordon { id: String },
     /// Let the node take VMs again.
     Uncordon { id: String },
@@ -118,7 +120,8 @@ pub struct VmCreate {
     /// Only on nodes with this label, KEY=VALUE (repeatable).
     #[arg(long = "require-label", value_parser = parse_kv)]
     require_labels: Vec<(String, String)>,
-    /// Restart it elsewhere if its node fails.
+    /// Restart it elsewhere if its node fails (once the controllers have fenced
+    /// that node out of Ceph; needs their [ceph] section).
     #[arg(long)]
     ha: bool,
     /// Create it stopped.
