@@ -304,6 +304,14 @@ impl Controller {
         mem.last_seen.get(node).map(|t| t.elapsed())
     }
 
+    /// Counts a node's silence from now, as a heartbeat would: for a node an
+    /// operator brought back from Fenced, whose agent could not heartbeat
+    /// while it was fenced, so it is not marked Unreachable (and fenced
+    /// again) before it has had a full lease to come back.
+    pub fn restart_silence(&self, node: &str, term: u64) {
+        self.leader_memory(term).last_seen.insert(node.to_string(), Instant::now());
+    }
+
     /// Time a node has been silent, counting from when this controller became
     /// leader if it has not heard from the node since.
     pub fn silence(&self, node: &str, term: u64) -> Duration {

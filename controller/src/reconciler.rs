@@ -4,7 +4,7 @@
 //! controller but acts only while that controller leads; everything it
 //! decides is committed as ordinary commands, so a new leader simply carries on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tracing::{info, warn};
@@ -19,22 +19,38 @@ pub async fn run(ctl: Arc<Controller>) {
     // Last refusal recorded per VM, so an unchanged verdict is not re-recorded
     // every pass. Leader memory only: a new leader records each once more.
     let mut recorded: HashMap<String, String> = HashMap::new();
+    // Nodes seen Fenced, to notice one brought back.
+    let mut fenced: HashSet<String> = HashSet::new();
     while let Some((leads, term)) = ticks.next().await {
         if !leads {
             recorded.clear();
+            fenced.clear();
             continue;
         }
-        if let Err(e) = pass(&ctl, term, &mut recorded).await {
+        if let Err(e) = pass(&ctl, term, &mut recorded, &mut fenced).await {
             warn!("reconcile: {e}");
         }
     }
 }
 
-async fn pass(ctl: &Controller, term: u64, recorded: &mut HashMap<String, String>) -> Result<(), NodeError> {
+async fn pass(
+    ctl: &Controller,
+    term: u64,
+    recorded: &mut HashMap<String, String>,
+    fenced: &mut HashSet<String>,
+) -> Result<(), NodeError> {
     let lease = ctl.timing.node_lease;
     let (transitions, plan) = {
         let st = ctl.shared.read();
         let mut transitions = Vec::new();
+        for n in st.cluster.nodes() {
+            // Brought back from Fenced: its agent gets a full lease from now.
+            if n.state == NodeState::Fenced {
+                fenced.insert(n.id.clone());
+            } else if fenced.remove(&n.id) {
+                ctl.restart_silence(&n.id, term);
+            }
+        }
         for n in st.cluster.nodes() {
             match n.state {
                 NodeState::Ready | NodeState::Cordoned => {

@@ -89,6 +89,8 @@ pub async fn run(
 
 /// Sends in order until a transport error (returned: try later). Refusals
 /// (the VM was deleted or moved to another host) are logged and dropped.
+/// Power-offs go before phases: a VM seen Stopped after its guest powered
+/// off already has desired power Stopped.
 async fn send_all(
     node: &str,
     ctl: &Controllers,
@@ -96,6 +98,29 @@ async fn send_all(
     pending: &mut BTreeMap<String, (pb::VmPhase, String)>,
     power_offs: &mut BTreeMap<String, u64>,
 ) -> Result<(), String> {
+    while let Some((vm, generation)) = power_offs.pop_first() {
+        let mut client = match ctl.cluster().await {
+            Ok(c) => c,
+            Err(e) => {
+                power_offs.insert(vm, generation);
+                return Err(e);
+            }
+        };
+        let req = pb::SetVmPowerRequest {
+            name: vm.clone(),
+            power: pb::Power::Stopped as i32,
+            expected_generation: generation,
+        };
+        match client.set_vm_power(req).await {
+            Ok(_) => info!(vm, "desired power set to stopped after the guest powered off"),
+            Err(s) if is_transport(&s) => {
+                power_offs.insert(vm, generation);
+                return Err(s.message().to_string());
+            }
+            // A newer request (a start, a delete) won: it stands.
+            Err(s) => info!(vm, "guest power-off not recorded as desired power: {}", s.message()),
+        }
+    }
     while let Some((vm, (phase, message))) = pending.pop_first() {
         let mut client = match ctl.agent().await {
             Ok(c) => c,
@@ -120,29 +145,6 @@ async fn send_all(
                 warn!(vm, "report refused, dropped: {}", s.message());
                 known.remove(&vm);
             }
-        }
-    }
-    while let Some((vm, generation)) = power_offs.pop_first() {
-        let mut client = match ctl.cluster().await {
-            Ok(c) => c,
-            Err(e) => {
-                power_offs.insert(vm, generation);
-                return Err(e);
-            }
-        };
-        let req = pb::SetVmPowerRequest {
-            name: vm.clone(),
-            power: pb::Power::Stopped as i32,
-            expected_generation: generation,
-        };
-        match client.set_vm_power(req).await {
-            Ok(_) => info!(vm, "desired power set to stopped after the guest powered off"),
-            Err(s) if is_transport(&s) => {
-                power_offs.insert(vm, generation);
-                return Err(s.message().to_string());
-            }
-            // A newer request (a start, a delete) won: it stands.
-            Err(s) => info!(vm, "guest power-off not recorded as desired power: {}", s.message()),
         }
     }
     Ok(())

@@ -214,9 +214,11 @@ impl Supervisor {
             // power follows it (compare-and-set on the generation that ran,
             // so a newer start request wins), and it is not restarted.
             slot.settled_generation = Some(p.generation);
+            // The desired power goes first, so whoever sees Stopped also
+            // sees the desired power that follows from it.
             info!(vm, "the guest powered off");
-            set_phase(&self.reports, vm, slot, VmPhase::Stopped, "the guest powered off".into());
             let _ = self.reports.send(ReporterMsg::GuestPoweredOff { vm: vm.to_string(), generation: p.generation });
+            set_phase(&self.reports, vm, slot, VmPhase::Stopped, "the guest powered off".into());
             return;
         }
         let why = match &kind {

@@ -480,10 +480,15 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     eprintln!("--- {} (fenced) console tail\n{}", out.name, tail(&out.console, 20));
     let (rc, _, err) = basaltctl(&["node", "cordon", &old_host]);
     assert_eq!(rc, Some(0), "cordon the fenced node: {err}");
-    api.eventually("the fence lifted", Duration::from_secs(60), |_| {
-        let l = admin_cluster(&ceph).blocklist().ok()?;
+    let admin = admin_cluster(&ceph);
+    api.eventually("the fence lifted", Duration::from_secs(30), |_| {
+        let l = admin.blocklist().ok()?;
         (!l.iter().any(|e| e.addr == entry)).then_some(())
     });
+    // Back as Cordoned, with a full lease for its agent to return (this host
+    // will not: it is fenced again after fence_after).
+    let node = api.nodes().into_iter().find(|n| n.id == old_host).expect("node");
+    assert_eq!(node.state, pb::NodeState::Cordoned as i32, "{node:?}");
     eprintln!("[e2e] done after {:.0?}", t0.elapsed());
 
     for h in hosts.0.drain(..) {
