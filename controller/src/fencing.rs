@@ -132,15 +132,19 @@ pub fn fence_host(c: &Cluster, ip: IpAddr, images: &[(String, String)]) -> Resul
     ))
 }
 
-/// Lifts the fence of a node that is back (blocking: librados). Returns
-/// whether there was an entry to lift.
-pub fn unfence_host(c: &Cluster, ip: IpAddr) -> Result<bool, CephError> {
-    let entry = host_entry(ip);
-    if !c.blocklist()?.iter().any(|e| e.addr == entry) {
-        return Ok(false);
-    }
-    c.blocklist_remove(&entry)?;
-    Ok(true)
+/// Each lifted entry's IP and whether its removal worked.
+pub type Lifted = Vec<(IpAddr, Result<(), CephError>)>;
+
+/// Lifts the fences of hosts that are back (blocking: librados): removes
+/// the entries of `ips` that are on the blocklist, which is read once.
+/// Returns each removal's outcome; an IP without an entry is left out.
+pub fn unfence_hosts(c: &Cluster, ips: &[IpAddr]) -> Result<Lifted, CephError> {
+    let listed: BTreeSet<String> = c.blocklist()?.into_iter().map(|e| e.addr).collect();
+    Ok(ips
+        .iter()
+        .filter(|ip| listed.contains(&host_entry(**ip)))
+        .map(|&ip| (ip, c.blocklist_remove(&host_entry(ip))))
+        .collect())
 }
 
 #[cfg(test)]

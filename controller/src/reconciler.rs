@@ -45,13 +45,9 @@ async fn pass(
         let mut transitions = Vec::new();
         for n in st.cluster.nodes() {
             // Brought back from Fenced: its agent gets a full lease from now.
-            if n.state == NodeState::Fenced {
-                fenced.insert(n.id.clone());
-            } else if fenced.remove(&n.id) {
+            if n.state != NodeState::Fenced && fenced.remove(&n.id) {
                 ctl.restart_silence(&n.id, term);
             }
-        }
-        for n in st.cluster.nodes() {
             match n.state {
                 NodeState::Ready | NodeState::Cordoned => {
                     let silent = ctl.silence(&n.id, term);
@@ -69,7 +65,9 @@ async fn pass(
                         transitions.push((n.id.clone(), NodeState::Ready, "heartbeats resumed".to_string()));
                     }
                 }
-                NodeState::Fenced => {}
+                NodeState::Fenced => {
+                    fenced.insert(n.id.clone());
+                }
             }
         }
         let plan: Vec<_> = plan_pending(&st.cluster)

@@ -519,8 +519,7 @@ impl ClusterState {
     /// written from the fenced host), the others stay placed there, Failed,
     /// until the node comes back or an operator deletes or moves them.
     fn evacuate_fenced(&mut self, id: &str, rev: u64, now: u64, ch: &mut Changes) -> Result<(), CommandError> {
-        let mut on: Vec<(String, bool)> = self.vms_on(id).map(|v| (v.name.clone(), v.spec.ha)).collect();
-        on.sort();
+        let on: Vec<(String, bool)> = self.vms_on(id).map(|v| (v.name.clone(), v.spec.ha)).collect();
         for (name, ha) in on {
             if ha {
                 self.unassign_vm(&name, &format!("node {id} fenced; HA restarts it elsewhere"), rev, now, ch)?;

@@ -358,6 +358,17 @@ impl Reconciler {
             }
             (to_fence, back, c.nodes().cloned().collect::<Vec<Node>>())
         };
+        // Lift the entries of nodes that are back: at once for one seen
+        // Fenced by this leader, else once a minute (a fence by an earlier
+        // leader, or one made before a crash).
+        let recheck_all = self.memory.unfence_checked.is_none_or(|t| t.elapsed() >= RECHECK_CAPS);
+        let lift: Vec<Node> = back.into_iter().filter(|n| recheck_all || self.memory.fenced.contains(&n.id)).collect();
+        if recheck_all {
+            self.memory.unfence_checked = Some(Instant::now());
+        }
+        if to_fence.is_empty() && lift.is_empty() {
+            return Ok(());
+        }
         let own = match blocking(cluster, |c| c.client_addrs()).await? {
             Ok(a) => fencing::client_ips(&a),
             Err(e) => {
@@ -390,7 +401,7 @@ impl Reconciler {
                             self.memory.fenced.insert(node.id.clone());
                         }
                         // Heartbeats came back meanwhile (it is Ready again): the
-                        // entry is lifted below once it is seen back.
+                        // entry is lifted once it is seen back.
                         Err(NodeError::Command(e)) => {
                             warn!(node = %node.id, "fenced in Ceph but not marked Fenced: {e}");
                             self.memory.fenced.insert(node.id.clone());
@@ -401,26 +412,35 @@ impl Reconciler {
                 Err(e) => warn!(node = %node.id, "fencing failed (retried next pass): {e}"),
             }
         }
-        // Lift the entries of nodes that are back: at once for one seen
-        // Fenced by this leader, else once a minute (a fence by an earlier
-        // leader, or one made before a crash).
-        let recheck_all = self.memory.unfence_checked.is_none_or(|t| t.elapsed() >= RECHECK_CAPS);
-        let lift: Vec<Node> = back.into_iter().filter(|n| recheck_all || self.memory.fenced.contains(&n.id)).collect();
-        if recheck_all {
-            self.memory.unfence_checked = Some(Instant::now());
-        }
+        let mut hosts: Vec<(String, std::net::IpAddr)> = Vec::new();
         for n in lift {
             self.memory.fenced.remove(&n.id);
-            let Ok(ip) = fencing::fence_ip(&n, all.iter(), &own) else { continue };
-            match blocking(cluster, move |c| fencing::unfence_host(c, ip)).await? {
-                Ok(true) => {
-                    info!(node = %n.id, "fence lifted: {} removed from Ceph's blocklist", fencing::host_entry(ip))
+            if let Ok(ip) = fencing::fence_ip(&n, all.iter(), &own) {
+                hosts.push((n.id, ip));
+            }
+        }
+        if hosts.is_empty() {
+            return Ok(());
+        }
+        let ips: Vec<std::net::IpAddr> = hosts.iter().map(|(_, ip)| *ip).collect();
+        let lifted = match blocking(cluster, move |c| fencing::unfence_hosts(c, &ips)).await? {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("cannot read Ceph's blocklist to lift fences (retried): {e}");
+                self.memory.fenced.extend(hosts.into_iter().map(|(id, _)| id));
+                return Ok(());
+            }
+        };
+        for (id, ip) in hosts {
+            match lifted.iter().find(|(l, _)| *l == ip).map(|(_, r)| r) {
+                Some(Ok(())) => {
+                    info!(node = %id, "fence lifted: {} removed from Ceph's blocklist", fencing::host_entry(ip))
                 }
-                Ok(false) => {}
-                Err(e) => {
-                    warn!(node = %n.id, "cannot lift the fence (retried): {e}");
-                    self.memory.fenced.insert(n.id.clone());
+                Some(Err(e)) => {
+                    warn!(node = %id, "cannot lift the fence (retried): {e}");
+                    self.memory.fenced.insert(id);
                 }
+                None => {}
             }
         }
         Ok(())
