@@ -64,6 +64,8 @@ pub enum BlockError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("the device is read-only")]
     ReadOnly,
+    #[error("{0} is not supported by this backend")]
+    Unsupported(&'static str),
     #[error(transparent)]
     Ceph(#[from] crate::ceph::CephError),
     #[error("{op} failed: {source}")]
@@ -107,6 +109,20 @@ pub trait BlockBackend: Send {
     fn completion_fd(&self) -> RawFd;
     /// Moves every finished request into `out` and resets the eventfd.
     fn take_completions(&mut self, out: &mut Vec<Completion>);
+    /// Why this disk cannot change hands between hosts (live migration), or
+    /// `None` when it can: shared storage with an ownership lock.
+    fn handover_refusal(&self) -> Option<String> {
+        Some("only RBD disks can move between hosts; this disk is a local file".into())
+    }
+    /// Gives up exclusive ownership after flushing everything written, so
+    /// another host can take the disk. Nothing may be in flight.
+    fn release_ownership(&mut self) -> Result<(), BlockError> {
+        Err(BlockError::Unsupported("releasing ownership"))
+    }
+    /// Takes exclusive ownership; fails while another client holds it.
+    fn acquire_ownership(&mut self) -> Result<(), BlockError> {
+        Err(BlockError::Unsupported("acquiring ownership"))
+    }
 }
 
 /// Checks a request before any backend acts on it: its range (see

@@ -13,6 +13,7 @@ pub mod devices;
 pub mod kvm_check;
 pub mod kvm_stats;
 pub mod memory;
+pub mod migration;
 pub mod persist;
 #[cfg(target_arch = "aarch64")]
 pub mod vm;

@@ -5,10 +5,50 @@
 //! an arbitrary page offset (what a plain mmap returns) forces 4 KiB stage-2
 //! pages: one fault per 4 KiB touched, several times more KVM exits at boot.
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+/// Guest RAM as the VMM sees it. Every write the VMM itself makes through
+/// it (virtio data, status bytes, used rings) sets a bit in the region's
+/// page bitmap, which live migration ORs into KVM's dirty log: KVM only
+/// sees the guest's own writes.
+pub type GuestRam = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// One KVM memory slot: where it sits for the guest and in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemSlot {
+    pub slot: u32,
+    pub guest_addr: u64,
+    pub size: u64,
+    pub host_addr: u64,
+}
+
+impl MemSlot {
+    fn region(&self, flags: u32) -> kvm_userspace_memory_region {
+        kvm_userspace_memory_region {
+            slot: self.slot,
+            flags,
+            guest_phys_addr: self.guest_addr,
+            memory_size: self.size,
+            userspace_addr: self.host_addr,
+        }
+    }
+}
+
+/// Turns KVM's dirty page logging on or off for every slot (flags only; the
+/// mapping stays where it is).
+pub fn set_dirty_logging(vm: &VmFd, slots: &[MemSlot], on: bool) -> Result<(), kvm_ioctls::Error> {
+    let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+    for s in slots {
+        // SAFETY: the same slot, guest range and host mapping as when it was
+        // created (see `create`); only the logging flag changes.
+        unsafe { vm.set_user_memory_region(s.region(flags)) }?;
+    }
+    Ok(())
+}
 
 const ALIGN: usize = 2 << 20;
 
@@ -60,30 +100,27 @@ pub fn map_aligned(size: usize) -> std::io::Result<Mapping> {
 }
 
 /// Allocates `size` bytes of guest RAM at `base` and maps them into the VM.
-pub fn create(vm: &VmFd, base: u64, size: usize) -> Result<(GuestMemoryMmap, Mapping), String> {
+pub fn create(vm: &VmFd, base: u64, size: usize) -> Result<(GuestRam, Mapping, Vec<MemSlot>), String> {
     let map = map_aligned(size).map_err(|e| format!("guest RAM of {size} bytes: {e}"))?;
+    let bitmap = <AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(size);
     // SAFETY: `map` is a live mapping of exactly `size` bytes with these
     // protections; the caller keeps it alive longer than the region.
-    let region = unsafe { MmapRegionBuilder::new(size).with_raw_mmap_pointer(map.addr as *mut u8) }
+    let region = unsafe { MmapRegionBuilder::new_with_bitmap(size, bitmap).with_raw_mmap_pointer(map.addr as *mut u8) }
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
         .build()
         .map_err(|e| e.to_string())?;
     let region = GuestRegionMmap::new(region, GuestAddress(base)).ok_or("guest RAM region overflows")?;
-    let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(|e| e.to_string())?;
+    let mem = GuestRam::from_regions(vec![region]).map_err(|e| e.to_string())?;
+    let mut slots = Vec::new();
     for (slot, r) in mem.iter().enumerate() {
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: r.start_addr().0,
-            memory_size: r.len(),
-            userspace_addr: r.as_ptr() as u64,
-        };
+        let s = MemSlot { slot: slot as u32, guest_addr: r.start_addr().0, size: r.len(), host_addr: r.as_ptr() as u64 };
         // SAFETY: the mapping outlives the VM fd (the caller holds `Mapping`
         // at least as long), and the mmap never moves.
-        unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("map guest memory: {e}"))?;
+        unsafe { vm.set_user_memory_region(s.region(0)) }.map_err(|e| format!("map guest memory: {e}"))?;
+        slots.push(s);
     }
-    Ok((mem, map))
+    Ok((mem, map, slots))
 }
 
 #[cfg(test)]

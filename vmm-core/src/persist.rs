@@ -3,7 +3,13 @@
 //! migration walks one interface. The formats are explicit, versioned serde
 //! structs; a reader refuses a version it does not know instead of guessing.
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::arch::aarch64::layout;
+use crate::memory::GuestRam;
 
 /// Version of every state struct below. Bump it when a field changes
 /// meaning; add fields with `#[serde(default)]` to stay readable.
@@ -43,6 +49,9 @@ pub struct GicState {
     pub icc: Vec<(u64, Vec<(u64, u64)>)>,
     /// (first interrupt ID, line-level bits) of level-triggered SPIs.
     pub line_level: Vec<(u32, u32)>,
+    /// Per vCPU (by MPIDR): line-level bits of its SGIs and PPIs (ID 0-31).
+    #[serde(default)]
+    pub ppi_level: Vec<(u64, u32)>,
 }
 
 /// The GICv3 ITS: its registers after KVM_DEV_ARM_ITS_SAVE_TABLES has
@@ -117,32 +126,64 @@ impl VmState {
         Ok(())
     }
 
-    /// Writes `state.json` and `memory.bin` into `dir`.
-    pub fn write(&self, dir: &std::path::Path, memory: &[u8]) -> Result<(), StateError> {
-        let io = |e: std::io::Error| StateError::Io(format!("{}: {e}", dir.display()));
-        std::fs::create_dir_all(dir).map_err(io)?;
+    /// Writes `memory.bin` (straight from guest RAM, no copy on the heap)
+    /// and `state.json` into `dir`, each through a temporary file, fsync and
+    /// rename. The old `state.json` goes first and the new one comes last, so
+    /// an interrupted save never leaves a state paired with other memory.
+    pub fn write(&self, dir: &Path, mem: &GuestRam) -> Result<(), StateError> {
+        let io = |what: &str| {
+            let at = dir.display().to_string();
+            let what = what.to_string();
+            move |e: std::io::Error| StateError::Io(format!("{at}: {what}: {e}"))
+        };
+        std::fs::create_dir_all(dir).map_err(io("create"))?;
         let json = serde_json::to_vec(self).map_err(|e| StateError::Io(e.to_string()))?;
-        std::fs::write(dir.join("memory.bin"), memory).map_err(io)?;
-        // The state file last: its presence marks a complete snapshot.
-        std::fs::write(dir.join("state.json"), json).map_err(io)
+        match std::fs::remove_file(dir.join(STATE_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("remove the old state")(e)),
+            _ => {}
+        }
+        let tmp = dir.join("memory.bin.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io("create memory.bin.tmp"))?;
+        mem.write_all_volatile_to(GuestAddress(layout::RAM_BASE), &mut f, self.memory_bytes as usize)
+            .map_err(|e| StateError::Io(format!("{}: write guest memory: {e}", tmp.display())))?;
+        f.sync_all().map_err(io("fsync memory.bin.tmp"))?;
+        std::fs::rename(&tmp, dir.join(MEMORY_FILE)).map_err(io("rename memory.bin"))?;
+        let tmp = dir.join("state.json.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io("create state.json.tmp"))?;
+        std::io::Write::write_all(&mut f, &json).map_err(io("write state.json.tmp"))?;
+        f.sync_all().map_err(io("fsync state.json.tmp"))?;
+        std::fs::rename(&tmp, dir.join(STATE_FILE)).map_err(io("rename state.json"))?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync the directory"))
     }
 
-    pub fn read(dir: &std::path::Path) -> Result<(VmState, Vec<u8>), StateError> {
+    /// Reads and checks `state.json`, and that `memory.bin` has the size it
+    /// names; the memory itself is loaded by [`VmState::load_memory`].
+    pub fn read(dir: &Path) -> Result<VmState, StateError> {
         let io = |e: std::io::Error| StateError::Io(format!("{}: {e}", dir.display()));
-        let s: VmState = serde_json::from_slice(&std::fs::read(dir.join("state.json")).map_err(io)?)
-            .map_err(|e| StateError::Io(format!("{}/state.json: {e}", dir.display())))?;
+        let s: VmState = serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE)).map_err(io)?)
+            .map_err(|e| StateError::Io(format!("{}/{STATE_FILE}: {e}", dir.display())))?;
         s.check()?;
-        let mem = std::fs::read(dir.join("memory.bin")).map_err(io)?;
-        if mem.len() as u64 != s.memory_bytes {
+        let len = std::fs::metadata(dir.join(MEMORY_FILE)).map_err(io)?.len();
+        if len != s.memory_bytes {
             return Err(StateError::Shape(format!(
-                "memory.bin has {} bytes, the state says {}",
-                mem.len(),
+                "{MEMORY_FILE} has {len} bytes, the state says {}",
                 s.memory_bytes
             )));
         }
-        Ok((s, mem))
+        Ok(s)
+    }
+
+    /// Reads `memory.bin` straight into guest RAM.
+    pub fn load_memory(&self, dir: &Path, mem: &GuestRam) -> Result<(), StateError> {
+        let path = dir.join(MEMORY_FILE);
+        let mut f = std::fs::File::open(&path).map_err(|e| StateError::Io(format!("{}: {e}", path.display())))?;
+        mem.read_exact_volatile_from(GuestAddress(layout::RAM_BASE), &mut f, self.memory_bytes as usize)
+            .map_err(|e| StateError::Io(format!("{}: {e}", path.display())))
     }
 }
+
+pub const STATE_FILE: &str = "state.json";
+pub const MEMORY_FILE: &str = "memory.bin";
 
 #[cfg(test)]
 mod tests {
@@ -151,7 +192,7 @@ mod tests {
     fn sample() -> VmState {
         VmState {
             version: STATE_VERSION,
-            memory_bytes: 8,
+            memory_bytes: 8192,
             vcpus: vec![VcpuState {
                 version: 1,
                 mpidr: 0x8000_0000,
@@ -174,18 +215,26 @@ mod tests {
     #[test]
     fn snapshots_round_trip_and_foreign_versions_are_refused() {
         let d = tempfile::tempdir().expect("dir");
-        sample().write(d.path(), &[1, 2, 3, 4, 5, 6, 7, 8]).expect("write");
-        let (s, m) = VmState::read(d.path()).expect("read");
+        let mem = GuestRam::from_ranges(&[(GuestAddress(layout::RAM_BASE), 8192)]).expect("mem");
+        mem.write_slice(&[1, 2, 3, 4, 5, 6, 7, 8], GuestAddress(layout::RAM_BASE)).expect("fill");
+        sample().write(d.path(), &mem).expect("write");
+        assert!(!d.path().join("state.json.tmp").exists() && !d.path().join("memory.bin.tmp").exists());
+        let s = VmState::read(d.path()).expect("read");
         assert_eq!(s, sample());
-        assert_eq!(m, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        let back = GuestRam::from_ranges(&[(GuestAddress(layout::RAM_BASE), 8192)]).expect("mem");
+        s.load_memory(d.path(), &back).expect("load");
+        let mut m = [0u8; 8];
+        back.read_slice(&mut m, GuestAddress(layout::RAM_BASE)).expect("read back");
+        assert_eq!(m, [1, 2, 3, 4, 5, 6, 7, 8]);
         let mut v2 = sample();
         v2.version = 2;
-        v2.write(d.path(), &[0; 8]).expect("write");
+        v2.write(d.path(), &mem).expect("write");
         assert!(VmState::read(d.path()).unwrap_err().to_string().contains("version 2"));
         let mut bad = sample();
         bad.gic.redist.clear();
         assert!(bad.check().is_err());
-        sample().write(d.path(), &[0; 4]).expect("write");
+        sample().write(d.path(), &mem).expect("write");
+        std::fs::write(d.path().join("memory.bin"), [0u8; 4]).expect("truncate");
         assert!(VmState::read(d.path()).unwrap_err().to_string().contains("memory.bin"));
     }
 }

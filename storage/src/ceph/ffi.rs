@@ -116,6 +116,7 @@ extern "C" {
     pub fn rbd_is_exclusive_lock_owner(image: rbd_image_t, is_owner: *mut c_int) -> c_int;
     pub fn rbd_lock_acquire(image: rbd_image_t, lock_mode: c_int) -> c_int;
     pub fn rbd_lock_release(image: rbd_image_t) -> c_int;
+    pub fn rbd_flush(image: rbd_image_t) -> c_int;
     pub fn rbd_lock_get_owners(
         image: rbd_image_t,
         lock_mode: *mut c_int,

@@ -171,4 +171,25 @@ impl BlockBackend for RbdBackend {
     fn take_completions(&mut self, out: &mut Vec<Completion>) {
         self.done.take(out);
     }
+
+    fn handover_refusal(&self) -> Option<String> {
+        None
+    }
+
+    /// Flushes, then releases the exclusive lock. A read-only disk holds no
+    /// lock, so there is nothing to hand over.
+    fn release_ownership(&mut self) -> Result<(), BlockError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.image.flush()?;
+        Ok(self.image.lock_release()?)
+    }
+
+    fn acquire_ownership(&mut self) -> Result<(), BlockError> {
+        if self.read_only {
+            return Ok(());
+        }
+        Ok(self.image.lock_exclusive()?)
+    }
 }

@@ -345,6 +345,12 @@ impl Image {
         })
     }
 
+    /// Waits until every write issued so far is stable in the cluster.
+    pub fn flush(&self) -> Result<(), CephError> {
+        // SAFETY: open image.
+        check(|| self.op("flush"), unsafe { ffi::rbd_flush(self.h) })
+    }
+
     pub fn lock_release(&self) -> Result<(), CephError> {
         // SAFETY: open image.
         check(|| self.op("release lock on"), unsafe { ffi::rbd_lock_release(self.h) })

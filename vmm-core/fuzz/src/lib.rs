@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use basalt_storage::FileBackend;
 use basalt_vmm::devices::virtio::{BlockConfig, MmioTransport, VirtioBlock};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use basalt_vmm::memory::GuestRam;
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub const MEM_SIZE: usize = 64 * 1024;
@@ -24,7 +25,7 @@ pub const S_FEATURES_OK: u32 = 8;
 
 pub struct Rig {
     pub t: MmioTransport<VirtioBlock>,
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     file: tempfile::NamedTempFile,
     read_only: bool,
 }
@@ -46,7 +47,7 @@ fn device(file: &tempfile::NamedTempFile, read_only: bool) -> VirtioBlock {
 impl Rig {
     pub fn new(read_only: bool) -> Self {
         let file = temp_disk();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
         let t = MmioTransport::new(
             Box::new(device(&file, read_only)),
             mem.clone(),

@@ -6,7 +6,8 @@
 
 use std::path::Path;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestRam;
 
 use super::layout;
 
@@ -32,7 +33,7 @@ pub struct BootImage {
 }
 
 pub fn load(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     mem_size: u64,
     kernel: &Path,
     initrd: Option<&Path>,
@@ -110,7 +111,7 @@ impl ImageHeader {
     }
 }
 
-pub fn write_fdt(mem: &GuestMemoryMmap, at: u64, fdt: &[u8]) -> Result<(), BootError> {
+pub fn write_fdt(mem: &GuestRam, at: u64, fdt: &[u8]) -> Result<(), BootError> {
     if fdt.len() as u64 > layout::FDT_MAX_SIZE {
         return Err(BootError::Placement(format!("device tree of {} bytes is over 2 MiB", fdt.len())));
     }
@@ -135,8 +136,8 @@ mod tests {
     #[test]
     fn kernel_initrd_and_fdt_are_placed_without_overlap() {
         let size = 128u64 << 20;
-        let mem: GuestMemoryMmap =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(layout::RAM_BASE), size as usize)]).expect("mem");
+        let mem: GuestRam =
+            GuestRam::from_ranges(&[(GuestAddress(layout::RAM_BASE), size as usize)]).expect("mem");
         let dir = tempfile::tempdir().expect("dir");
         let k = dir.path().join("Image");
         std::fs::write(&k, fake_image(0, 8 << 20)).expect("write");

@@ -46,19 +46,19 @@ impl VGicV3 {
         let fd = vm.create_device(&mut dev).map_err(GicError::Unsupported)?;
         let gic = VGicV3 { fd, mpidrs: Vec::new() };
         assert!(vcpus <= layout::GIC_REDIST_MAX_CPUS, "vCPU count is validated by the VM config");
-        gic.set_u64(
+        gic.put_u64(
             KVM_DEV_ARM_VGIC_GRP_ADDR,
             u64::from(KVM_VGIC_V3_ADDR_TYPE_DIST),
             layout::GIC_DIST_BASE,
             "distributor address",
         )?;
-        gic.set_u64(
+        gic.put_u64(
             KVM_DEV_ARM_VGIC_GRP_ADDR,
             u64::from(KVM_VGIC_V3_ADDR_TYPE_REDIST),
             layout::GIC_REDIST_BASE,
             "redistributor address",
         )?;
-        gic.set_u32(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, layout::GIC_NR_IRQS, "number of IRQs")?;
+        gic.put_u32(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, layout::GIC_NR_IRQS, "number of IRQs")?;
         Ok(gic)
     }
 
@@ -81,34 +81,14 @@ impl VGicV3 {
 
     /// Reads a 32-bit distributor register.
     pub fn dist_reg(&self, offset: u32) -> Result<u32, GicError> {
-        let mut val: u32 = 0;
-        let mut attr = kvm_device_attr {
-            group: KVM_DEV_ARM_VGIC_GRP_DIST_REGS,
-            attr: u64::from(offset),
-            addr: &mut val as *mut u32 as u64,
-            flags: 0,
-        };
-        // SAFETY: `addr` points at a live u32, the size KVM writes for
-        // distributor registers.
-        unsafe { self.fd.get_device_attr(&mut attr) }
-            .map_err(|source| GicError::Attr { what: "read distributor register", source })?;
-        Ok(val)
+        self.get_u32(KVM_DEV_ARM_VGIC_GRP_DIST_REGS, u64::from(offset), "read distributor register")
     }
 
     /// Reads a 32-bit redistributor register of the vCPU with this MPIDR
     /// (SGI-frame registers are at 0x10000 + their offset).
     pub fn redist_reg(&self, mpidr: u64, offset: u32) -> Result<u32, GicError> {
-        let mut val: u32 = 0;
-        let mut attr = kvm_device_attr {
-            group: KVM_DEV_ARM_VGIC_GRP_REDIST_REGS,
-            attr: (packed_affinity(mpidr) << 32) | u64::from(offset),
-            addr: &mut val as *mut u32 as u64,
-            flags: 0,
-        };
-        // SAFETY: `addr` points at a live u32, the size KVM writes.
-        unsafe { self.fd.get_device_attr(&mut attr) }
-            .map_err(|source| GicError::Attr { what: "read redistributor register", source })?;
-        Ok(val)
+        let attr = (packed_affinity(mpidr) << 32) | u64::from(offset);
+        self.get_u32(KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, attr, "read redistributor register")
     }
 
     /// Every interrupt's state, like the kernel's debugfs `vgic-state`:
@@ -163,17 +143,7 @@ impl VGicV3 {
     }
 
     pub fn set_dist_reg(&self, offset: u32, val: u32) -> Result<(), GicError> {
-        self.set_u32(KVM_DEV_ARM_VGIC_GRP_DIST_REGS, u64::from(offset), val, "write distributor register")
-    }
-
-    fn set_u32(&self, group: u32, attr: u64, val: u32, what: &'static str) -> Result<(), GicError> {
-        let a = kvm_device_attr { group, attr, addr: &val as *const u32 as u64, flags: 0 };
-        self.fd.set_device_attr(&a).map_err(|source| GicError::Attr { what, source })
-    }
-
-    fn set_u64(&self, group: u32, attr: u64, val: u64, what: &'static str) -> Result<(), GicError> {
-        let a = kvm_device_attr { group, attr, addr: &val as *const u64 as u64, flags: 0 };
-        self.fd.set_device_attr(&a).map_err(|source| GicError::Attr { what, source })
+        self.put_u32(KVM_DEV_ARM_VGIC_GRP_DIST_REGS, u64::from(offset), val, "write distributor register")
     }
 }
 
@@ -212,18 +182,20 @@ fn icc_regs() -> Vec<u64> {
 }
 
 impl VGicV3 {
-    fn attr_u32(&self, group: u32, attr: u64) -> Option<u32> {
+    fn get_u32(&self, group: u32, attr: u64, what: &'static str) -> Result<u32, GicError> {
         let mut val: u32 = 0;
         let mut a = kvm_device_attr { group, attr, addr: &mut val as *mut u32 as u64, flags: 0 };
         // SAFETY: `addr` points at a live u32.
-        unsafe { self.fd.get_device_attr(&mut a) }.ok().map(|_| val)
+        unsafe { self.fd.get_device_attr(&mut a) }.map_err(|source| GicError::Attr { what, source })?;
+        Ok(val)
     }
 
-    fn attr_u64(&self, group: u32, attr: u64) -> Option<u64> {
+    fn get_u64(&self, group: u32, attr: u64, what: &'static str) -> Result<u64, GicError> {
         let mut val: u64 = 0;
         let mut a = kvm_device_attr { group, attr, addr: &mut val as *mut u64 as u64, flags: 0 };
         // SAFETY: `addr` points at a live u64.
-        unsafe { self.fd.get_device_attr(&mut a) }.ok().map(|_| val)
+        unsafe { self.fd.get_device_attr(&mut a) }.map_err(|source| GicError::Attr { what, source })?;
+        Ok(val)
     }
 
     fn put_u32(&self, group: u32, attr: u64, val: u32, what: &'static str) -> Result<(), GicError> {
@@ -236,7 +208,26 @@ impl VGicV3 {
         self.fd.set_device_attr(&a).map_err(|source| GicError::Attr { what, source })
     }
 
-    /// Distributor registers for SPIs, as (offset, "clear" twin if it is a set-register).
+    /// The distributor's implementation (GICD_IIDR): a migration target
+    /// must run the same implementation, at the same or a later revision.
+    pub fn iidr(&self) -> Result<u32, GicError> {
+        self.get_u32(KVM_DEV_ARM_VGIC_GRP_DIST_REGS, u64::from(GICD_IIDR), "read GICD_IIDR")
+    }
+
+    /// Writes the pending state of every LPI into the pending tables in
+    /// guest memory (KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES), so it travels
+    /// with RAM. With the vCPUs paused, before the last copy of memory.
+    pub fn save_pending_tables(&self) -> Result<(), GicError> {
+        let attr = kvm_device_attr {
+            group: KVM_DEV_ARM_VGIC_GRP_CTRL,
+            attr: u64::from(kvm_bindings::KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES),
+            addr: 0,
+            flags: 0,
+        };
+        self.fd.set_device_attr(&attr).map_err(|source| GicError::Attr { what: "SAVE_PENDING_TABLES", source })
+    }
+
+    /// Distributor registers for SPIs, in the order they are restored.
     fn dist_offsets() -> Vec<u32> {
         let n = layout::GIC_NR_IRQS;
         let mut v = vec![GICD_CTLR];
@@ -272,43 +263,69 @@ impl VGicV3 {
         v.extend([SGI_ISPENDR0, SGI_ISACTIVER0, SGI_ISENABLER0]);
         v
     }
+
+    /// The ICC registers this CPU interface implements: the active-priority
+    /// registers exist only for the priority bits it has (ICC_CTLR_EL1.PRIbits:
+    /// 5 bits → AP{0,1}R0, 6 → R0-R1, 7 → R0-R3, as the GICv3 spec says).
+    fn icc_regs_for(&self, aff: u64) -> Result<Vec<u64>, GicError> {
+        let grp = KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS;
+        let all = icc_regs();
+        let ctlr = self.get_u64(grp, aff | all[1], "read ICC_CTLR_EL1")?;
+        let aprs = match ((ctlr >> 8) & 7) + 1 {
+            5 => 1,
+            6 => 2,
+            _ => 4,
+        };
+        Ok(all.into_iter().filter(|enc| ap_index(*enc).is_none_or(|n| n < aprs)).collect())
+    }
+}
+
+/// Which ICC_AP{0,1}R<n>_EL1 an encoding is, if it is one.
+fn ap_index(enc: u64) -> Option<u64> {
+    let (crm, op2) = ((enc >> 3) & 0xf, enc & 7);
+    match (crm, op2) {
+        (8, 4..=7) => Some(op2 - 4),
+        (9, 0..=3) => Some(op2),
+        _ => None,
+    }
 }
 
 impl crate::persist::Persist for VGicV3 {
     type State = crate::persist::GicState;
     type Error = GicError;
 
-    /// Reads the distributor, every redistributor and CPU interface, and the
-    /// SPI line levels. KVM answers only while no vCPU runs.
+    /// Reads the distributor (GICD_IIDR first), every redistributor and CPU
+    /// interface, and the line levels of SPIs and of every vCPU's PPIs. KVM
+    /// answers only while no vCPU runs. Any register that fails to read fails
+    /// the save: a state with holes would restore a different GIC.
     fn save(&self) -> Result<Self::State, GicError> {
         let grp_d = KVM_DEV_ARM_VGIC_GRP_DIST_REGS;
-        let dist = Self::dist_offsets()
-            .into_iter()
-            .filter_map(|o| self.attr_u32(grp_d, u64::from(o)).map(|v| (o, v)))
-            .collect();
+        let mut dist = vec![(GICD_IIDR, self.iidr()?)];
+        for o in Self::dist_offsets() {
+            dist.push((o, self.get_u32(grp_d, u64::from(o), "read distributor register")?));
+        }
         let mut redist = Vec::new();
         let mut icc = Vec::new();
+        let mut ppi_level = Vec::new();
         for &m in &self.mpidrs {
             let aff = packed_affinity(m) << 32;
-            let r = Self::redist_offsets()
-                .into_iter()
-                .filter_map(|o| self.attr_u32(KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, aff | u64::from(o)).map(|v| (o, v)))
-                .collect();
+            let mut r = Vec::new();
+            for o in Self::redist_offsets() {
+                r.push((o, self.get_u32(KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, aff | u64::from(o), "read redistributor register")?));
+            }
             redist.push((m, r));
-            // Registers the CPU interface does not implement (AP0R1..3 with
-            // few priority bits) fail to read and are simply not saved.
-            let c = icc_regs()
-                .into_iter()
-                .filter_map(|enc| self.attr_u64(KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, aff | enc).map(|v| (enc, v)))
-                .collect();
+            let mut c = Vec::new();
+            for enc in self.icc_regs_for(aff)? {
+                c.push((enc, self.get_u64(KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, aff | enc, "read ICC register")?));
+            }
             icc.push((m, c));
+            // VGIC_LEVEL_INFO_LINE_LEVEL (0) in the info field; vINTID 0: SGIs
+            // (read as zero) and this vCPU's PPIs.
+            ppi_level.push((m, self.get_u32(KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, aff, "read PPI line levels")?));
         }
         let mut line_level = Vec::new();
         for intid in (layout::GIC_SPI_BASE..layout::GIC_NR_IRQS).step_by(32) {
-            // VGIC_LEVEL_INFO_LINE_LEVEL (0) in the info field at bit 10.
-            if let Some(v) = self.attr_u32(KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, u64::from(intid)) {
-                line_level.push((intid, v));
-            }
+            line_level.push((intid, self.get_u32(KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, u64::from(intid), "read SPI line levels")?));
         }
         Ok(crate::persist::GicState {
             version: crate::persist::STATE_VERSION,
@@ -317,15 +334,21 @@ impl crate::persist::Persist for VGicV3 {
             redist,
             icc,
             line_level,
+            ppi_level,
         })
     }
 
-    /// Restores into a freshly initialised vGIC, in QEMU's proven order:
-    /// GICD_CTLR, redistributors, distributor, line levels, CPU interfaces.
+    /// Restores into a freshly initialised vGIC: GICD_IIDR first (it decides
+    /// how KVM interprets the rest), then QEMU's proven order: GICD_CTLR,
+    /// redistributors, distributor, line levels, CPU interfaces.
     fn restore(&mut self, s: &Self::State) -> Result<(), GicError> {
         let grp_d = KVM_DEV_ARM_VGIC_GRP_DIST_REGS;
-        if let Some((_, ctlr)) = s.dist.iter().find(|(o, _)| *o == GICD_CTLR) {
-            self.put_u32(grp_d, u64::from(GICD_CTLR), *ctlr, "restore GICD_CTLR")?;
+        let get = |off: u32| s.dist.iter().find(|(o, _)| *o == off).map(|(_, v)| *v);
+        if let Some(iidr) = get(GICD_IIDR) {
+            self.put_u32(grp_d, u64::from(GICD_IIDR), iidr, "restore GICD_IIDR")?;
+        }
+        if let Some(ctlr) = get(GICD_CTLR) {
+            self.put_u32(grp_d, u64::from(GICD_CTLR), ctlr, "restore GICD_CTLR")?;
         }
         for (m, regs) in &s.redist {
             let aff = packed_affinity(*m) << 32;
@@ -342,11 +365,14 @@ impl crate::persist::Persist for VGicV3 {
                 self.put_u32(grp_d, u64::from(clear + 4 * w), u32::MAX, "clear distributor state")?;
             }
         }
-        for (o, v) in s.dist.iter().filter(|(o, _)| *o != GICD_CTLR) {
+        for (o, v) in s.dist.iter().filter(|(o, _)| *o != GICD_CTLR && *o != GICD_IIDR) {
             self.put_u32(grp_d, u64::from(*o), *v, "restore distributor register")?;
         }
         for (intid, v) in &s.line_level {
-            self.put_u32(KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, u64::from(*intid), *v, "restore line level")?;
+            self.put_u32(KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, u64::from(*intid), *v, "restore SPI line levels")?;
+        }
+        for (m, v) in &s.ppi_level {
+            self.put_u32(KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, packed_affinity(*m) << 32, *v, "restore PPI line levels")?;
         }
         for (m, regs) in &s.icc {
             let aff = packed_affinity(*m) << 32;

@@ -31,6 +31,27 @@ pub const fn sys_reg(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
 pub const MPIDR_EL1: u64 = sys_reg(3, 0, 0, 0, 5);
 pub const MIDR_EL1: u64 = sys_reg(3, 0, 0, 0, 0);
 
+/// The generic timer as KVM exposes it (arch/arm64/include/uapi/asm/kvm.h;
+/// CNT and CVAL are swapped there for historical reasons, kept as is).
+pub const TIMER_CTL: u64 = sys_reg(3, 3, 14, 3, 1);
+pub const TIMER_CNT: u64 = sys_reg(3, 3, 14, 3, 2);
+pub const TIMER_CVAL: u64 = sys_reg(3, 3, 14, 0, 2);
+pub const PTIMER_CTL: u64 = sys_reg(3, 3, 14, 2, 1);
+pub const PTIMER_CNT: u64 = sys_reg(3, 3, 14, 0, 1);
+pub const PTIMER_CVAL: u64 = sys_reg(3, 3, 14, 2, 2);
+
+pub const fn is_timer_reg(id: u64) -> bool {
+    matches!(id, TIMER_CTL | TIMER_CNT | TIMER_CVAL | PTIMER_CTL | PTIMER_CNT | PTIMER_CVAL)
+}
+
+/// The feature ID registers (op0 3, op1 0, CRn 0, CRm 1-7): what a guest
+/// may have seen of its CPU, so a migration target must offer the same.
+pub const fn is_feature_id_reg(id: u64) -> bool {
+    let sys = id & 0xffff;
+    let (op0, op1, crn, crm) = ((sys >> 14) & 3, (sys >> 11) & 7, (sys >> 7) & 0xf, (sys >> 3) & 0xf);
+    id & KVM_REG_ARM_COPROC_MASK == KVM_REG_ARM64_SYSREG && op0 == 3 && op1 == 0 && crn == 0 && crm >= 1 && crm <= 7
+}
+
 /// Size in bytes of the value a register ID names.
 pub const fn reg_size(id: u64) -> usize {
     1 << ((id & KVM_REG_SIZE_MASK) >> KVM_REG_SIZE_SHIFT)
@@ -70,5 +91,11 @@ mod tests {
         assert_eq!(reg_class(MPIDR_EL1), RegClass::System);
         assert_eq!(reg_class(core_reg(PC_OFFSET)), RegClass::Core);
         assert_eq!(reg_class(0x6030_0000_0014_0000), RegClass::Firmware);
+        // KVM_REG_ARM_TIMER_CNT as <asm/kvm.h> defines it.
+        assert_eq!(TIMER_CNT, 0x6030_0000_0013_df1a);
+        assert!(is_timer_reg(TIMER_CVAL) && !is_timer_reg(MPIDR_EL1));
+        assert!(is_feature_id_reg(sys_reg(3, 0, 0, 4, 0)), "ID_AA64PFR0_EL1");
+        assert!(is_feature_id_reg(sys_reg(3, 0, 0, 7, 2)), "ID_AA64MMFR2_EL1");
+        assert!(!is_feature_id_reg(MIDR_EL1) && !is_feature_id_reg(MPIDR_EL1));
     }
 }

@@ -41,16 +41,59 @@ pub fn mpidr(vcpu: &VcpuFd) -> Result<u64, kvm_ioctls::Error> {
     read_u64(vcpu, regs::MPIDR_EL1)
 }
 
+/// Every register id KVM lists for this vCPU. The list's length depends on
+/// the host (SVE, PMU, new ID registers), so a first guess that is too short
+/// is retried with the length KVM asks for (E2BIG).
+pub fn reg_list(vcpu: &VcpuFd) -> Result<Vec<u64>, kvm_ioctls::Error> {
+    let mut n = 512;
+    loop {
+        let mut list = kvm_bindings::RegList::new(n).map_err(|_| kvm_ioctls::Error::new(libc::ENOMEM))?;
+        match vcpu.get_reg_list(&mut list) {
+            Ok(()) => return Ok(list.as_slice().to_vec()),
+            Err(e) if e.errno() == libc::E2BIG && list.as_fam_struct_ref().n as usize > n => {
+                n = list.as_fam_struct_ref().n as usize;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The order registers are written back in: core registers, then the
+/// firmware pseudo-registers (they select PSCI/SMCCC behaviour), then the
+/// timer registers, then every other system register.
+fn restore_rank(id: u64) -> u8 {
+    match regs::reg_class(id) {
+        regs::RegClass::Core => 0,
+        regs::RegClass::Firmware => 1,
+        _ if regs::is_timer_reg(id) => 2,
+        regs::RegClass::System => 3,
+        regs::RegClass::Other => 4,
+    }
+}
+
+/// Writes `state`'s registers (but those in `skip`) in [`restore_rank`]
+/// order, then the power state.
+pub fn restore_regs(vcpu: &VcpuFd, state: &crate::persist::VcpuState, skip: &[u64]) -> Result<(), kvm_ioctls::Error> {
+    let mut order: Vec<&(u64, Vec<u8>)> = state.regs.iter().filter(|(id, _)| !skip.contains(id)).collect();
+    order.sort_by_key(|(id, _)| restore_rank(*id));
+    for (id, value) in order {
+        if value.len() != regs::reg_size(*id) {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
+        vcpu.set_one_reg(*id, value)?;
+    }
+    vcpu.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: state.mp_state })
+}
+
 impl crate::persist::Persist for VcpuFd {
     type State = crate::persist::VcpuState;
     type Error = kvm_ioctls::Error;
 
     /// Reads every register KVM lists for this vCPU; the vCPU must not be running.
     fn save(&self) -> Result<Self::State, Self::Error> {
-        let mut list = kvm_bindings::RegList::new(500).map_err(|_| kvm_ioctls::Error::new(libc::ENOMEM))?;
-        self.get_reg_list(&mut list)?;
-        let mut regs = Vec::with_capacity(list.as_slice().len());
-        for &id in list.as_slice() {
+        let ids = reg_list(self)?;
+        let mut regs = Vec::with_capacity(ids.len());
+        for id in ids {
             let mut buf = vec![0u8; regs::reg_size(id)];
             self.get_one_reg(id, &mut buf)?;
             regs.push((id, buf));
@@ -63,15 +106,7 @@ impl crate::persist::Persist for VcpuFd {
         })
     }
 
-    /// Writes the registers back in the order they were listed (core, then
-    /// system and timer registers, then firmware), then the power state.
     fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error> {
-        for (id, value) in &state.regs {
-            if value.len() != regs::reg_size(*id) {
-                return Err(kvm_ioctls::Error::new(libc::EINVAL));
-            }
-            self.set_one_reg(*id, value)?;
-        }
-        self.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: state.mp_state })
+        restore_regs(self, state, &[])
     }
 }

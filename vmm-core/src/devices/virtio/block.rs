@@ -29,7 +29,8 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+use crate::memory::GuestRam;
 
 use super::{log_guest_error, ActivateError, DrainTimeout, InterruptSink, VirtioDevice};
 
@@ -184,7 +185,7 @@ struct InFlight {
 }
 
 struct Active {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     queue: Queue,
     irq: Arc<dyn InterruptSink>,
 }
@@ -406,8 +407,8 @@ impl VirtioBlock {
     fn handle_chain(
         &mut self,
         active: &mut Active,
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestRam,
+        chain: DescriptorChain<&GuestRam>,
     ) -> bool {
         self.counters.requests += 1;
         let head = chain.head_index();
@@ -462,7 +463,7 @@ impl VirtioBlock {
 
     /// Validates a request and decides what to do with it. An `Err` is a
     /// malformed request, answered with IOERR.
-    fn parse(&mut self, l: &Layout, mem: &GuestMemoryMmap) -> Result<Outcome, &'static str> {
+    fn parse(&mut self, l: &Layout, mem: &GuestRam) -> Result<Outcome, &'static str> {
         if let Some(fault) = l.fault {
             return Err(fault);
         }
@@ -539,7 +540,7 @@ impl VirtioBlock {
         }
     }
 
-    fn parse_discard(&mut self, req_type: u32, l: &Layout, mem: &GuestMemoryMmap) -> Result<Outcome, &'static str> {
+    fn parse_discard(&mut self, req_type: u32, l: &Layout, mem: &GuestRam) -> Result<Outcome, &'static str> {
         let zeroes = req_type == VIRTIO_BLK_T_WRITE_ZEROES;
         let feature = if zeroes { VIRTIO_BLK_F_WRITE_ZEROES } else { VIRTIO_BLK_F_DISCARD };
         if !self.acked(feature) {
@@ -665,9 +666,9 @@ impl VirtioBlock {
 /// longer than the queue, broken links, and a last descriptor that is not
 /// device-writable, is empty, or ends outside guest memory.
 fn flatten(
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: DescriptorChain<&GuestRam>,
     queue_size: u16,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
 ) -> Result<Layout, &'static str> {
     let mut descs = Vec::new();
     let mut last_has_next = false;
@@ -721,7 +722,7 @@ fn flatten(
 }
 
 /// Reads `buf.len()` bytes from the buffers, starting `skip` bytes in.
-fn gather(mem: &GuestMemoryMmap, segs: &[Seg], mut skip: u64, buf: &mut [u8]) -> Option<()> {
+fn gather(mem: &GuestRam, segs: &[Seg], mut skip: u64, buf: &mut [u8]) -> Option<()> {
     let mut done = 0usize;
     for s in segs {
         if done == buf.len() {
@@ -742,7 +743,7 @@ fn gather(mem: &GuestMemoryMmap, segs: &[Seg], mut skip: u64, buf: &mut [u8]) ->
 }
 
 /// Writes `data` across the buffers in order.
-fn scatter(mem: &GuestMemoryMmap, segs: &[Seg], data: &[u8]) -> Option<()> {
+fn scatter(mem: &GuestRam, segs: &[Seg], data: &[u8]) -> Option<()> {
     let mut done = 0usize;
     for s in segs {
         if done == data.len() {
@@ -784,7 +785,7 @@ impl VirtioDevice for VirtioBlock {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         mut queues: Vec<Queue>,
         acked_features: u64,
         irq: Arc<dyn InterruptSink>,

@@ -17,7 +17,8 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+use crate::memory::GuestRam;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{log_guest_error, ActivateError, DrainTimeout, InterruptSink, MmioInterrupt, VirtioDevice};
@@ -152,7 +153,7 @@ pub struct MmioCounters {
 }
 
 pub struct MmioTransport<D: ?Sized + VirtioDevice = dyn VirtioDevice> {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     interrupt_status: Arc<AtomicU32>,
     config_generation: Arc<AtomicU32>,
     irq: Arc<MmioInterrupt>,
@@ -170,7 +171,7 @@ pub struct MmioTransport<D: ?Sized + VirtioDevice = dyn VirtioDevice> {
 
 impl<D: ?Sized + VirtioDevice> MmioTransport<D> {
     /// `irq_evt` is the eventfd the VMM registers as the device's irqfd.
-    pub fn new(device: Box<D>, mem: GuestMemoryMmap, irq_evt: EventFd) -> std::io::Result<Self> {
+    pub fn new(device: Box<D>, mem: GuestRam, irq_evt: EventFd) -> std::io::Result<Self> {
         let n = device.queue_max_sizes().len();
         let queue_evts = (0..n).map(|_| EventFd::new(EFD_NONBLOCK)).collect::<std::io::Result<Vec<_>>>()?;
         let interrupt_status = Arc::new(AtomicU32::new(0));

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
@@ -137,7 +137,7 @@ pub trait VirtioDevice: Send {
     /// of [`VirtioDevice::device_features`].
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         queues: Vec<Queue>,
         acked_features: u64,
         irq: Arc<dyn InterruptSink>,

@@ -10,7 +10,8 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestRam;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::block::{BlockConfig, VirtioBlock, VirtioBlockState, MAX_DISCARD_SECTORS, SIZE_MAX};
@@ -56,7 +57,7 @@ fn wr(addr: u64, len: u32) -> D {
 
 struct Harness {
     t: MmioTransport<VirtioBlock>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     file: tempfile::NamedTempFile,
     avail_idx: u16,
     used_seen: u16,
@@ -74,7 +75,7 @@ fn harness_with(read_only: bool, serial: &str) -> Harness {
     let backend = FileBackend::open(file.path(), read_only).expect("open");
     let blk =
         VirtioBlock::new(Box::new(backend), BlockConfig { serial: serial.into(), queue_size: QSIZE }).expect("device");
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(MEM_BASE), MEM_SIZE)]).expect("mem");
+    let mem = GuestRam::from_ranges(&[(GuestAddress(MEM_BASE), MEM_SIZE)]).expect("mem");
     let t = MmioTransport::new(Box::new(blk), mem.clone(), EventFd::new(EFD_NONBLOCK).expect("eventfd"))
         .expect("transport");
     Harness { t, mem, file, avail_idx: 0, used_seen: 0, next_desc: 0 }
@@ -988,7 +989,7 @@ fn a_type_erased_transport_sits_on_the_mmio_bus() {
     let file = disk_file(0);
     let blk = VirtioBlock::new(Box::new(FileBackend::open(file.path(), false).expect("open")), BlockConfig::default())
         .expect("device");
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(MEM_BASE), MEM_SIZE)]).expect("mem");
+    let mem = GuestRam::from_ranges(&[(GuestAddress(MEM_BASE), MEM_SIZE)]).expect("mem");
     let t: MmioTransport =
         MmioTransport::new(Box::new(blk) as Box<dyn VirtioDevice>, mem, EventFd::new(EFD_NONBLOCK).expect("eventfd"))
             .expect("transport");

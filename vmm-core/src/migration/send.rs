@@ -1,0 +1,401 @@
+//! The sending side, on its own thread while the guest keeps running:
+//! hello and the receiver's verdict, a first pass over all of RAM (zero
+//! pages skipped: the receiver's RAM starts zeroed), rounds of dirty pages
+//! until what is left fits the downtime budget, auto-converge when the guest
+//! dirties faster than the link, then stop-and-copy and the hand-over.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::protocol::{self, Message, PageRange, MAX_PAGES_PER_MESSAGE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use super::{compat::Offer, DirtyBitmap, Fallback, Phase, Report, RoundReport, SendParams, Source, StatusCell};
+use crate::memory::GuestRam;
+
+/// Largest run read from guest RAM at once, and the payload at which a
+/// `Pages` message is sent.
+const RUN_PAGES: u32 = 256;
+const BATCH_BYTES: usize = 4 << 20;
+/// Auto-converge: first step and increment, as QEMU's cpu-throttle does.
+const THROTTLE_FIRST: u8 = 20;
+const THROTTLE_STEP: u8 = 10;
+/// How long the receiver may take to restore, take the disks and resume.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug)]
+enum Stop {
+    Cancelled,
+    TimedOut(Duration),
+    Failed(String),
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::Cancelled => write!(f, "cancelled"),
+            Stop::TimedOut(t) => write!(f, "pre-copy did not converge within {}s", t.as_secs()),
+            Stop::Failed(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl From<protocol::ProtocolError> for Stop {
+    fn from(e: protocol::ProtocolError) -> Self {
+        Stop::Failed(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Stop {
+    fn from(e: std::io::Error) -> Self {
+        Stop::Failed(format!("the migration stream failed: {e}"))
+    }
+}
+
+/// Writes pages on the wire and keeps the account.
+struct Wire<W: Write> {
+    w: W,
+    bytes: u64,
+    started: Instant,
+    limit: Option<u64>,
+}
+
+impl<W: Write> Wire<W> {
+    fn pace(&self) {
+        if let Some(limit) = self.limit {
+            let due = Duration::from_secs_f64(self.bytes as f64 / limit as f64);
+            if let Some(ahead) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
+    }
+
+    fn message(&mut self, m: &Message, payload: &[u8]) -> Result<(), Stop> {
+        let mut json = Vec::new();
+        protocol::send(&mut json, m)?;
+        self.w.write_all(&json)?;
+        self.w.write_all(payload)?;
+        self.bytes += (json.len() + payload.len()) as u64;
+        self.pace();
+        Ok(())
+    }
+
+    /// Sends every page set in `dirty`. With `skip_zero`, all-zero pages
+    /// are left out (the receiver's RAM is zero already); otherwise they go
+    /// as zero ranges, without bytes.
+    fn pages(
+        &mut self,
+        mem: &GuestRam,
+        dirty: &DirtyBitmap,
+        round: u32,
+        skip_zero: bool,
+        stop: &dyn Fn() -> Result<(), Stop>,
+    ) -> Result<RoundReport, Stop> {
+        let t0 = Instant::now();
+        let bytes0 = self.bytes;
+        let page = dirty.page_size();
+        let mut rep = RoundReport { round, ..Default::default() };
+        let mut ranges: Vec<PageRange> = Vec::new();
+        let mut payload: Vec<u8> = Vec::with_capacity(BATCH_BYTES + (RUN_PAGES as usize) * page as usize);
+        let mut batch_pages = 0u64;
+        let mut run = vec![0u8; RUN_PAGES as usize * page as usize];
+        for (gpa, n) in dirty.runs(RUN_PAGES) {
+            let len = n as usize * page as usize;
+            mem.read_slice(&mut run[..len], GuestAddress(gpa))
+                .map_err(|e| Stop::Failed(format!("read guest memory at {gpa:#x}: {e}")))?;
+            for (i, p) in run[..len].chunks_exact(page as usize).enumerate() {
+                let at = gpa + i as u64 * page;
+                let zero = p.iter().all(|&b| b == 0);
+                if zero {
+                    rep.zero_pages += 1;
+                    if skip_zero {
+                        continue;
+                    }
+                } else {
+                    rep.pages += 1;
+                    payload.extend_from_slice(p);
+                }
+                match ranges.last_mut() {
+                    Some(r) if r.zero == zero && r.gpa + u64::from(r.pages) * page == at => r.pages += 1,
+                    _ => ranges.push(PageRange { gpa: at, pages: 1, zero }),
+                }
+                batch_pages += 1;
+                if payload.len() >= BATCH_BYTES || batch_pages >= MAX_PAGES_PER_MESSAGE {
+                    self.message(&Message::Pages { round, ranges: std::mem::take(&mut ranges) }, &payload)?;
+                    payload.clear();
+                    batch_pages = 0;
+                    stop()?;
+                }
+            }
+        }
+        if !ranges.is_empty() {
+            self.message(&Message::Pages { round, ranges }, &payload)?;
+        }
+        self.w.flush()?;
+        rep.bytes = self.bytes - bytes0;
+        rep.ms = t0.elapsed().as_millis() as u64;
+        rep.mib_s = mib_s(rep.bytes, t0.elapsed());
+        Ok(rep)
+    }
+}
+
+fn mib_s(bytes: u64, t: Duration) -> f64 {
+    let s = t.as_secs_f64();
+    if s > 0.0 {
+        bytes as f64 / s / f64::from(1 << 20)
+    } else {
+        0.0
+    }
+}
+
+fn connect(peer: &str) -> Result<TcpStream, Stop> {
+    let fail = |e: &dyn std::fmt::Display| Stop::Failed(format!("cannot reach the receiver at {peer}: {e}"));
+    let addrs: Vec<_> = peer.to_socket_addrs().map_err(|e| fail(&e))?.collect();
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(fail(&last.map_or("no address".to_string(), |e| e.to_string())))
+}
+
+/// Runs a whole migration of `src` to `p.peer`. `Ok` once the receiver runs
+/// the guest (the caller's VM then ends); `Err` with the VM running here,
+/// unless the message says otherwise.
+pub fn run(src: &mut dyn Source, offer: &Offer, p: &SendParams, st: &StatusCell, cancel: &AtomicBool) -> Result<Report, String> {
+    let started = Instant::now();
+    st.update(|s| {
+        *s = super::Status { role: "send".into(), phase: Phase::Connecting, peer: p.peer.clone(), ..Default::default() }
+    });
+    let result = connect(&p.peer).and_then(|stream| migrate(src, offer, p, st, cancel, stream, started));
+    let phase = match &result {
+        Ok(_) => Phase::Completed,
+        Err(Stop::Cancelled) => Phase::Cancelled,
+        Err(_) => Phase::Failed,
+    };
+    st.update(|s| {
+        s.phase = phase;
+        s.elapsed_ms = started.elapsed().as_millis() as u64;
+        if let Err(e) = &result {
+            s.error = Some(e.to_string());
+        }
+        if let Ok(r) = &result {
+            s.report = Some(r.clone());
+        }
+    });
+    result.map_err(|e| e.to_string())
+}
+
+fn migrate(
+    src: &mut dyn Source,
+    offer: &Offer,
+    p: &SendParams,
+    st: &StatusCell,
+    cancel: &AtomicBool,
+    stream: TcpStream,
+    started: Instant,
+) -> Result<Report, Stop> {
+    let _ = stream.set_nodelay(true);
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut r = BufReader::new(stream.try_clone()?);
+    let mut w = BufWriter::with_capacity(1 << 20, stream.try_clone()?);
+    protocol::write_magic(&mut w)?;
+    protocol::send(
+        &mut w,
+        &Message::Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            offer: Box::new(offer.clone()),
+        },
+    )?;
+    w.flush()?;
+    match protocol::recv(&mut r)? {
+        Message::Accept { version } if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) => {}
+        Message::Accept { version } => return Err(Stop::Failed(format!("the receiver chose protocol version {version}, which this VMM does not speak"))),
+        Message::Refuse { reason } => return Err(Stop::Failed(format!("the receiver refused the VM: {reason}"))),
+        m => return Err(Stop::Failed(format!("expected accept or refuse, got {}", m.name()))),
+    }
+
+    src.dirty_start().map_err(Stop::Failed)?;
+    let mut wire = Wire { w, bytes: 0, started: Instant::now(), limit: p.bandwidth };
+    let pre = precopy(src, &mut wire, p, st, cancel, started);
+    let (rounds, pending, max_throttle) = match pre {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = protocol::send(&mut wire.w, &Message::Abandon { reason: format!("the sender stopped: {e}") });
+            let _ = wire.w.flush();
+            src.throttle(0);
+            src.dirty_stop();
+            return Err(e);
+        }
+    };
+    stop_and_copy(src, wire, &mut r, &stream, st, rounds, pending, max_throttle, started)
+}
+
+type Precopied = (Vec<RoundReport>, DirtyBitmap, u8);
+
+fn precopy(
+    src: &mut dyn Source,
+    wire: &mut Wire<BufWriter<TcpStream>>,
+    p: &SendParams,
+    st: &StatusCell,
+    cancel: &AtomicBool,
+    started: Instant,
+) -> Result<Precopied, Stop> {
+    let (base, size, page) = ram_shape(src.memory());
+    let stop = || -> Result<(), Stop> {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(Stop::Cancelled);
+        }
+        if started.elapsed() > p.timeout {
+            return Err(Stop::TimedOut(p.timeout));
+        }
+        Ok(())
+    };
+    st.update(|s| s.phase = Phase::Precopy);
+    let mut rounds = Vec::new();
+    let mut throttle = 0u8;
+    let mut max_throttle = 0u8;
+    let mut dirty = DirtyBitmap::all(base, size, page);
+    let mut round = 0u32;
+    loop {
+        stop()?;
+        let rep = wire.pages(src.memory(), &dirty, round, round == 0, &stop)?;
+        let bandwidth = rep.bytes as f64 / (rep.ms.max(1) as f64 / 1000.0);
+        dirty = src.dirty_harvest().map_err(Stop::Failed)?;
+        let remaining = dirty.count() * page;
+        let dirty_rate = remaining as f64 / (rep.ms.max(1) as f64 / 1000.0);
+        // A short round measures latency more than bandwidth: take the
+        // better of this round's rate and the whole migration's.
+        let wire_rate = (wire.bytes as f64 / wire.started.elapsed().as_secs_f64().max(0.001)).max(bandwidth);
+        let expected = Duration::from_secs_f64(remaining as f64 / wire_rate.max(1.0));
+        let mut rep = rep;
+        rep.dirtied_after = dirty.count();
+        rep.throttle_pct = throttle;
+        log::info!(
+            "migration round {round}: {} pages + {} zero in {} ms ({:.1} MiB/s); {} MiB dirty since ({:.1} MiB/s), expected downtime {} ms",
+            rep.pages,
+            rep.zero_pages,
+            rep.ms,
+            rep.mib_s,
+            remaining >> 20,
+            dirty_rate / f64::from(1 << 20),
+            expected.as_millis()
+        );
+        st.update(|s| {
+            s.round = round;
+            s.bytes = wire.bytes;
+            s.pages += rep.pages + rep.zero_pages;
+            s.remaining_bytes = remaining;
+            s.dirty_rate_mib_s = dirty_rate / f64::from(1 << 20);
+            s.bandwidth_mib_s = wire_rate / f64::from(1 << 20);
+            s.expected_downtime_ms = expected.as_millis() as u64;
+            s.throttle_pct = throttle;
+            s.elapsed_ms = started.elapsed().as_millis() as u64;
+        });
+        let sent = rep.bytes;
+        rounds.push(rep);
+        if expected <= p.downtime {
+            return Ok((rounds, dirty, max_throttle));
+        }
+        // Auto-converge: the guest dirtied more than half of what the link
+        // moved in the same time; take more of its vCPUs' time.
+        if round >= 1 && remaining > sent / 2 && throttle < p.max_throttle_pct {
+            throttle = if throttle == 0 { THROTTLE_FIRST } else { throttle.saturating_add(THROTTLE_STEP) }.min(p.max_throttle_pct);
+            max_throttle = max_throttle.max(throttle);
+            log::info!("migration: guest dirties memory faster than it can be sent; throttling its vCPUs to {throttle}%");
+            src.throttle(throttle);
+        }
+        round += 1;
+    }
+}
+
+fn ram_shape(mem: &GuestRam) -> (u64, u64, u64) {
+    let base = mem.iter().map(|r| r.start_addr().0).min().unwrap_or(0);
+    let size = mem.iter().map(|r| r.len()).sum();
+    // vm-memory's bitmaps and KVM's dirty log both count host pages.
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    (base, size, page)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stop_and_copy(
+    src: &mut dyn Source,
+    mut wire: Wire<BufWriter<TcpStream>>,
+    r: &mut BufReader<TcpStream>,
+    stream: &TcpStream,
+    st: &StatusCell,
+    mut rounds: Vec<RoundReport>,
+    mut pending: DirtyBitmap,
+    max_throttle: u8,
+    started: Instant,
+) -> Result<Report, Stop> {
+    st.update(|s| s.phase = Phase::StopAndCopy);
+    let paused = match src.stop_and_copy() {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = protocol::send(&mut wire.w, &Message::Abandon { reason: format!("the sender could not stop the VM: {e}") });
+            let _ = wire.w.flush();
+            src.throttle(0);
+            src.dirty_stop();
+            return Err(Stop::Failed(format!("stop-and-copy: {e}; the VM runs on here")));
+        }
+    };
+    // After the pause, nothing but a failure path touches this VM again:
+    // any error from here is answered by falling back to it.
+    let last = rounds.len() as u32;
+    let finish = (|| -> Result<(RoundReport, Duration), Stop> {
+        // The ITS tables and pending LPIs were flushed into RAM by the pause:
+        // this harvest has them.
+        let last_dirty = src.dirty_harvest().map_err(Stop::Failed)?;
+        pending.merge(&last_dirty);
+        let rep = wire.pages(src.memory(), &pending, last, false, &|| Ok(()))?;
+        wire.message(&Message::State { state: Box::new(paused.state.clone()) }, &[])?;
+        wire.message(&Message::Complete, &[])?;
+        wire.w.flush()?;
+        st.update(|s| s.phase = Phase::WaitingForResume);
+        stream.set_read_timeout(Some(RESUME_TIMEOUT))?;
+        protocol::expect(r, "resumed")?;
+        Ok((rep, paused.at.elapsed()))
+    })();
+    let (rep, downtime) = match finish {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = protocol::send(&mut wire.w, &Message::Abandon { reason: format!("the sender failed: {e}") });
+            let _ = wire.w.flush();
+            src.throttle(0);
+            src.dirty_stop();
+            return Err(match src.fall_back() {
+                Fallback::Resumed => Stop::Failed(format!("{e}; the VM runs on here")),
+                Fallback::MovedAway(why) => {
+                    src.handed_over();
+                    Stop::Failed(format!("{e}; but the receiver runs the VM ({why}): this VMM ends"))
+                }
+                Fallback::Failed(why) => Stop::Failed(format!("{e}; and the VM could not be resumed here: {why}")),
+            });
+        }
+    };
+    rounds.push(rep);
+    let report = Report {
+        outcome: "completed".into(),
+        total_ms: started.elapsed().as_millis() as u64,
+        downtime_ms: downtime.as_millis() as u64,
+        stop_ms: paused.stop.as_millis() as u64,
+        bytes: wire.bytes,
+        pages: rounds.iter().map(|r| r.pages + r.zero_pages).sum(),
+        rounds,
+        max_throttle_pct: max_throttle,
+    };
+    // Best effort: the receiver keeps it for its own migrate-status.
+    let _ = wire.message(&Message::Done { report: Box::new(report.clone()) }, &[]);
+    let _ = wire.w.flush();
+    src.dirty_stop();
+    src.handed_over();
+    Ok(report)
+}
