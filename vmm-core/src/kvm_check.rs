@@ -106,7 +106,7 @@ pub fn run() -> Result<Report, CheckError> {
     report.api_version = kvm.get_api_version();
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
 
-    let (mem, _ram) = crate::memory::create(&vm, layout::RAM_BASE, GUEST_RAM).map_err(CheckError::Memory)?;
+    let (mem, _ram, _slots) = crate::memory::create(&vm, layout::RAM_BASE, GUEST_RAM).map_err(CheckError::Memory)?;
     let code: Vec<u8> = GUEST_CODE.iter().flat_map(|w| w.to_le_bytes()).collect();
     mem.write_slice(&code, GuestAddress(layout::RAM_BASE)).map_err(|e| CheckError::Memory(e.to_string()))?;
 

@@ -1,8 +1,10 @@
 //! `basalt-vmm`: runs one arm64 VM in this process.
 //!
 //! Exit status: 0 the guest powered off (or was stopped on request);
-//! 1 bad configuration or setup failure (nothing ran); 2 the guest or KVM
-//! failed; 3 the guest kept resetting (more than 10 resets in a minute).
+//! 1 bad configuration or setup failure (nothing ran; also an incoming
+//! migration that failed); 2 the guest or KVM failed; 3 the guest kept
+//! resetting (more than 10 resets in a minute); 4 the VM moved to another
+//! host (live migration handed it over).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +46,11 @@ struct Args {
     /// Serial console: `stdout`, `pty`, `none` or `file:PATH`.
     #[arg(long)]
     console: Option<String>,
+    /// Receive this VM by live migration instead of booting it: listen on
+    /// HOST:PORT, or (without a value) wait for `migrate-receive` on the
+    /// control socket. The config must describe the same VM as the sender's.
+    #[arg(long, value_name = "HOST:PORT", num_args = 0..=1, default_missing_value = "")]
+    incoming: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -52,9 +59,12 @@ enum Client {
     Ctl {
         #[arg(long)]
         socket: PathBuf,
-        /// status, pause, resume, shutdown, counters, vgic-state, save, restore
+        /// status, pause, resume, shutdown, counters, vgic-state, save, restore,
+        /// migrate-send, migrate-status, migrate-cancel, migrate-receive
         command: String,
-        /// Arguments as JSON, e.g. '{"path":"/tmp/snap"}' for save and restore.
+        /// Arguments as JSON, e.g. '{"path":"/tmp/snap"}' for save and restore,
+        /// '{"peer":"10.0.0.2:7000","downtime_ms":300,"bandwidth_mib_s":100,"timeout_s":600}'
+        /// for migrate-send, '{"listen":"0.0.0.0:7000"}' for migrate-receive.
         #[arg(long)]
         args: Option<String>,
     },
@@ -140,25 +150,21 @@ fn build_config(a: &Args) -> Result<VmConfig, String> {
 }
 
 #[cfg(target_arch = "aarch64")]
-fn run(cfg: &VmConfig, control: Option<&std::path::Path>) -> ExitCode {
+fn run(cfg: &VmConfig, control: Option<&std::path::Path>, incoming: Option<&str>) -> ExitCode {
     use basalt_vmm::vm::{Vm, VmExit};
     use std::time::Instant;
     let started = Instant::now();
     let mut resets: Vec<Instant> = Vec::new();
     let mut snapshot: Option<std::path::PathBuf> = None;
+    let mut incoming = incoming;
     loop {
-        let built = match snapshot.take() {
-            None => Vm::new(cfg),
-            Some(dir) => match basalt_vmm::persist::VmState::read(&dir) {
-                Ok((state, mem)) => {
-                    eprintln!("basalt-vmm: restoring the VM from {}", dir.display());
-                    Vm::restore(cfg, &state, &mem)
-                }
-                Err(e) => {
-                    eprintln!("basalt-vmm: cannot read the snapshot {}: {e}", dir.display());
-                    return ExitCode::from(2);
-                }
-            },
+        let built = match (snapshot.take(), incoming) {
+            (None, Some(_)) => Vm::incoming(cfg),
+            (None, None) => Vm::new(cfg),
+            (Some(dir), _) => {
+                eprintln!("basalt-vmm: restoring the VM from {}", dir.display());
+                Vm::restore(cfg, &dir)
+            }
         };
         let setup_ms = started.elapsed().as_millis();
         let vm = match built {
@@ -169,7 +175,22 @@ fn run(cfg: &VmConfig, control: Option<&std::path::Path>) -> ExitCode {
             }
         };
         log::info!("VM ready to run {setup_ms} ms after the VMM started");
-        match vm.run(control) {
+        let ran = match incoming.take() {
+            Some(listen) => match vm.run_incoming(control, Some(listen).filter(|l| !l.is_empty())) {
+                Err(e) => {
+                    // Nothing ran here: the VM is still where it came from.
+                    eprintln!("basalt-vmm: {e}");
+                    return ExitCode::from(1);
+                }
+                ok => ok,
+            },
+            None => vm.run(control),
+        };
+        match ran {
+            Ok(VmExit::Migrated(peer)) => {
+                eprintln!("basalt-vmm: the VM moved to {peer}; this VMM is done");
+                return ExitCode::from(4);
+            }
             Ok(VmExit::PowerOff) => {
                 eprintln!("basalt-vmm: the guest powered off");
                 return ExitCode::SUCCESS;
@@ -202,7 +223,7 @@ fn run(cfg: &VmConfig, control: Option<&std::path::Path>) -> ExitCode {
 }
 
 #[cfg(not(target_arch = "aarch64"))]
-fn run(_cfg: &VmConfig, _control: Option<&std::path::Path>) -> ExitCode {
+fn run(_cfg: &VmConfig, _control: Option<&std::path::Path>, _incoming: Option<&str>) -> ExitCode {
     eprintln!("basalt-vmm: runs arm64 guests on arm64 hosts only; this is {}", std::env::consts::ARCH);
     ExitCode::from(1)
 }
@@ -242,7 +263,7 @@ fn main() -> ExitCode {
         return ctl(socket, command, a.as_deref());
     }
     match build_config(&args) {
-        Ok(cfg) => run(&cfg, args.control_socket.as_deref()),
+        Ok(cfg) => run(&cfg, args.control_socket.as_deref(), args.incoming.as_deref()),
         Err(e) => {
             eprintln!("basalt-vmm: {e}");
             ExitCode::from(1)

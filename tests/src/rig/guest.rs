@@ -14,11 +14,19 @@ const MODULES: &[&str] = &["drivers/virtio/virtio_mmio.ko", "drivers/block/virti
 /// as /init after proc, sys and dev are mounted and the modules loaded; it
 /// should end with `poweroff -f`.
 pub fn initramfs(arts: &Artifacts, script: &str) -> Result<Vec<u8>, RigError> {
+    initramfs_with(arts, script, &[])
+}
+
+/// [`initramfs`] with more files: (path in the guest, bytes), made executable.
+pub fn initramfs_with(arts: &Artifacts, script: &str, files: &[(&str, Vec<u8>)]) -> Result<Vec<u8>, RigError> {
     let dir = arm64_dir(arts);
     let busybox = std::fs::read(dir.join("busybox")).map_err(io("read arm64 busybox"))?;
     let mut a = Archive::new();
     a.dir("bin").dir("proc").dir("sys").dir("dev").dir("tmp").dir("lib").dir("lib/modules");
     a.file("bin/busybox", 0o755, &busybox);
+    for (path, data) in files {
+        a.file(path, 0o755, data);
+    }
     let mut load = String::new();
     for m in MODULES {
         let p = dir.join("modules/kernel").join(m);

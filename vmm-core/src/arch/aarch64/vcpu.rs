@@ -41,20 +41,32 @@ pub fn mpidr(vcpu: &VcpuFd) -> Result<u64, kvm_ioctls::Error> {
     read_u64(vcpu, regs::MPIDR_EL1)
 }
 
+vmm_sys_util::ioctl_iowr_nr!(KVM_GET_REG_LIST, kvm_bindings::KVMIO, 0xb0, kvm_bindings::kvm_reg_list);
+
 /// Every register id KVM lists for this vCPU. The list's length depends on
-/// the host (SVE, PMU, new ID registers), so a first guess that is too short
-/// is retried with the length KVM asks for (E2BIG).
+/// the host (SVE, PMU, new ID registers) and may exceed kvm-bindings' fixed
+/// 500-entry `RegList`: ask KVM for the count first (it answers E2BIG with
+/// the count filled in), then for the list.
 pub fn reg_list(vcpu: &VcpuFd) -> Result<Vec<u64>, kvm_ioctls::Error> {
-    let mut n = 512;
+    let mut n = 0u64;
     loop {
-        let mut list = kvm_bindings::RegList::new(n).map_err(|_| kvm_ioctls::Error::new(libc::ENOMEM))?;
-        match vcpu.get_reg_list(&mut list) {
-            Ok(()) => return Ok(list.as_slice().to_vec()),
-            Err(e) if e.errno() == libc::E2BIG && list.as_fam_struct_ref().n as usize > n => {
-                n = list.as_fam_struct_ref().n as usize;
-            }
-            Err(e) => return Err(e),
+        // struct kvm_reg_list { __u64 n; __u64 reg[]; } in one buffer.
+        let mut buf = vec![0u64; n as usize + 1];
+        buf[0] = n;
+        // SAFETY: a vCPU fd; `buf` holds the header and room for `n` ids,
+        // which is what `n` tells KVM it may write.
+        let r = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ptr(vcpu, KVM_GET_REG_LIST(), buf.as_mut_ptr()) };
+        if r == 0 {
+            let got = buf[0] as usize;
+            buf.truncate(got + 1);
+            buf.remove(0);
+            return Ok(buf);
         }
+        let e = kvm_ioctls::Error::last();
+        if e.errno() != libc::E2BIG || buf[0] <= n {
+            return Err(e);
+        }
+        n = buf[0];
     }
 }
 

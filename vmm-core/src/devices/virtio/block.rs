@@ -295,6 +295,21 @@ impl VirtioBlock {
         self.capacity_sectors
     }
 
+    /// Why the disk cannot move to another host, if it cannot.
+    pub fn handover_refusal(&self) -> Option<String> {
+        self.backend.handover_refusal()
+    }
+
+    /// Hands the disk over (live migration): everything completed so far is
+    /// flushed, then the backend's exclusive lock released. Drain first.
+    pub fn release_ownership(&mut self) -> Result<(), BlockError> {
+        self.backend.release_ownership()
+    }
+
+    pub fn acquire_ownership(&mut self) -> Result<(), BlockError> {
+        self.backend.acquire_ownership()
+    }
+
     pub fn save(&self) -> VirtioBlockState {
         VirtioBlockState {
             version: STATE_VERSION,

@@ -1,0 +1,323 @@
+//! Live migration between two emulated arm64 hosts on the rig's bridge,
+//! with the VM's disk an RBD image on a real Ceph in the namespace.
+//!
+//! The guest (2 vCPUs, 256 MiB, a GICv3 ITS) runs `basalt-guest-load`: 64 MiB
+//! of page-tagged memory verified and rewritten at 4 MiB/s, a counter on its
+//! RBD disk (block i holds `COUNT i`, checked empty before it is written), a
+//! heartbeat a second. It moves A→B→A five times, then meets three faults,
+//! each of which must leave it running on A with its disk: a receiver that
+//! refuses it (other memory size), a receiver killed during pre-copy, and
+//! A's link cut during stop-and-copy. Then it moves to B once more. This
+//! test meanwhile watches the image's exclusive-lock owner with the storage
+//! crate: never two, and exactly one new owner per completed migration.
+//!
+//! One Ceph and one pair of hosts for all of it (a warm run is a few minutes).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use basalt_storage::ceph::{ClientConfig, Cluster};
+use basalt_storage::rbd::{self, features, Image, ImageOptions};
+use basalt_tests::rig::{guest, netns::BRIDGE_ADDR, Arm64Host, Artifacts, Netns, NetnsCeph};
+
+const IMAGE: &str = "vm-migrate";
+const IMAGE_SIZE: u64 = 64 << 20;
+const ROUND_TRIPS: usize = 5;
+
+fn vm_json(memory_mib: u32) -> String {
+    serde_json::json!({
+        "vcpus": 2,
+        "memory_mib": memory_mib,
+        "kernel": "/basalt/guest/Image",
+        "initrd": "/basalt/guest/initrd",
+        "cmdline": "console=ttyS0 panic=-1 quiet",
+        "its": true,
+        "console": { "file": { "path": "/tmp/console" } },
+        "disks": [{
+            "backend": { "rbd": {
+                "pool": "rbd",
+                "image": IMAGE,
+                "client": {
+                    "conf": "/basalt/ceph/ceph.conf",
+                    "id": "vm",
+                    "keyring": "/basalt/ceph/ceph.client.vm.keyring",
+                },
+            } },
+        }],
+    })
+    .to_string()
+}
+
+/// Shell functions both hosts use. `$ME` and `$PEER` are host octets.
+const COMMON: &str = r#"
+S=/tmp/vm.sock; C=/tmp/console; n=0
+log() { echo "HOST-$ME $*"; }
+up() { cut -d' ' -f1 /proc/uptime; }
+ctl() { basalt-vmm ctl --socket $S "$@" 2>&1; }
+: > $C
+tail -f $C &
+for i in $(seq 1 60); do ping -c 1 -W 1 BRIDGE >/dev/null 2>&1 && break; done
+# start_vmm CONFIG [ARGS...]: a VMM in the background, its log in /tmp/vmm.N.log
+start_vmm() {
+    n=$((n+1)); cfg=$1; shift
+    rm -f $S
+    basalt-vmm --config /basalt/$cfg --control-socket $S "$@" 2>/tmp/vmm.$n.log &
+    VMM=$!
+    for i in $(seq 1 300); do [ -S $S ] && break; kill -0 $VMM 2>/dev/null || break; sleep 0.1; done
+}
+# finish_vmm: waits for the VMM to exit, prints its log, sets rc
+finish_vmm() { wait $VMM; rc=$?; sed "s/^/HOST-$ME vmm$n: /" /tmp/vmm.$n.log; }
+# wait_running: until the VMM runs a guest (incoming VMMs first wait), or exits
+wait_running() {
+    for i in $(seq 1 3000); do
+        ctl status | grep -q '"state":"running"' && return 0
+        kill -0 $VMM 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+phase() { ctl migrate-status | sed -n 's/.*"phase":"\([a-z-]*\)".*/\1/p'; }
+# send ARGS: starts a migration to the peer, retrying while the peer is not
+# listening (or, with RETRY_REFUSED, refuses); waits until it ends.
+# Sets out=completed (the VMM exited; rc is its status) or out=failed.
+send() {
+    for try in $(seq 1 600); do
+        r=$(ctl migrate-send --args "{\"peer\":\"10.77.0.$PEER:7000\"$1}")
+        echo "$r" | grep -q '"ok":true' || { log "SEND-REFUSED $r"; out=failed; return; }
+        while kill -0 $VMM 2>/dev/null; do
+            p=$(phase)
+            [ -n "$ON_PHASE" ] && [ "$p" = "$ON_PHASE" ] && { eval "$ON_ACTION"; ON_PHASE=""; }
+            case $p in failed|cancelled) break;; esac
+            sleep 0.2
+        done
+        if ! kill -0 $VMM 2>/dev/null; then finish_vmm; out=completed; return; fi
+        st=$(ctl migrate-status)
+        if echo "$st" | grep -q -e 'cannot reach the receiver' || { [ -n "$RETRY_REFUSED" ] && echo "$st" | grep -q 'refused the VM'; }; then
+            sleep 0.5; continue
+        fi
+        log "SEND-FAILED $st"; out=failed; return
+    done
+    out=failed
+}
+last_hb() { grep -a -o 'HB [0-9]* mono_ms=[0-9]*' $C | tail -1; }
+clock() { log "CLOCK host=$(up) $(last_hb)"; }
+"#;
+
+const HOST_A: &str = r#"
+start_vmm vm.json
+for i in $(seq 1 3000); do grep -q 'HB 1 ' $C && break; sleep 0.1; done
+clock
+for r in $(seq 1 ROUNDS); do
+    send ""
+    log "OUT $r $out rc=$rc"
+    start_vmm vm.json --incoming 0.0.0.0:7000
+    wait_running && log "IN $r" || { finish_vmm; log "IN $r FAILED rc=$rc"; exit 1; }
+    clock
+done
+# F1: the peer's receiver has another memory size.
+RETRY_REFUSED="" send ""
+log "F1 $out running=$(ctl status | grep -c '"state":"running"')"
+# F2: the peer kills its receiver during pre-copy (slowed to 16 MiB/s).
+RETRY_REFUSED=1 send ',"bandwidth_mib_s":16'
+log "F2 $out running=$(ctl status | grep -c '"state":"running"')"
+# F3: this host's link goes down during stop-and-copy (a 60 s budget makes
+# the last copy big; 16 MiB/s makes it last), for longer than the sender's
+# 30 s write timeout.
+ON_PHASE=stop-and-copy ON_ACTION='log F3-CUT; ip link set eth0 down; sleep 40; ip link set eth0 up; log F3-UP' \
+    send ',"downtime_ms":60000,"bandwidth_mib_s":16'
+log "F3 $out running=$(ctl status | grep -c '"state":"running"')"
+sleep 3
+clock
+# Still movable after all that.
+send ""
+log "OUT-LAST $out rc=$rc"
+"#;
+
+const HOST_B: &str = r#"
+for r in $(seq 1 ROUNDS); do
+    start_vmm vm.json --incoming 0.0.0.0:7000
+    wait_running && log "IN $r" || { finish_vmm; log "IN $r FAILED rc=$rc"; exit 1; }
+    # let the guest write here for a moment
+    h=$(grep -a -c 'HB ' $C); for i in $(seq 1 100); do [ $(grep -a -c 'HB ' $C) -gt $((h+1)) ] && break; sleep 0.1; done
+    send ""
+    log "OUT $r $out rc=$rc"
+done
+# F1: a receiver for a VM of another memory size: it refuses the sender
+# and keeps listening until told to stop.
+start_vmm vm-512.json --incoming 0.0.0.0:7000
+for i in $(seq 1 1200); do ctl migrate-status | grep -q 'refused sender' && break; sleep 0.1; done
+log "F1-RECEIVER $(ctl migrate-status)"
+ctl shutdown >/dev/null; finish_vmm; log "F1-RECEIVER-EXIT rc=$rc"
+# F2: killed once pre-copy has begun.
+start_vmm vm.json --incoming 0.0.0.0:7000
+for i in $(seq 1 3000); do ctl migrate-status | grep -q '"phase":"precopy".*"bytes":[1-9]' && break; sleep 0.1; done
+kill -9 $VMM; finish_vmm; log "F2-RECEIVER-KILLED rc=$rc"
+# F3: the sender's link goes away mid-stop-and-copy: this receiver fails.
+start_vmm vm.json --incoming 0.0.0.0:7000
+finish_vmm; log "F3-RECEIVER-EXIT rc=$rc"
+# The last migration arrives; run a little, then stop the guest.
+start_vmm vm.json --incoming 0.0.0.0:7000
+wait_running && log "IN-LAST" || { finish_vmm; log "IN-LAST FAILED rc=$rc"; exit 1; }
+h=$(grep -a -c 'HB ' $C); for i in $(seq 1 100); do [ $(grep -a -c 'HB ' $C) -gt $((h+2)) ] && break; sleep 0.1; done
+ctl shutdown >/dev/null; finish_vmm; log "END rc=$rc"
+"#;
+
+fn vm_client(ceph: &NetnsCeph) -> Cluster {
+    let cfg = ClientConfig {
+        conf: Some(ceph.conf()),
+        id: "vm".into(),
+        keyring: Some(ceph.vm_keyring()),
+        options: vec![("client_mount_timeout".into(), "30".into()), ("rbd_cache".into(), "false".into())],
+    };
+    Cluster::connect(&cfg).expect("connect to the namespace's Ceph as client.vm")
+}
+
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)).and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_loaded_guest_moves_between_hosts_and_survives_failed_migrations() {
+    let arts = Artifacts::locate().expect("rig artifacts");
+    let mut ns = Netns::create("basalt-mig").expect("network namespace");
+    let ceph = NetnsCeph::start(&ns).expect("Ceph in the namespace");
+    ns.enter_current_thread().expect("enter the namespace");
+    let vm = vm_client(&ceph);
+    let io = vm.ioctx("rbd").expect("pool rbd");
+    let opts = ImageOptions { features: Some(features::VM_DEFAULT), ..Default::default() };
+    let _ = rbd::remove(&io, IMAGE);
+    rbd::create(&io, IMAGE, IMAGE_SIZE, &opts).expect("create the image");
+
+    // Who holds the image's lock, sampled all along: never two owners, and
+    // the sequence of distinct owners is the sequence of VMMs that ran it.
+    let owners: Arc<Mutex<Vec<String>>> = Arc::default();
+    let too_many: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (owners, too_many, done) = (owners.clone(), too_many.clone(), done.clone());
+        let img = Image::open(&io, IMAGE).expect("open the image");
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                if let Ok(o) = img.lock_owners() {
+                    if o.len() > 1 {
+                        too_many.lock().expect("lock").push(o.clone());
+                    }
+                    let mut seq = owners.lock().expect("lock");
+                    if let Some(first) = o.first() {
+                        if seq.last() != Some(first) {
+                            seq.push(first.clone());
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+
+    let keyring = std::fs::read(ceph.vm_keyring()).expect("vm keyring");
+    let conf = ceph.host_conf("/basalt/ceph/ceph.client.vm.keyring").expect("host ceph.conf");
+    let load = std::fs::read(arts.arm64_bin("basalt-guest-load").expect("basalt-guest-load (deploy/cross/build)"))
+        .expect("read basalt-guest-load");
+    let initrd = guest::initramfs_with(
+        &arts,
+        "echo GUEST-UP\nexec /bin/basalt-guest-load --mib 64 --rate-mib-s 4 --disk /dev/vda",
+        &[("bin/basalt-guest-load", load)],
+    )
+    .expect("guest initramfs");
+    let mut running = Vec::new();
+    for (me, peer, script) in [(11u8, 12u8, HOST_A), (12, 11, HOST_B)] {
+        let script = format!("ME={me}; PEER={peer}\n{COMMON}\n{script}")
+            .replace("BRIDGE", BRIDGE_ADDR)
+            .replace("ROUNDS", &ROUND_TRIPS.to_string());
+        let host = Arm64Host::new(&format!("host{me}"))
+            .memory_mib(2048)
+            .timeout(Duration::from_secs(1500))
+            .nic(ns.add_host_nic(me).expect("tap"))
+            .libs(&arts)
+            .expect("libs disk")
+            .arm64_dynamic_bin(&arts, "basalt-vmm")
+            .expect("dynamic basalt-vmm (deploy/cross/build)")
+            .file("guest/Image", guest::kernel(&arts).expect("guest kernel"), 0o644)
+            .file("guest/initrd", initrd.clone(), 0o644)
+            .file("ceph/ceph.conf", conf.clone().into_bytes(), 0o644)
+            .file("ceph/ceph.client.vm.keyring", keyring.clone(), 0o600)
+            .file("vm.json", vm_json(256).into_bytes(), 0o644)
+            .file("vm-512.json", vm_json(512).into_bytes(), 0o644)
+            .script(&script);
+        running.push(host.spawn().expect("spawn host"));
+    }
+    let t0 = Instant::now();
+    let outcomes: Vec<_> = running.into_iter().map(|r| r.wait().expect("host runs")).collect();
+    done.store(true, Ordering::SeqCst);
+    let _ = watcher.join();
+    eprintln!("both hosts done after {:.0?}", t0.elapsed());
+    let a = outcomes[0].command_output().to_string();
+    let b = outcomes[1].command_output().to_string();
+    let all = format!("{a}\n{b}");
+    let has = |text: &str, needle: &str| text.lines().any(|l| l.contains(needle));
+
+    // Every planned migration completed, with the sender's "moved away" status.
+    for r in 1..=ROUND_TRIPS {
+        assert!(has(&a, &format!("HOST-11 OUT {r} completed rc=4")), "A→B #{r}:\n{a}");
+        assert!(has(&b, &format!("HOST-12 IN {r}")), "B received #{r}:\n{b}");
+        assert!(has(&b, &format!("HOST-12 OUT {r} completed rc=4")), "B→A #{r}:\n{b}");
+        assert!(has(&a, &format!("HOST-11 IN {r}")), "A received #{r}:\n{a}");
+    }
+    assert!(all.contains("ms downtime"), "the senders report their downtime:\n{all}");
+
+    // The faults: each leaves the guest running on A.
+    assert!(has(&a, "HOST-11 F1 failed running=1"), "{a}");
+    assert!(a.contains("refused the VM: memory size differs: the VM has 256 MiB, this receiver was started with 512 MiB"), "{a}");
+    assert!(has(&b, "F1-RECEIVER") && b.contains("refused sender"), "the refusing receiver kept listening:\n{b}");
+    assert!(has(&b, "F1-RECEIVER-EXIT rc=0"), "{b}");
+    assert!(has(&a, "HOST-11 F2 failed running=1"), "{a}");
+    assert!(has(&b, "F2-RECEIVER-KILLED rc=137"), "{b}");
+    assert!(has(&a, "F3-CUT") && has(&a, "F3-UP"), "the link was cut during stop-and-copy:\n{a}");
+    assert!(has(&a, "HOST-11 F3 failed running=1"), "{a}");
+    assert!(a.contains("the VM runs on here"), "the sender fell back:\n{a}");
+    assert!(has(&b, "F3-RECEIVER-EXIT rc=1"), "the cut-off receiver failed, having run nothing:\n{b}");
+    assert!(has(&a, "HOST-11 OUT-LAST completed rc=4") && has(&b, "HOST-12 IN-LAST"), "a later migration succeeds:\n{all}");
+    assert!(has(&b, "HOST-12 END rc=0"), "{b}");
+
+    // The guest: no memory or disk error, ever, on either host.
+    assert!(!all.contains("VERIFY-ERROR") && !all.contains("DISK-ERROR"), "{all}");
+    let hbs: Vec<&str> = all.lines().filter(|l| l.contains("HB ") && l.contains("verify_errors=")).collect();
+    assert!(hbs.iter().all(|l| l.contains("verify_errors=0 disk_errors=0")), "{hbs:?}");
+    let last_count = hbs.iter().filter_map(|l| field(l, "count=")).fold(0f64, f64::max) as u64;
+    let last_gen = hbs.iter().filter_map(|l| field(l, "gen=")).fold(0f64, f64::max);
+    assert!(last_gen >= 5.0, "the guest rewrote its 64 MiB many times: gen {last_gen}");
+
+    // Its clock never ran ahead of the host's (A's view between its samples).
+    let clocks: Vec<(f64, f64)> = a
+        .lines()
+        .filter(|l| l.contains("CLOCK host="))
+        .filter_map(|l| Some((field(l, "host=")?, field(l, "mono_ms=")? / 1000.0)))
+        .collect();
+    assert!(clocks.len() >= ROUND_TRIPS + 2, "{a}");
+    for w in clocks.windows(2) {
+        let (host, guest) = (w[1].0 - w[0].0, w[1].1 - w[0].1);
+        assert!(guest >= 0.0 && guest <= host + 1.5, "guest clock advanced {guest:.1}s in {host:.1}s of host time");
+    }
+
+    // The disk: every count from 1 to the last is there, in its block.
+    assert!(last_count > 50, "the guest kept counting on its disk: {last_count}");
+    let img = Image::open(&io, IMAGE).expect("open the image");
+    for i in 1..=last_count {
+        let block = img.read_at(i * 4096, 4096).expect("read a block");
+        let want = format!("COUNT {i}\n");
+        assert_eq!(&block[..want.len()], want.as_bytes(), "block {i} of {last_count}");
+    }
+
+    // The lock: never two owners; one new owner per VMM that ran the guest
+    // (the first boot, 2 × ROUND_TRIPS migrations, the last one), no other.
+    assert!(too_many.lock().expect("lock").is_empty(), "two lock owners at once: {:?}", too_many.lock());
+    let seq = owners.lock().expect("lock").clone();
+    assert_eq!(seq.len(), 2 * ROUND_TRIPS + 2, "lock owners in turn: {seq:?}");
+    assert!(img.lock_owners().expect("owners").is_empty(), "the last VMM released its lock when it stopped");
+    drop(img);
+    rbd::remove(&io, IMAGE).expect("remove the image");
+    drop(io);
+    drop(vm);
+    ceph.stop().expect("Ceph stops");
+}

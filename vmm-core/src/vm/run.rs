@@ -1,0 +1,644 @@
+//! A running VM: one thread per vCPU, and the VMM thread's event loop that
+//! serves devices, the control socket and an outgoing migration's requests
+//! until the guest powers off, resets, is stopped or has moved away.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde_json::{json, Value};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use super::migration::VmRequest;
+use super::{Vm, VmError, VmExit, VcpuShared};
+use crate::control::Response;
+use crate::devices::bus::MmioBus;
+use crate::migration::{Fallback, Paused, StatusCell};
+use crate::persist::VmState;
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// What the VMM thread tells a parked (paused) vCPU thread to do.
+enum VcpuCmd {
+    Resume,
+    Stop,
+    Save(Sender<Result<crate::persist::VcpuState, String>>),
+}
+
+/// A disk's saved state: its transport and the block device behind it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct DiskState {
+    pub transport: crate::devices::virtio::mmio::MmioTransportState,
+    pub block: crate::devices::virtio::block::VirtioBlockState,
+}
+
+/// Binds the control socket (nonblocking), replacing a stale one.
+pub(super) fn bind_control(p: &Path) -> Result<UnixListener, VmError> {
+    let _ = std::fs::remove_file(p);
+    let l = UnixListener::bind(p).map_err(|e| VmError::Setup(format!("control socket {}: {e}", p.display())))?;
+    l.set_nonblocking(true).map_err(|e| VmError::Setup(format!("control socket: {e}")))?;
+    Ok(l)
+}
+
+/// One request per connection; a client that sends nothing within a few
+/// seconds is dropped so it cannot stall the VMM thread.
+pub(super) fn serve_one(conn: UnixStream, handle: impl FnOnce(&str, &Value) -> Response) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    if BufReader::new(&conn).read_line(&mut line).is_err() {
+        return;
+    }
+    let resp = match crate::control::parse_request(&line) {
+        Ok(req) => handle(&req.cmd, &req.args),
+        Err(r) => r,
+    };
+    if let Ok(mut text) = serde_json::to_string(&resp) {
+        text.push('\n');
+        let mut w = &conn;
+        let _ = w.write_all(text.as_bytes());
+    }
+}
+
+impl Vm {
+    /// Runs the guest until it stops; returns why. With `control`, serves
+    /// the control socket at that path meanwhile.
+    pub fn run(self, control: Option<&Path>) -> Result<VmExit, VmError> {
+        let listener = control.map(bind_control).transpose()?;
+        self.run_on(listener, control)
+    }
+
+    /// [`Vm::run`] on a control socket that is already bound.
+    pub(super) fn run_on(mut self, listener: Option<UnixListener>, control: Option<&Path>) -> Result<VmExit, VmError> {
+        register_signal_handler(SIGRTMIN(), kick_handler)
+            .map_err(|e| VmError::Setup(format!("signal handler: {e}")))?;
+        let mut vcpus = Vec::new();
+        for (id, v) in self.vcpus.drain(..).enumerate() {
+            // Counters are read from the VMM thread while the vCPU runs.
+            let stats = crate::kvm_stats::open(&v).ok();
+            let (tx, rx) = channel();
+            let shared = self.shared.clone();
+            let bus = self.bus.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu_loop(id, v, bus, shared, rx))
+                .map_err(|e| VmError::Setup(format!("spawn vCPU thread: {e}")))?;
+            vcpus.push(VcpuHandle { thread, tx, stats });
+        }
+        let (req_tx, req_rx) = channel();
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup(format!("eventfd: {e}")))?;
+        let mut ctl = Running {
+            vm: &self,
+            vcpus,
+            started: Instant::now(),
+            migration: self.arrived.clone(),
+            outgoing: None,
+            req_tx,
+            req_rx,
+            wake,
+            last_kick: Instant::now(),
+        };
+        let result = ctl.event_loop(listener.as_ref());
+        let vcpus = std::mem::take(&mut ctl.vcpus);
+        let outgoing = ctl.outgoing.take();
+        drop(ctl);
+        // A migration thread still sending ends now: its requests find no one.
+        if let Some(o) = outgoing {
+            o.cancel.store(true, Ordering::SeqCst);
+            let _ = o.thread.join();
+        }
+        let why = self.shared.exit.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or(VmExit::Stopped);
+        stop_vcpus(&self.shared, vcpus);
+        if let Some(p) = control {
+            let _ = std::fs::remove_file(p);
+        }
+        result.map(|()| why)
+    }
+}
+
+struct VcpuHandle {
+    thread: JoinHandle<()>,
+    tx: Sender<VcpuCmd>,
+    stats: Option<File>,
+}
+
+/// A live migration of this VM to another host, on its own thread.
+struct Outgoing {
+    thread: JoinHandle<()>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// The VMM thread's view of a running VM.
+struct Running<'a> {
+    vm: &'a Vm,
+    vcpus: Vec<VcpuHandle>,
+    started: Instant,
+    /// The current or last migration (in or out), for `migrate-status`.
+    migration: Option<StatusCell>,
+    outgoing: Option<Outgoing>,
+    req_tx: Sender<VmRequest>,
+    req_rx: Receiver<VmRequest>,
+    /// Written by the migration thread after each request.
+    wake: EventFd,
+    last_kick: Instant,
+}
+
+const EXIT_TOKEN: u64 = 0;
+const LISTENER_TOKEN: u64 = 1;
+const CONSOLE_IN_TOKEN: u64 = 2;
+const MIGRATION_TOKEN: u64 = 3;
+/// Disk `d`'s queue `q` is token ((d + 1) << 8) | q; its backend is slot 0xff.
+const BACKEND_SLOT: u64 = 0xff;
+/// While throttled, vCPUs are kicked this often and park for their share.
+const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
+
+fn disk_token(d: usize, slot: u64) -> u64 {
+    ((d as u64 + 1) << 8) | slot
+}
+
+impl Running<'_> {
+    fn event_loop(&mut self, listener: Option<&UnixListener>) -> Result<(), VmError> {
+        let ep = Epoll::new().map_err(|e| VmError::Setup(format!("epoll: {e}")))?;
+        let add = |fd: i32, token: u64| {
+            ep.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .map_err(|e| VmError::Setup(format!("epoll add: {e}")))
+        };
+        add(self.vm.shared.exit_evt.as_raw_fd(), EXIT_TOKEN)?;
+        add(self.wake.as_raw_fd(), MIGRATION_TOKEN)?;
+        if let Some(l) = listener {
+            add(l.as_raw_fd(), LISTENER_TOKEN)?;
+        }
+        if let Some(p) = &self.vm.pty {
+            add(p.master.as_raw_fd(), CONSOLE_IN_TOKEN)?;
+        }
+        for (d, disk) in self.vm.disks.iter().enumerate() {
+            let t = disk.lock().unwrap_or_else(|p| p.into_inner());
+            for (q, evt) in t.queue_evts().iter().enumerate() {
+                add(evt.as_raw_fd(), disk_token(d, q as u64))?;
+            }
+            if let Some(fd) = t.backend_fd() {
+                add(fd, disk_token(d, BACKEND_SLOT))?;
+            }
+        }
+        let mut events = vec![EpollEvent::default(); 16];
+        loop {
+            let throttled = self.vm.shared.throttle_pct.load(Ordering::Relaxed) > 0;
+            let timeout = if throttled { THROTTLE_PERIOD.as_millis() as i32 } else { 1000 };
+            let n = match ep.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(VmError::Setup(format!("epoll wait: {e}"))),
+            };
+            if throttled && self.last_kick.elapsed() >= THROTTLE_PERIOD {
+                // Each kicked vCPU parks for its share of the period (vcpu_loop).
+                self.last_kick = Instant::now();
+                for v in &self.vcpus {
+                    let _ = v.thread.kill(SIGRTMIN());
+                }
+            }
+            for ev in &events[..n] {
+                match ev.data() {
+                    EXIT_TOKEN => return Ok(()),
+                    CONSOLE_IN_TOKEN => self.console_input(),
+                    MIGRATION_TOKEN => self.migration_requests(),
+                    LISTENER_TOKEN => {
+                        if let Some(l) = listener {
+                            while let Ok((conn, _)) = l.accept() {
+                                serve_one(conn, |cmd, args| self.handle(cmd, args));
+                            }
+                        }
+                    }
+                    token => {
+                        let (d, slot) = ((token >> 8) as usize - 1, token & 0xff);
+                        if let Some(disk) = self.vm.disks.get(d) {
+                            let mut t = disk.lock().unwrap_or_else(|p| p.into_inner());
+                            if slot == BACKEND_SLOT {
+                                t.handle_backend_event();
+                            } else {
+                                t.handle_queue_event(slot as usize);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Typed console input goes to the UART's receive FIFO; what does not
+    /// fit stays in the pty until the guest has read some.
+    fn console_input(&mut self) {
+        use std::io::Read;
+        let Some(p) = &self.vm.pty else { return };
+        let mut serial = self.vm.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let room = serial.input_room();
+        if room == 0 {
+            return;
+        }
+        let mut buf = [0u8; 64];
+        let n = (&p.master).read(&mut buf[..room.min(64)]).unwrap_or(0);
+        serial.enqueue_input(&buf[..n]);
+    }
+
+    fn migrating(&self) -> bool {
+        self.outgoing.is_some()
+    }
+
+    fn handle(&mut self, cmd: &str, args: &Value) -> Response {
+        const BUSY: &str = "a migration of this VM is under way (migrate-status; migrate-cancel to stop it)";
+        match cmd {
+            "status" => Response::ok(json!({
+                "state": if self.vm.shared.pause.load(Ordering::SeqCst) { "paused" } else { "running" },
+                "vcpus": self.vcpus.len(),
+                "memory_mib": self.vm.mem_size >> 20,
+                "console": self.vm.console_path.as_ref().map(|p| p.display().to_string()),
+                "uptime_s": self.started.elapsed().as_secs_f64(),
+                "migrating": self.migrating(),
+            })),
+            "pause" | "resume" | "save" | "restore" if self.migrating() => Response::err(format!("{cmd}: {BUSY}")),
+            "pause" => match self.pause() {
+                Ok(()) => Response::ok(json!({"state": "paused"})),
+                Err(e) => Response::err(e),
+            },
+            "resume" => {
+                self.resume();
+                Response::ok(json!({"state": "running"}))
+            }
+            "shutdown" => {
+                self.vm.shared.finish(VmExit::Stopped);
+                Response::ok(json!({"state": "stopping"}))
+            }
+            "counters" => Response::ok(self.counters()),
+            "vgic-state" => {
+                let was_running = !self.vm.shared.pause.load(Ordering::SeqCst);
+                if was_running {
+                    if let Err(e) = self.pause() {
+                        return Response::err(e);
+                    }
+                }
+                let st = self.vm.gic.state(&self.vm.mpidrs);
+                if was_running {
+                    self.resume();
+                }
+                match st {
+                    Ok(irqs) => Response::ok(json!({ "irqs": irqs })),
+                    Err(e) => Response::err(e.to_string()),
+                }
+            }
+            "save" => match args.get("path").and_then(Value::as_str) {
+                Some(p) => match self.save(Path::new(p)) {
+                    Ok(bytes) => Response::ok(json!({"state": "paused", "path": p, "memory_bytes": bytes})),
+                    Err(e) => Response::err(e),
+                },
+                None => Response::err("save needs args {\"path\": DIR}"),
+            },
+            "restore" => match args.get("path").and_then(Value::as_str) {
+                // Read and check it now, so a bad snapshot is refused while
+                // this VM keeps running.
+                Some(p) => match VmState::read(Path::new(p)) {
+                    Ok(_) => {
+                        self.vm.shared.finish(VmExit::Restore(p.into()));
+                        Response::ok(json!({"state": "restoring", "path": p}))
+                    }
+                    Err(e) => Response::err(e.to_string()),
+                },
+                None => Response::err("restore needs args {\"path\": DIR}"),
+            },
+            "migrate-send" if self.migrating() => Response::err(format!("migrate-send: {BUSY}")),
+            "migrate-send" => match self.start_migration(args) {
+                Ok(v) => Response::ok(v),
+                Err(e) => Response::err(format!("migrate-send: {e}")),
+            },
+            "migrate-status" => match &self.migration {
+                Some(s) => Response::ok(serde_json::to_value(s.get()).unwrap_or(Value::Null)),
+                None => Response::ok(json!({"phase": "none"})),
+            },
+            "migrate-cancel" => match (&self.outgoing, &self.migration) {
+                (Some(o), Some(s)) => {
+                    let phase = s.get().phase;
+                    if matches!(phase, crate::migration::Phase::Connecting | crate::migration::Phase::Precopy) {
+                        o.cancel.store(true, Ordering::SeqCst);
+                        Response::ok(json!({"cancelling": true}))
+                    } else {
+                        Response::err(format!(
+                            "migrate-cancel: the migration is in {phase:?} and can no longer be cancelled; it ends on one host or the other within seconds"
+                        ))
+                    }
+                }
+                _ => Response::err("migrate-cancel: no migration of this VM is under way"),
+            },
+            "migrate-receive" => Response::err(
+                "migrate-receive: this VM is running; a receiver is a basalt-vmm started with --incoming",
+            ),
+            other => Response::err(format!(
+                "unknown command {other:?}; commands: status, pause, resume, shutdown, counters, vgic-state, save, restore, migrate-send, migrate-status, migrate-cancel"
+            )),
+        }
+    }
+
+    fn start_migration(&mut self, args: &Value) -> Result<Value, String> {
+        let params = crate::migration::SendParams::from_args(args)?;
+        if let Some(why) = self.vm.migration_refusal() {
+            return Err(why);
+        }
+        let status = StatusCell::default();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let wake = self.wake.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+        let mut source = super::migration::VmSource::new(self.vm, self.req_tx.clone(), wake, &params.peer);
+        let offer = self.vm.offer();
+        let (st, c, p) = (status.clone(), cancel.clone(), params.clone());
+        let thread = std::thread::Builder::new()
+            .name("migrate-send".into())
+            .spawn(move || {
+                match crate::migration::send::run(&mut source, &offer, &p, &st, &c) {
+                    Ok(r) => eprintln!(
+                        "basalt-vmm: migrated to {}: {} ms in all, {} ms downtime, {} rounds, {} MiB; report {}",
+                        p.peer,
+                        r.total_ms,
+                        r.downtime_ms,
+                        r.rounds.len(),
+                        r.bytes >> 20,
+                        serde_json::to_string(&r).unwrap_or_default()
+                    ),
+                    Err(e) => eprintln!("basalt-vmm: migration to {} failed: {e}", p.peer),
+                }
+                source.finished();
+            })
+            .map_err(|e| format!("spawn the migration thread: {e}"))?;
+        self.outgoing = Some(Outgoing { thread, cancel });
+        self.migration = Some(status);
+        Ok(json!({"phase": "connecting", "peer": params.peer}))
+    }
+
+    fn migration_requests(&mut self) {
+        let _ = self.wake.read();
+        while let Ok(r) = self.req_rx.try_recv() {
+            match r {
+                VmRequest::Throttle(pct) => self.vm.shared.throttle_pct.store(pct, Ordering::Relaxed),
+                VmRequest::StopAndCopy(reply) => {
+                    let _ = reply.send(self.stop_for_migration());
+                }
+                VmRequest::FallBack(reply) => {
+                    let _ = reply.send(self.fall_back());
+                }
+                VmRequest::HandedOver(peer) => self.vm.shared.finish(VmExit::Migrated(peer)),
+                VmRequest::Finished => {
+                    if let Some(o) = self.outgoing.take() {
+                        let _ = o.thread.join();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stop-and-copy on this side: pause, the state walk (disks drained, ITS
+    /// tables and pending LPIs flushed into RAM), then each disk flushed and
+    /// its lock released. Any failure resumes the VM as it was.
+    fn stop_for_migration(&mut self) -> Result<Paused, String> {
+        let t0 = Instant::now();
+        self.vm.shared.throttle_pct.store(0, Ordering::Relaxed);
+        if let Err(e) = self.pause() {
+            self.resume();
+            return Err(e);
+        }
+        let at = Instant::now();
+        let state = match self.save_state() {
+            Ok(s) => s,
+            Err(e) => {
+                self.resume();
+                return Err(e);
+            }
+        };
+        for (i, d) in self.vm.disks.iter().enumerate() {
+            let r = d.lock().unwrap_or_else(|p| p.into_inner()).device_mut().release_ownership();
+            if let Err(e) = r {
+                if let Err((d, again)) = self.vm.acquire_disks() {
+                    log::warn!("migration: taking disk {d} back after a failed release: {again}");
+                }
+                self.resume();
+                return Err(format!("disk {i}: release its lock: {e}"));
+            }
+        }
+        Ok(Paused { state, at, stop: t0.elapsed() })
+    }
+
+    /// The migration failed past the pause: take the disks back and resume.
+    /// While another client holds a disk, keep trying for a minute (a dead
+    /// receiver's lock is broken by Ceph once its watch times out, ~30 s);
+    /// one that keeps holding it runs the guest.
+    fn fall_back(&mut self) -> Fallback {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.vm.acquire_disks() {
+                Ok(()) => {
+                    self.resume();
+                    return Fallback::Resumed;
+                }
+                Err((d, e)) if Instant::now() > deadline => {
+                    // librbd's answer when a live owner keeps an exclusive lock.
+                    let held = matches!(&e, basalt_storage::BlockError::Ceph(c)
+                        if matches!(c.code().map(|c| -c), Some(libc::EROFS | libc::EBUSY | libc::EAGAIN)));
+                    let why = format!("disk {d}: {e}");
+                    return if held { Fallback::MovedAway(why) } else { Fallback::Failed(why) };
+                }
+                Err((d, e)) => {
+                    log::warn!("migration fall-back: disk {d}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// The one state walk, for snapshots and migration: pauses the VM, reads
+    /// every vCPU, drains the disks, flushes the ITS tables and pending LPIs
+    /// into guest RAM, then reads the vGIC, the console and the devices.
+    fn save_state(&mut self) -> Result<VmState, String> {
+        use crate::persist::{Persist, STATE_VERSION};
+        self.pause()?;
+        let mut vcpus = Vec::new();
+        for (i, v) in self.vcpus.iter().enumerate() {
+            let (tx, rx) = channel();
+            v.tx.send(VcpuCmd::Save(tx)).map_err(|_| format!("vCPU {i} is gone"))?;
+            let st = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| format!("vCPU {i} did not answer"))??;
+            vcpus.push(st);
+        }
+        let mut virtio = Vec::new();
+        for (i, disk) in self.vm.disks.iter().enumerate() {
+            let mut t = disk.lock().unwrap_or_else(|p| p.into_inner());
+            // Requests in flight would be lost: let the backend finish them.
+            t.drain(Duration::from_secs(30)).map_err(|e| format!("disk {i}: {e}"))?;
+            let st = DiskState { transport: t.save(), block: t.device().save() };
+            virtio.push(serde_json::to_value(st).map_err(|e| e.to_string())?);
+        }
+        // The ITS and the redistributors write their tables into guest
+        // memory: before memory is copied.
+        let its = match &self.vm.its {
+            Some(i) => {
+                let st = i.save().map_err(|e| e.to_string())?;
+                self.vm.gic.save_pending_tables().map_err(|e| e.to_string())?;
+                Some(st)
+            }
+            None => None,
+        };
+        let gic = self.vm.gic.save().map_err(|e| e.to_string())?;
+        let serial = self.vm.serial.lock().unwrap_or_else(|p| p.into_inner()).save().map_err(|e| e.to_string())?;
+        Ok(VmState { version: STATE_VERSION, memory_bytes: self.vm.mem_size, vcpus, gic, its, serial, virtio })
+    }
+
+    /// Pauses the VM and writes its whole state and memory to `dir`. The VM
+    /// stays paused: resume it, or restore the snapshot elsewhere.
+    fn save(&mut self, dir: &Path) -> Result<u64, String> {
+        let state = self.save_state()?;
+        state.write(dir, &self.vm.mem).map_err(|e| e.to_string())?;
+        Ok(self.vm.mem_size)
+    }
+
+    /// Parks every vCPU outside KVM_RUN. Idempotent.
+    fn pause(&mut self) -> Result<(), String> {
+        let sh = &self.vm.shared;
+        sh.pause.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sh.paused_count.load(Ordering::SeqCst) < self.vcpus.len() {
+            if Instant::now() > deadline {
+                return Err("vCPUs did not stop within 5 s".into());
+            }
+            for v in &self.vcpus {
+                let _ = v.thread.kill(SIGRTMIN());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        let sh = &self.vm.shared;
+        if sh.pause.swap(false, Ordering::SeqCst) {
+            for v in &self.vcpus {
+                let _ = v.tx.send(VcpuCmd::Resume);
+            }
+        }
+    }
+
+    fn counters(&self) -> Value {
+        let per_vcpu: Vec<Value> = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let kvm = v.stats.as_ref().and_then(|f| crate::kvm_stats::read_all(f).ok()).unwrap_or_default();
+                json!({
+                    "vcpu": i,
+                    "mmio_exits_handled": self.vm.shared.mmio_exits[i].load(Ordering::Relaxed),
+                    "kvm": kvm,
+                })
+            })
+            .collect();
+        let tx = self.vm.serial.lock().map(|s| s.tx_bytes).unwrap_or(0);
+        let disks: Vec<Value> = self
+            .vm
+            .disks
+            .iter()
+            .map(|d| {
+                let t = d.lock().unwrap_or_else(|p| p.into_inner());
+                json!({ "transport": t.counters(), "block": t.device().counters(), "in_flight": t.device().in_flight() })
+            })
+            .collect();
+        json!({ "vcpus": per_vcpu, "serial_tx_bytes": tx, "disks": disks })
+    }
+}
+
+/// Tells every vCPU thread to leave KVM_RUN and end, kicking it with a
+/// signal until it has (a kick that lands outside KVM_RUN is simply retried).
+fn stop_vcpus(shared: &VcpuShared, vcpus: Vec<VcpuHandle>) {
+    shared.stop.store(true, Ordering::SeqCst);
+    for v in &vcpus {
+        let _ = v.tx.send(VcpuCmd::Stop);
+    }
+    for v in vcpus {
+        while !v.thread.is_finished() {
+            let _ = v.thread.kill(SIGRTMIN());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = v.thread.join();
+    }
+}
+
+fn vcpu_loop(id: usize, mut v: VcpuFd, bus: MmioBus, shared: Arc<VcpuShared>, rx: Receiver<VcpuCmd>) {
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match v.run() {
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                shared.mmio_exits[id].fetch_add(1, Ordering::Relaxed);
+                if !bus.read(addr, data) {
+                    data.fill(0);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                shared.mmio_exits[id].fetch_add(1, Ordering::Relaxed);
+                bus.write(addr, data);
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                let why = match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+                    KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                    other => VmExit::Crashed(format!("vCPU {id}: unknown system event {other}")),
+                };
+                shared.finish(why);
+                return;
+            }
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Shutdown) => {
+                shared.finish(VmExit::PowerOff);
+                return;
+            }
+            Ok(other) => {
+                shared.finish(VmExit::Crashed(format!("vCPU {id}: unexpected exit {other:?}")));
+                return;
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked: stop, or park while paused until told otherwise.
+                if shared.pause.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
+                    shared.paused_count.fetch_add(1, Ordering::SeqCst);
+                    // Parked: the VMM thread may ask for this vCPU's state (only
+                    // this thread holds its fd) until it resumes or stops it.
+                    let next = loop {
+                        match rx.recv() {
+                            Ok(VcpuCmd::Save(reply)) => {
+                                use crate::persist::Persist;
+                                let _ = reply.send(v.save().map_err(|e| format!("save vCPU {id}: {e}")));
+                            }
+                            Ok(VcpuCmd::Resume) => break true,
+                            Ok(VcpuCmd::Stop) | Err(_) => break false,
+                        }
+                    };
+                    shared.paused_count.fetch_sub(1, Ordering::SeqCst);
+                    if !next {
+                        return;
+                    }
+                } else {
+                    // Auto-converge: sit out this vCPU's share of the period.
+                    let pct = u64::from(shared.throttle_pct.load(Ordering::Relaxed).min(99));
+                    if pct > 0 {
+                        let period = THROTTLE_PERIOD.as_micros() as u64;
+                        std::thread::sleep(Duration::from_micros(period * pct / (100 - pct)));
+                    }
+                }
+            }
+            Err(e) => {
+                shared.finish(VmExit::Crashed(format!("vCPU {id}: KVM_RUN failed: {e}")));
+                return;
+            }
+        }
+    }
+}
