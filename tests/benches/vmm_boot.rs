@@ -40,6 +40,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+mod common;
+use common::median;
+
 use basalt_tests::rig::{guest, Arm64Host, Artifacts};
 
 const MARKER: &str = "BASALT-BENCH-INIT";
@@ -194,15 +197,6 @@ fn parse(out: &str) -> (Vec<String>, Vec<Round>) {
         });
     }
     (info, rounds)
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
 fn fmt(v: Option<f64>, decimals: usize) -> String {

@@ -11,7 +11,9 @@
 
 use std::time::{Duration, Instant};
 
-use basalt_storage::ceph::{ClientConfig, Cluster};
+mod common;
+use common::vm_client;
+
 use basalt_storage::rbd::{self, features, Image, ImageOptions};
 use basalt_tests::rig::{guest, netns::BRIDGE_ADDR, Arm64Host, Artifacts, Netns, NetnsCeph};
 
@@ -120,16 +122,6 @@ printf 'BASALT-GO' | dd of=/tmp/go1.img conv=notrunc 2>/dev/null
 wait
 grep -q "VMM1-EXIT rc=0" /tmp/vmm1.log
 "#;
-
-fn vm_client(ceph: &NetnsCeph) -> Cluster {
-    let cfg = ClientConfig {
-        conf: Some(ceph.conf()),
-        id: "vm".into(),
-        keyring: Some(ceph.vm_keyring()),
-        options: vec![("client_mount_timeout".into(), "30".into()), ("rbd_cache".into(), "false".into())],
-    };
-    Cluster::connect(&cfg).expect("connect to the namespace's Ceph as client.vm")
-}
 
 #[test]
 fn a_vm_in_an_emulated_host_uses_an_rbd_disk_on_ceph_in_the_netns() {

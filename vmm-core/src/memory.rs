@@ -38,6 +38,18 @@ impl MemSlot {
     }
 }
 
+/// The host's page size: what KVM's dirty log and vm-memory's bitmaps count in.
+pub fn host_page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// Where guest RAM starts and how many bytes it has in all.
+pub fn extent(mem: &GuestRam) -> (u64, u64) {
+    let base = mem.iter().map(|r| r.start_addr().0).min().unwrap_or(0);
+    (base, mem.iter().map(|r| r.len()).sum())
+}
+
 /// Turns KVM's dirty page logging on or off for every slot (flags only; the
 /// mapping stays where it is).
 pub fn set_dirty_logging(vm: &VmFd, slots: &[MemSlot], on: bool) -> Result<(), kvm_ioctls::Error> {

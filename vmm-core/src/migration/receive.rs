@@ -9,14 +9,15 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use super::{Phase, Sink, StatusCell};
 use crate::persist::VmState;
 
-/// Longer than the sender's longest silence: draining its disks at the pause.
-const READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longer than the sender's longest silence (draining its disks at the
+/// pause, at most 30 s). A sender cut off without a word is given up on then.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 enum Fail {
     /// Nothing of the VM arrived: keep listening.
@@ -123,10 +124,8 @@ fn receive(conn: TcpStream, sink: &mut dyn Sink, st: &StatusCell, started: Insta
     });
 
     let mem = sink.memory().clone();
-    let base = mem.iter().map(|r| r.start_addr().0).min().unwrap_or(0);
-    let size: u64 = mem.iter().map(|r| r.len()).sum();
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let (base, size) = crate::memory::extent(&mem);
+    let page = crate::memory::host_page_size();
     let mut buf = vec![0u8; 1 << 20];
     let zeroes = vec![0u8; 1 << 20];
     let mut state: Option<VmState> = None;

@@ -9,7 +9,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, Message, PageRange, MAX_PAGES_PER_MESSAGE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use super::{compat::Offer, DirtyBitmap, Fallback, Phase, Report, RoundReport, SendParams, Source, StatusCell};
@@ -22,8 +22,16 @@ const BATCH_BYTES: usize = 4 << 20;
 /// Auto-converge: first step and increment, as QEMU's cpu-throttle does.
 const THROTTLE_FIRST: u8 = 20;
 const THROTTLE_STEP: u8 = 10;
-/// How long the receiver may take to restore, take the disks and resume.
-const RESUME_TIMEOUT: Duration = Duration::from_secs(120);
+/// What the pause costs beyond the last pages (draining and flushing the
+/// disks, the state, the receiver's restore and lock): 70-210 ms measured in
+/// the emulated hosts. Counted against the downtime budget, at most half of it.
+const STOP_ALLOWANCE: Duration = Duration::from_millis(100);
+/// From the pause, how long the last pages, the state and the receiver's
+/// word that the guest runs may take beyond twice their expected transfer
+/// time (the receiver restores and locks in well under a second). Past it
+/// the stream is torn down and the sender falls back: the guest is never
+/// stopped on both hosts much longer than the failure takes.
+const STOP_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 enum Stop {
@@ -63,6 +71,15 @@ struct Wire<W: Write> {
 }
 
 impl<W: Write> Wire<W> {
+    /// Tells the receiver (best effort: the stream may be what failed) and
+    /// returns the VM to normal running: no throttle, no dirty log.
+    fn abandon(&mut self, src: &mut dyn Source, reason: &str) {
+        let _ = protocol::send(&mut self.w, &Message::Abandon { reason: reason.into() });
+        let _ = self.w.flush();
+        src.throttle(0);
+        src.dirty_stop();
+    }
+
     fn pace(&self) {
         if let Some(limit) = self.limit {
             let due = Duration::from_secs_f64(self.bytes as f64 / limit as f64);
@@ -224,20 +241,49 @@ fn migrate(
     src.dirty_start().map_err(Stop::Failed)?;
     let mut wire = Wire { w, bytes: 0, started: Instant::now(), limit: p.bandwidth };
     let pre = precopy(src, &mut wire, p, st, cancel, started);
-    let (rounds, pending, max_throttle) = match pre {
+    let (rounds, pending, max_throttle, expected) = match pre {
         Ok(x) => x,
         Err(e) => {
-            let _ = protocol::send(&mut wire.w, &Message::Abandon { reason: format!("the sender stopped: {e}") });
-            let _ = wire.w.flush();
-            src.throttle(0);
-            src.dirty_stop();
+            wire.abandon(src, &format!("the sender stopped: {e}"));
             return Err(e);
         }
     };
-    stop_and_copy(src, wire, &mut r, &stream, st, rounds, pending, max_throttle, started)
+    let deadline = STOP_DEADLINE + expected * 2;
+    stop_and_copy(src, wire, r, stream, st, Precopy { rounds, pending, max_throttle, deadline }, started)
 }
 
-type Precopied = (Vec<RoundReport>, DirtyBitmap, u8);
+/// What pre-copy hands to stop-and-copy.
+struct Precopy {
+    rounds: Vec<RoundReport>,
+    pending: DirtyBitmap,
+    max_throttle: u8,
+    deadline: Duration,
+}
+
+/// Tears the stream down so that nothing still queued in it reaches the
+/// receiver: SO_LINGER 0 makes the last close reset the connection and drop
+/// unsent bytes, instead of delivering them (a "Complete" arriving after the
+/// sender fell back would have the receiver try to run the guest too; the
+/// lock would stop it, but nobody needs the race).
+fn reset(stream: &TcpStream) {
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a socket fd this stream owns; a pointer to a live linger of the
+    // size given. Failure only means a FIN instead of a reset.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// Rounds so far, the dirty set left, the highest throttle, the expected
+/// time to send that set.
+type Precopied = (Vec<RoundReport>, DirtyBitmap, u8, Duration);
 
 fn precopy(
     src: &mut dyn Source,
@@ -247,7 +293,8 @@ fn precopy(
     cancel: &AtomicBool,
     started: Instant,
 ) -> Result<Precopied, Stop> {
-    let (base, size, page) = ram_shape(src.memory());
+    let (base, size) = crate::memory::extent(src.memory());
+    let page = crate::memory::host_page_size();
     let stop = || -> Result<(), Stop> {
         if cancel.load(Ordering::SeqCst) {
             return Err(Stop::Cancelled);
@@ -273,7 +320,8 @@ fn precopy(
         // A short round measures latency more than bandwidth: take the
         // better of this round's rate and the whole migration's.
         let wire_rate = (wire.bytes as f64 / wire.started.elapsed().as_secs_f64().max(0.001)).max(bandwidth);
-        let expected = Duration::from_secs_f64(remaining as f64 / wire_rate.max(1.0));
+        let expected =
+            Duration::from_secs_f64(remaining as f64 / wire_rate.max(1.0)) + STOP_ALLOWANCE.min(p.downtime / 2);
         let mut rep = rep;
         rep.dirtied_after = dirty.count();
         rep.throttle_pct = throttle;
@@ -301,7 +349,7 @@ fn precopy(
         let sent = rep.bytes;
         rounds.push(rep);
         if expected <= p.downtime {
-            return Ok((rounds, dirty, max_throttle));
+            return Ok((rounds, dirty, max_throttle, expected));
         }
         // Auto-converge: the guest dirtied more than half of what the link
         // moved in the same time; take more of its vCPUs' time.
@@ -315,42 +363,41 @@ fn precopy(
     }
 }
 
-fn ram_shape(mem: &GuestRam) -> (u64, u64, u64) {
-    let base = mem.iter().map(|r| r.start_addr().0).min().unwrap_or(0);
-    let size = mem.iter().map(|r| r.len()).sum();
-    // vm-memory's bitmaps and KVM's dirty log both count host pages.
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    (base, size, page)
-}
-
-#[allow(clippy::too_many_arguments)]
 fn stop_and_copy(
     src: &mut dyn Source,
     mut wire: Wire<BufWriter<TcpStream>>,
-    r: &mut BufReader<TcpStream>,
-    stream: &TcpStream,
+    mut r: BufReader<TcpStream>,
+    stream: TcpStream,
     st: &StatusCell,
-    mut rounds: Vec<RoundReport>,
-    mut pending: DirtyBitmap,
-    max_throttle: u8,
+    pre: Precopy,
     started: Instant,
 ) -> Result<Report, Stop> {
+    let Precopy { mut rounds, mut pending, max_throttle, deadline } = pre;
     st.update(|s| s.phase = Phase::StopAndCopy);
     let paused = match src.stop_and_copy() {
         Ok(p) => p,
         Err(e) => {
-            let _ = protocol::send(&mut wire.w, &Message::Abandon { reason: format!("the sender could not stop the VM: {e}") });
-            let _ = wire.w.flush();
-            src.throttle(0);
-            src.dirty_stop();
+            wire.abandon(src, &format!("the sender could not stop the VM: {e}"));
             return Err(Stop::Failed(format!("stop-and-copy: {e}; the VM runs on here")));
         }
     };
     // After the pause, nothing but a failure path touches this VM again:
-    // any error from here is answered by falling back to it.
+    // any error from here is answered by falling back to it. A watchdog
+    // holds the whole of it to the deadline: a blocked write or read (a cut
+    // link) is woken by tearing the stream down.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let dog = stream.try_clone().map(|s| {
+        std::thread::spawn(move || {
+            let fired = matches!(done_rx.recv_timeout(deadline), Err(std::sync::mpsc::RecvTimeoutError::Timeout));
+            if fired {
+                reset(&s);
+            }
+            fired
+        })
+    });
     let last = rounds.len() as u32;
     let finish = (|| -> Result<(RoundReport, Duration), Stop> {
+        let _ = dog.as_ref().map_err(|e| Stop::Failed(format!("the stream's watchdog: {e}")))?;
         // The ITS tables and pending LPIs were flushed into RAM by the pause:
         // this harvest has them.
         let last_dirty = src.dirty_harvest().map_err(Stop::Failed)?;
@@ -360,15 +407,19 @@ fn stop_and_copy(
         wire.message(&Message::Complete, &[])?;
         wire.w.flush()?;
         st.update(|s| s.phase = Phase::WaitingForResume);
-        stream.set_read_timeout(Some(RESUME_TIMEOUT))?;
-        protocol::expect(r, "resumed")?;
+        stream.set_read_timeout(Some(deadline))?;
+        protocol::expect(&mut r, "resumed")?;
         Ok((rep, paused.at.elapsed()))
     })();
+    drop(done_tx);
+    let fired = dog.map(|d| d.join().unwrap_or(false)).unwrap_or(false);
     let (rep, downtime) = match finish {
         Ok(x) => x,
         Err(e) => {
-            let _ = protocol::send(&mut wire.w, &Message::Abandon { reason: format!("the sender failed: {e}") });
-            let _ = wire.w.flush();
+            let e = if fired { format!("{e} (nothing from the receiver within {}s of the pause)", deadline.as_secs()) } else { e.to_string() };
+            // Every handle on the stream closes before the disks are taken back.
+            reset(&stream);
+            drop((wire, r, stream));
             src.throttle(0);
             src.dirty_stop();
             return Err(match src.fall_back() {

@@ -49,8 +49,7 @@ pub struct VmSource {
 
 impl VmSource {
     pub fn new(vm: &Vm, tx: Sender<VmRequest>, wake: EventFd, peer: &str) -> Self {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let page = crate::memory::host_page_size();
         VmSource {
             mem: vm.mem.clone(),
             log: KvmDirtyLog::new(vm.fd.clone(), vm.slots.clone()),

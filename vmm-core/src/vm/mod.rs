@@ -479,11 +479,9 @@ fn host_caps(kvm_: &Kvm, fd: &VmFd, vcpu0: &VcpuFd, gic: &VGicV3) -> Result<Host
         }
     }
     let max_ipa = kvm_.check_extension_int(kvm_ioctls::Cap::ArmVmIPASize);
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     Ok(HostCaps {
         arch: std::env::consts::ARCH.into(),
-        page_size: page,
+        page_size: crate::memory::host_page_size(),
         cntfrq: cntfrq(),
         // VMs are created with KVM's default guest-physical size.
         ipa_bits: 40,
