@@ -67,18 +67,18 @@ impl SendParams {
     /// "max_throttle_pct": 99}`; only `peer` is required.
     pub fn from_args(args: &Value) -> Result<Self, String> {
         const KNOWN: [&str; 5] = ["peer", "downtime_ms", "bandwidth_mib_s", "timeout_s", "max_throttle_pct"];
-        let obj = args.as_object().ok_or("migrate-send needs args {\"peer\": \"HOST:PORT\", ...}")?;
+        let obj = args.as_object().ok_or("needs args {\"peer\": \"HOST:PORT\", ...}")?;
         if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-            return Err(format!("migrate-send: unknown argument {k:?}; known: {}", KNOWN.join(", ")));
+            return Err(format!("unknown argument {k:?}; known: {}", KNOWN.join(", ")));
         }
-        let peer = obj.get("peer").and_then(Value::as_str).ok_or("migrate-send needs \"peer\": \"HOST:PORT\"")?;
+        let peer = obj.get("peer").and_then(Value::as_str).ok_or("needs \"peer\": \"HOST:PORT\"")?;
         check_host_port(peer)?;
         let num = |k: &str, min: u64, max: u64, default: Option<u64>| -> Result<Option<u64>, String> {
             match obj.get(k) {
                 None | Some(Value::Null) => Ok(default),
                 Some(v) => match v.as_u64() {
                     Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
-                    _ => Err(format!("migrate-send: {k} must be a whole number from {min} to {max}, not {v}")),
+                    _ => Err(format!("{k} must be a whole number from {min} to {max}, not {v}")),
                 },
             }
         };

@@ -28,12 +28,21 @@ enum Fail {
 
 impl From<protocol::ProtocolError> for Fail {
     fn from(e: protocol::ProtocolError) -> Self {
-        Fail::After(e.to_string())
+        match e {
+            protocol::ProtocolError::Io(io) => io.into(),
+            e => Fail::After(e.to_string()),
+        }
     }
 }
 
 impl From<std::io::Error> for Fail {
     fn from(e: std::io::Error) -> Self {
+        if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+            return Fail::After(format!(
+                "nothing from the sender for {} s: the link or the sender is gone",
+                READ_TIMEOUT.as_secs()
+            ));
+        }
         Fail::After(format!("the migration stream failed: {e}"))
     }
 }

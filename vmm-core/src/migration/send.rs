@@ -52,12 +52,18 @@ impl std::fmt::Display for Stop {
 
 impl From<protocol::ProtocolError> for Stop {
     fn from(e: protocol::ProtocolError) -> Self {
-        Stop::Failed(e.to_string())
+        match e {
+            protocol::ProtocolError::Io(io) => io.into(),
+            e => Stop::Failed(e.to_string()),
+        }
     }
 }
 
 impl From<std::io::Error> for Stop {
     fn from(e: std::io::Error) -> Self {
+        if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+            return Stop::Failed("the receiver stopped taking data for 30 s: the link or the receiver is gone".into());
+        }
         Stop::Failed(format!("the migration stream failed: {e}"))
     }
 }
@@ -231,7 +237,10 @@ fn migrate(
         },
     )?;
     w.flush()?;
-    match protocol::recv(&mut r)? {
+    // A receiver busy with another sender leaves this connection in its
+    // backlog: say so, so a caller can tell it from a refusal and retry.
+    let hello = |e: protocol::ProtocolError| Stop::Failed(format!("the receiver did not answer the hello: {e}"));
+    match protocol::recv(&mut r).map_err(hello)? {
         Message::Accept { version } if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) => {}
         Message::Accept { version } => return Err(Stop::Failed(format!("the receiver chose protocol version {version}, which this VMM does not speak"))),
         Message::Refuse { reason } => return Err(Stop::Failed(format!("the receiver refused the VM: {reason}"))),

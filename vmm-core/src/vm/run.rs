@@ -34,6 +34,8 @@ enum VcpuCmd {
     Resume,
     Stop,
     Save(Sender<Result<crate::persist::VcpuState, String>>),
+    /// Put the guest's virtual counter back to this value.
+    SetCounter(u64, Sender<Result<(), String>>),
 }
 
 /// A disk's saved state: its transport and the block device behind it.
@@ -108,6 +110,7 @@ impl Vm {
             req_rx,
             wake,
             last_kick: Instant::now(),
+            paused_state: None,
         };
         let result = ctl.event_loop(listener.as_ref());
         let vcpus = std::mem::take(&mut ctl.vcpus);
@@ -152,6 +155,8 @@ struct Running<'a> {
     /// Written by the migration thread after each request.
     wake: EventFd,
     last_kick: Instant,
+    /// The state saved at stop-and-copy, until the migration ends.
+    paused_state: Option<VmState>,
 }
 
 const EXIT_TOKEN: u64 = 0;
@@ -391,7 +396,10 @@ impl Running<'_> {
                 VmRequest::FallBack(reply) => {
                     let _ = reply.send(self.fall_back());
                 }
-                VmRequest::HandedOver(peer) => self.vm.shared.finish(VmExit::Migrated(peer)),
+                VmRequest::HandedOver(peer) => {
+                    self.paused_state = None;
+                    self.vm.shared.finish(VmExit::Migrated(peer))
+                }
                 VmRequest::Finished => {
                     if let Some(o) = self.outgoing.take() {
                         let _ = o.thread.join();
@@ -429,6 +437,7 @@ impl Running<'_> {
                 return Err(format!("disk {i}: release its lock: {e}"));
             }
         }
+        self.paused_state = Some(state.clone());
         Ok(Paused { state, at, stop: t0.elapsed() })
     }
 
@@ -441,6 +450,7 @@ impl Running<'_> {
         loop {
             match self.vm.acquire_disks() {
                 Ok(()) => {
+                    self.rewind_counter();
                     self.resume();
                     return Fallback::Resumed;
                 }
@@ -455,6 +465,27 @@ impl Running<'_> {
                     log::warn!("migration fall-back: disk {d}: {e}; retrying");
                     std::thread::sleep(Duration::from_millis(500));
                 }
+            }
+        }
+    }
+
+    /// Before a fall-back resume: sets the guest's virtual counter back to
+    /// where it stood at the pause, as a migration target would, so the
+    /// guest does not see the failed attempt as a jump in time (its soft
+    /// lockup detector did, after a 45 s cut link).
+    fn rewind_counter(&mut self) {
+        let Some(state) = self.paused_state.take() else { return };
+        let counter = state.vcpus.first().and_then(|v| {
+            v.regs.iter().find(|(id, _)| *id == crate::arch::aarch64::regs::TIMER_CNT).and_then(|(_, b)| {
+                <[u8; 8]>::try_from(b.as_slice()).ok().map(u64::from_le_bytes)
+            })
+        });
+        let Some(counter) = counter else { return };
+        for v in &self.vcpus {
+            let (tx, rx) = channel();
+            let _ = v.tx.send(VcpuCmd::SetCounter(counter, tx));
+            if let Ok(Err(e)) | Err(e) = rx.recv_timeout(Duration::from_secs(10)).map_err(|e| e.to_string()) {
+                log::warn!("migration fall-back: {e}; the guest sees the pause as time passing");
             }
         }
     }
@@ -617,6 +648,10 @@ fn vcpu_loop(id: usize, mut v: VcpuFd, bus: MmioBus, shared: Arc<VcpuShared>, rx
                             Ok(VcpuCmd::Save(reply)) => {
                                 use crate::persist::Persist;
                                 let _ = reply.send(v.save().map_err(|e| format!("save vCPU {id}: {e}")));
+                            }
+                            Ok(VcpuCmd::SetCounter(value, reply)) => {
+                                let r = v.set_one_reg(crate::arch::aarch64::regs::TIMER_CNT, &value.to_le_bytes());
+                                let _ = reply.send(r.map(|_| ()).map_err(|e| format!("vCPU {id}: set its counter: {e}")));
                             }
                             Ok(VcpuCmd::Resume) => break true,
                             Ok(VcpuCmd::Stop) | Err(_) => break false,
