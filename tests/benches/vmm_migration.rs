@@ -24,7 +24,9 @@
 //! `migrate_set_parameter downtime-limit 300`, `migrate -d`, then `info
 //! migrate` until completed). B stops the guest once it runs there. Both
 //! VMMs report total time and downtime themselves; basalt's downtime runs
-//! from the pause on A to the receiver's word that the guest runs on B.
+//! from the pause on A to the receiver's word that the guest runs on B, of
+//! which `stop_ms` is pausing and saving the state on A and `last=` the
+//! last round's pages and time.
 
 use std::path::Path;
 use std::time::Duration;
@@ -91,7 +93,10 @@ send() { # vmm guest round
         tot=$(echo "$r" | sed -n 's/.*"total_ms":\([0-9]*\).*/\1/p')
         down=$(echo "$r" | sed -n 's/.*"downtime_ms":\([0-9]*\).*/\1/p')
         rounds=$(echo "$r" | grep -o '"round":' | wc -l)
-        echo "BENCH-ROUND vmm=basalt guest=$2 round=$3 total_ms=$tot downtime_ms=$down rounds=$rounds rc=$rc"
+        stopms=$(echo "$r" | sed -n 's/.*"stop_ms":\([0-9]*\).*/\1/p')
+        # the last round (after the pause): its pages and milliseconds
+        lastr=$(echo "$r" | grep -o '{"round":[^}]*}' | tail -1 | sed 's/[{}"]//g')
+        echo "BENCH-ROUND vmm=basalt guest=$2 round=$3 total_ms=$tot downtime_ms=$down rounds=$rounds stop_ms=$stopms rc=$rc last=$lastr"
         [ "$rc" = 4 ] || sed 's/^/BENCH-STDERR basalt: /' /tmp/vmm.log
     else
         hmp "migrate_set_parameter downtime-limit 300"
