@@ -105,6 +105,13 @@ pub enum StateError {
 }
 
 impl VmState {
+    /// The guest's virtual counter when it was saved (vCPU 0's
+    /// KVM_REG_ARM_TIMER_CNT; KVM keeps one virtual offset for all vCPUs).
+    pub fn guest_counter(&self) -> Option<u64> {
+        let (_, v) = self.vcpus.first()?.regs.iter().find(|(id, _)| *id == crate::arch::aarch64::regs::TIMER_CNT)?;
+        <[u8; 8]>::try_from(v.as_slice()).ok().map(u64::from_le_bytes)
+    }
+
     pub fn check(&self) -> Result<(), StateError> {
         let bad = |found| Err(StateError::Version { found });
         if self.version != STATE_VERSION {

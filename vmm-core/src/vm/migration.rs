@@ -49,13 +49,13 @@ pub struct VmSource {
 
 impl VmSource {
     pub fn new(vm: &Vm, tx: Sender<VmRequest>, wake: EventFd, peer: &str) -> Self {
-        let page = crate::memory::host_page_size();
+        let (base, size) = crate::memory::extent(&vm.mem);
         VmSource {
             mem: vm.mem.clone(),
             log: KvmDirtyLog::new(vm.fd.clone(), vm.slots.clone()),
-            base: crate::arch::aarch64::layout::RAM_BASE,
-            size: vm.mem_size,
-            page,
+            base,
+            size,
+            page: crate::memory::host_page_size(),
             peer: peer.into(),
             tx,
             wake,

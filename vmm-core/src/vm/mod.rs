@@ -368,13 +368,7 @@ impl Vm {
         if !self.caps.counter_offset {
             return Ok(vec![]);
         }
-        let saved = state.vcpus[0]
-            .regs
-            .iter()
-            .find(|(id, _)| *id == regs::TIMER_CNT)
-            .and_then(|(_, v)| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(u64::from_le_bytes);
-        let Some(saved) = saved else { return Ok(vec![]) };
+        let Some(saved) = state.guest_counter() else { return Ok(vec![]) };
         let off = kvm_bindings::kvm_arm_counter_offset {
             counter_offset: host_counter().wrapping_sub(saved),
             reserved: 0,

@@ -110,7 +110,7 @@ impl Vm {
             req_rx,
             wake,
             last_kick: Instant::now(),
-            paused_state: None,
+            paused_counter: None,
         };
         let result = ctl.event_loop(listener.as_ref());
         let vcpus = std::mem::take(&mut ctl.vcpus);
@@ -155,8 +155,8 @@ struct Running<'a> {
     /// Written by the migration thread after each request.
     wake: EventFd,
     last_kick: Instant,
-    /// The state saved at stop-and-copy, until the migration ends.
-    paused_state: Option<VmState>,
+    /// The guest's counter at stop-and-copy, until the migration ends.
+    paused_counter: Option<u64>,
 }
 
 const EXIT_TOKEN: u64 = 0;
@@ -397,7 +397,7 @@ impl Running<'_> {
                     let _ = reply.send(self.fall_back());
                 }
                 VmRequest::HandedOver(peer) => {
-                    self.paused_state = None;
+                    self.paused_counter = None;
                     self.vm.shared.finish(VmExit::Migrated(peer))
                 }
                 VmRequest::Finished => {
@@ -437,7 +437,7 @@ impl Running<'_> {
                 return Err(format!("disk {i}: release its lock: {e}"));
             }
         }
-        self.paused_state = Some(state.clone());
+        self.paused_counter = state.guest_counter();
         Ok(Paused { state, at, stop: t0.elapsed() })
     }
 
@@ -474,13 +474,7 @@ impl Running<'_> {
     /// guest does not see the failed attempt as a jump in time (its soft
     /// lockup detector did, after a 45 s cut link).
     fn rewind_counter(&mut self) {
-        let Some(state) = self.paused_state.take() else { return };
-        let counter = state.vcpus.first().and_then(|v| {
-            v.regs.iter().find(|(id, _)| *id == crate::arch::aarch64::regs::TIMER_CNT).and_then(|(_, b)| {
-                <[u8; 8]>::try_from(b.as_slice()).ok().map(u64::from_le_bytes)
-            })
-        });
-        let Some(counter) = counter else { return };
+        let Some(counter) = self.paused_counter.take() else { return };
         for v in &self.vcpus {
             let (tx, rx) = channel();
             let _ = v.tx.send(VcpuCmd::SetCounter(counter, tx));
