@@ -104,7 +104,13 @@ send() {
     out=failed
 }
 last_hb() { grep -a -o 'HB [0-9]* mono_ms=[0-9]*' $C | tail -1; }
-clock() { log "CLOCK host=$(up) $(last_hb)"; }
+# clock: the host's uptime beside a heartbeat printed just now (waits for a
+# new one: right after an arrival the newest in the file is from before it left)
+clock() {
+    h=$(grep -a -c 'HB ' $C)
+    for i in $(seq 1 100); do [ $(grep -a -c 'HB ' $C) -gt $h ] && break; sleep 0.1; done
+    log "CLOCK host=$(up) $(last_hb)"
+}
 "#;
 
 const HOST_A: &str = r#"
@@ -287,8 +293,13 @@ fn a_loaded_guest_moves_between_hosts_and_survives_failed_migrations() {
 
     // The guest: no memory or disk error, ever, on either host.
     assert!(!all.contains("VERIFY-ERROR") && !all.contains("DISK-ERROR"), "{all}");
+    // A heartbeat cut by the pause ends on the other host, after other lines:
+    // judge the lines whose error fields are whole, and demand plenty of them.
     let hbs: Vec<&str> = all.lines().filter(|l| l.contains("HB ") && l.contains("verify_errors=")).collect();
-    assert!(hbs.iter().all(|l| l.contains("verify_errors=0 disk_errors=0")), "{hbs:?}");
+    let judged: Vec<(f64, f64)> =
+        hbs.iter().filter_map(|l| Some((field(l, "verify_errors=")?, field(l, "disk_errors=")?))).collect();
+    assert!(judged.len() * 10 >= hbs.len() * 9 && judged.len() > 100, "{hbs:?}");
+    assert!(judged.iter().all(|&(v, d)| v == 0.0 && d == 0.0), "{hbs:?}");
     let last_count = hbs.iter().filter_map(|l| field(l, "count=")).fold(0f64, f64::max) as u64;
     let last_gen = hbs.iter().filter_map(|l| field(l, "gen=")).fold(0f64, f64::max);
     assert!(last_gen >= 5.0, "the guest rewrote its 64 MiB many times: gen {last_gen}");
