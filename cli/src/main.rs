@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod cluster;
+mod migration;
 mod objects;
 mod storage_bench;
 mod vm_host;
@@ -46,12 +47,12 @@ enum Command {
         #[command(subcommand)]
         cmd: cluster::ControllerCmd,
     },
-    /// Nodes (arm64 hosts running basalt-agent): list, show, cordon, uncordon, remove.
+    /// Nodes (arm64 hosts running basalt-agent): list, show, cordon, uncordon, drain, remove.
     Node {
         #[command(subcommand)]
         cmd: objects::NodeCmd,
     },
-    /// Virtual machines: create, list, show, start, stop, restart, delete, console, stats, vgic-state.
+    /// Virtual machines: create, list, show, start, stop, restart, migrate, delete, console, stats, vgic-state.
     Vm {
         #[command(subcommand)]
         cmd: objects::VmCmd,
@@ -65,6 +66,11 @@ enum Command {
     Profile {
         #[command(subcommand)]
         cmd: objects::ProfileCmd,
+    },
+    /// Live migrations: list, show, cancel.
+    Migration {
+        #[command(subcommand)]
+        cmd: migration::MigrationCmd,
     },
     /// The cluster's event log: what changed and why.
     Events(objects::EventsArgs),
@@ -118,8 +124,15 @@ fn main() -> ExitCode {
         Command::Cluster { cmd: ClusterCmd::Status { stale } } => {
             return finish(cluster::status(&cli.endpoints, stale, cli.output == Output::Json), "cluster status")
         }
+        Command::Node { cmd: objects::NodeCmd::Drain(a) } => {
+            return finish(migration::drain(&cli.endpoints, &a, json), "node drain")
+        }
         Command::Node { cmd } => return finish(objects::node(&cli.endpoints, &cmd, json), "node"),
+        Command::Vm { cmd: objects::VmCmd::Migrate(a) } => {
+            return finish(migration::migrate(&cli.endpoints, &a, json), "vm migrate")
+        }
         Command::Vm { cmd } => return finish(objects::vm(&cli.endpoints, &cmd, json), "vm"),
+        Command::Migration { cmd } => return finish(migration::migration(&cli.endpoints, &cmd, json), "migration"),
         Command::Volume { cmd } => return finish(objects::volume(&cli.endpoints, &cmd, json), "volume"),
         Command::Profile { cmd } => return finish(objects::profile(&cli.endpoints, &cmd, json), "profile"),
         Command::Events(a) => return finish(objects::events(&cli.endpoints, &a, json), "events"),

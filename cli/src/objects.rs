@@ -27,6 +27,9 @@ pub enum NodeCmd {
     Uncordon { id: String },
     /// Forget a node that has no VMs.
     Remove { id: String },
+    /// Cordon the node, then live-migrate its VMs away, a few at a time;
+    /// names each VM that could not move, with why. Exit 0 only if it ends empty.
+    Drain(crate::migration::DrainArgs),
 }
 
 // Parsed once per run: the size of the Create variant costs nothing.
@@ -72,6 +75,8 @@ pub enum VmCmd {
     Stats { name: String },
     /// The VM's vGICv3 state: distributor, redistributors, CPU interfaces.
     VgicState { name: String },
+    /// Live-migrate a running VM to another node (its guest keeps running).
+    Migrate(crate::migration::MigrateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -306,6 +311,7 @@ fn vm_json(v: &pb::Vm) -> Value {
         "ha": s.ha, "desired_power": power_name(v.desired_power), "node": v.placement,
         "observed": {"phase": phase_name(o.phase), "node": o.node, "message": o.message, "at_ms": o.at_ms},
         "generation": v.generation, "unschedulable_reason": v.unschedulable_reason,
+        "migration": v.migration.as_ref().map(crate::migration::migration_json),
     })
 }
 
@@ -416,7 +422,10 @@ pub fn node(endpoints: &[String], cmd: &NodeCmd, as_json: bool) -> Result<String
             }
             NodeCmd::Show { id } => {
                 let n = c.get_node(get(id)).await.map_err(CliError::Refused)?.into_inner();
-                let j = node_json(&n);
+                let mut j = node_json(&n);
+                let req = pb::ListMigrationsRequest { node: id.clone(), active_only: true, ..Default::default() };
+                let m = c.list_migrations(req).await.map_err(CliError::Refused)?.into_inner().migrations;
+                j["migrations"] = m.iter().map(crate::migration::migration_json).collect();
                 if as_json {
                     j.to_string()
                 } else {
@@ -438,6 +447,7 @@ pub fn node(endpoints: &[String], cmd: &NodeCmd, as_json: bool) -> Result<String
                 &format!("node {id} removed"),
                 as_json,
             ),
+            NodeCmd::Drain(_) => unreachable!("main runs node drain itself"),
         })
     })
 }
@@ -671,6 +681,7 @@ pub fn vm(endpoints: &[String], cmd: &VmCmd, as_json: bool) -> Result<String, Cl
                     serde_json::to_string_pretty(&v).unwrap_or_default()
                 }
             }
+            VmCmd::Migrate(_) => unreachable!("main runs vm migrate itself"),
             VmCmd::Delete { name, delete_disks } => {
                 let w = c
                     .delete_vm(pb::DeleteVmRequest { name: name.clone(), delete_disks: *delete_disks })

@@ -112,6 +112,39 @@ impl Metrics {
     }
 }
 
+/// Migration outcomes and downtimes, from the replicated state (so every
+/// controller reports the same numbers), added to an exposition before its
+/// `# EOF`.
+pub fn append_migrations(out: &mut String, s: &crate::model::MigrationStats, active: usize) {
+    use crate::model::migrations::DOWNTIME_BUCKETS_MS;
+    use std::fmt::Write;
+    let eof = out.rfind("# EOF").unwrap_or(out.len());
+    let tail = out.split_off(eof);
+    let _ = writeln!(out, "# HELP basalt_migrations Live migrations by outcome.\n# TYPE basalt_migrations counter");
+    for (outcome, n) in [("completed", s.completed), ("failed", s.failed), ("cancelled", s.cancelled)] {
+        let _ = writeln!(out, "basalt_migrations_total{{outcome=\"{outcome}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP basalt_migrations_active Live migrations in progress.\n# TYPE basalt_migrations_active gauge"
+    );
+    let _ = writeln!(out, "basalt_migrations_active {active}");
+    let _ = writeln!(
+        out,
+        "# HELP basalt_migration_downtime_seconds Guest downtime of completed live migrations.\n# TYPE basalt_migration_downtime_seconds histogram"
+    );
+    let mut cumulative = 0;
+    for (i, le) in DOWNTIME_BUCKETS_MS.iter().enumerate() {
+        cumulative += s.downtime_buckets.get(i).copied().unwrap_or(0);
+        let _ =
+            writeln!(out, "basalt_migration_downtime_seconds_bucket{{le=\"{}\"}} {cumulative}", *le as f64 / 1000.0);
+    }
+    let _ = writeln!(out, "basalt_migration_downtime_seconds_bucket{{le=\"+Inf\"}} {}", s.downtime_count);
+    let _ = writeln!(out, "basalt_migration_downtime_seconds_sum {}", s.downtime_sum_ms as f64 / 1000.0);
+    let _ = writeln!(out, "basalt_migration_downtime_seconds_count {}", s.downtime_count);
+    out.push_str(&tail);
+}
+
 pub struct RpcTimer<'a> {
     metrics: &'a Metrics,
     method: &'static str,

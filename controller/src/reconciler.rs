@@ -1,6 +1,7 @@
 //! The leader's control loop: marks nodes whose heartbeats stopped
 //! Unreachable (and back to Ready when they return), assigns pending VMs with
-//! the scheduler, and records why a VM cannot be placed. It runs on every
+//! the scheduler, records why a VM cannot be placed, and ends migrations
+//! whose target never got a receiver going. It runs on every
 //! controller but acts only while that controller leads; everything it
 //! decides is committed as ordinary commands, so a new leader simply carries on.
 
@@ -9,7 +10,10 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::model::NodeState;
+use crate::model::{MigrationPhase, MigrationReport, NodeState};
+
+/// How long a target's agent has to start a receiver for a migration.
+pub const PREPARE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 use crate::node::{Controller, LeaderTicks, NodeError};
 use crate::scheduler::plan_pending;
 use crate::state_machine::Command;
@@ -40,7 +44,7 @@ async fn pass(
     fenced: &mut HashSet<String>,
 ) -> Result<(), NodeError> {
     let lease = ctl.timing.node_lease;
-    let (transitions, plan) = {
+    let (transitions, plan, stalled) = {
         let st = ctl.shared.read();
         let mut transitions = Vec::new();
         for n in st.cluster.nodes() {
@@ -74,8 +78,27 @@ async fn pass(
             .into_iter()
             .map(|(vm, r)| (vm, r.map_err(|refusal| refusal.to_string())))
             .collect();
-        (transitions, plan)
+        let now = crate::raft::now_ms();
+        let stalled: Vec<(String, u64, String)> = st
+            .cluster
+            .migrations()
+            .filter(|m| m.phase == MigrationPhase::Preparing)
+            .filter(|m| now.saturating_sub(m.started_ms) > PREPARE_DEADLINE.as_millis() as u64)
+            .map(|m| (m.vm.clone(), m.id, m.target.clone()))
+            .collect();
+        (transitions, plan, stalled)
     };
+    // A target that never said its receiver listens: nothing was sent, so
+    // the migration can end here.
+    for (vm, id, target) in stalled {
+        let reason = format!("node {target} did not start a receiver within {} s", PREPARE_DEADLINE.as_secs());
+        warn!(vm = %vm, migration = id, "{reason}");
+        let report = MigrationReport::Failed { reason };
+        match ctl.write(Command::ReportMigration { vm, id, node: None, report }).await {
+            Ok(_) | Err(NodeError::Command(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
     for (id, state, reason) in transitions {
         info!(node = %id, to = %state, "{reason}");
         ctl.write(Command::SetNodeState { id, state, reason }).await?;

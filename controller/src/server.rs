@@ -89,8 +89,14 @@ pub async fn run(cfg: Config) -> Result<(), BoxError> {
         let (raft_m, shared) = (raft.clone(), ctl.shared.clone());
         let render = Arc::new(move || {
             let m = raft_m.metrics().borrow().clone();
-            let rev = shared.read().cluster.revision();
-            metrics.render(&m, commit_index.load(std::sync::atomic::Ordering::Relaxed), rev)
+            let (rev, migrations, active) = {
+                let st = shared.read();
+                let active = st.cluster.migrations().filter(|m| m.phase.is_active()).count();
+                (st.cluster.revision(), st.cluster.migration_stats().clone(), active)
+            };
+            let mut text = metrics.render(&m, commit_index.load(std::sync::atomic::Ordering::Relaxed), rev);
+            crate::metrics::append_migrations(&mut text, &migrations, active);
+            text
         });
         info!(%addr, "metrics at http://{addr}/metrics");
         tokio::spawn(async move {

@@ -17,8 +17,9 @@ use crate::error::{invalid, precondition, CommandError};
 use crate::model::names::validate_name;
 use crate::model::storage::MAX_STATUS_MESSAGE;
 use crate::model::{
-    Event, EventKind, EventLog, EventQuery, ImageRemoval, Node, NodeId, NodeRegistration, NodeState, Observed, Power,
-    StorageProfile, StorageState, StorageStatus, StorageSubject, Vm, VmPhase, VmSpec, Volume,
+    Event, EventKind, EventLog, EventQuery, ImageRemoval, Migration, MigrationId, MigrationReport, MigrationStats,
+    Node, NodeId, NodeRegistration, NodeState, Observed, Power, StorageProfile, StorageState, StorageStatus,
+    StorageSubject, Vm, VmPhase, VmSpec, Volume,
 };
 use crate::scheduler::{check_node, NodeView, VmRequirements};
 
@@ -116,6 +117,25 @@ pub enum Command {
         image: String,
         message: String,
     },
+    /// Live-migrate a running VM to `target` (chosen by the caller's
+    /// scheduler pass when the user named none; checked again here).
+    StartMigration {
+        vm: String,
+        target: NodeId,
+        downtime_ms: u32,
+        bandwidth_mib_s: u32,
+    },
+    /// An agent's word on its half of migration `id`; `node: None` is the
+    /// leader's deadline (only before the receiver listens).
+    ReportMigration {
+        vm: String,
+        id: MigrationId,
+        node: Option<NodeId>,
+        report: MigrationReport,
+    },
+    CancelMigration {
+        vm: String,
+    },
 }
 
 impl Command {
@@ -151,6 +171,8 @@ pub enum Outcome {
     VmDeleted {
         deleted_volumes: Vec<String>,
     },
+    /// The migration started (its id).
+    Migration(MigrationId),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,10 +198,18 @@ pub struct ClusterState {
     /// Images of deleted volumes still to be removed, oldest first.
     #[serde(default)]
     image_removals: Vec<ImageRemoval>,
+    /// Every migration still running, and the last finished ones.
+    #[serde(default)]
+    migrations: BTreeMap<MigrationId, Migration>,
+    #[serde(default)]
+    migration_stats: MigrationStats,
     /// Names of the VMs placed on each node: derived from `vms`, so it is not
     /// in snapshots, but it keeps `AssignVm` from scanning every VM.
     #[serde(skip)]
     by_node: BTreeMap<NodeId, BTreeSet<String>>,
+    /// The running migration of each VM that has one (derived from `migrations`).
+    #[serde(skip)]
+    active_migrations: BTreeMap<String, MigrationId>,
 }
 
 /// What a snapshot holds; the derived index is rebuilt from it.
@@ -200,6 +230,11 @@ struct Snapshot {
     profile_status: BTreeMap<String, StorageStatus>,
     #[serde(default)]
     image_removals: Vec<ImageRemoval>,
+    // Format 3.
+    #[serde(default)]
+    migrations: BTreeMap<MigrationId, Migration>,
+    #[serde(default)]
+    migration_stats: MigrationStats,
 }
 
 impl From<Snapshot> for ClusterState {
@@ -221,6 +256,14 @@ impl From<Snapshot> for ClusterState {
             volume_status: s.volume_status,
             profile_status: s.profile_status,
             image_removals: s.image_removals,
+            active_migrations: s
+                .migrations
+                .values()
+                .filter(|m| m.phase.is_active())
+                .map(|m| (m.vm.clone(), m.id))
+                .collect(),
+            migrations: s.migrations,
+            migration_stats: s.migration_stats,
             by_node,
         }
     }
@@ -264,7 +307,10 @@ impl ClusterState {
             volume_status: BTreeMap::new(),
             profile_status: BTreeMap::new(),
             image_removals: Vec::new(),
+            migrations: BTreeMap::new(),
+            migration_stats: MigrationStats::default(),
             by_node: BTreeMap::new(),
+            active_migrations: BTreeMap::new(),
         }
     }
 
@@ -332,11 +378,17 @@ impl ClusterState {
         v
     }
 
-    /// Every node with what its assigned VMs use, in id order.
+    /// Every node with what its assigned VMs use, in id order. A VM
+    /// migrating counts on both nodes until it has left one of them.
     pub fn node_views(&self) -> Vec<NodeView> {
         let mut views: BTreeMap<&str, NodeView> = self.nodes.values().map(|n| (n.id.as_str(), view(n))).collect();
         for vm in self.vms.values() {
             if let Some(v) = vm.placement.as_deref().and_then(|p| views.get_mut(p)) {
+                v.add(&VmRequirements::of(vm));
+            }
+        }
+        for m in self.active_migrations.values().filter_map(|id| self.migrations.get(id)) {
+            if let (Some(v), Some(vm)) = (views.get_mut(m.target.as_str()), self.vms.get(&m.vm)) {
                 v.add(&VmRequirements::of(vm));
             }
         }
@@ -346,10 +398,35 @@ impl ClusterState {
     /// One node's view, leaving out VM `except` (a VM whose spec is being replaced).
     fn node_view(&self, node: &Node, except: Option<&str>) -> NodeView {
         let mut v = view(node);
-        for vm in self.vms_on(&node.id).filter(|vm| Some(vm.name.as_str()) != except) {
+        for vm in self.vms_on(&node.id).chain(self.incoming_to(&node.id)).filter(|vm| Some(vm.name.as_str()) != except)
+        {
             v.add(&VmRequirements::of(vm));
         }
         v
+    }
+
+    /// VMs migrating to `node` (placed elsewhere until they arrive).
+    pub fn incoming_to<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Vm> + 'a {
+        self.active_migrations
+            .values()
+            .filter_map(|id| self.migrations.get(id))
+            .filter(move |m| m.target == node)
+            .filter_map(|m| self.vms.get(&m.vm))
+    }
+
+    pub fn migration(&self, id: MigrationId) -> Option<&Migration> {
+        self.migrations.get(&id)
+    }
+    /// Oldest first.
+    pub fn migrations(&self) -> impl DoubleEndedIterator<Item = &Migration> {
+        self.migrations.values()
+    }
+    /// The VM's running migration, if it has one.
+    pub fn active_migration(&self, vm: &str) -> Option<&Migration> {
+        self.active_migrations.get(vm).and_then(|id| self.migrations.get(id))
+    }
+    pub fn migration_stats(&self) -> &MigrationStats {
+        &self.migration_stats
     }
 
     // ---- apply ----
@@ -360,13 +437,15 @@ impl ClusterState {
         let assignment_vm = cmd.assignment_vm().map(str::to_string);
         let placed_before = assignment_vm.as_deref().and_then(|n| self.vms.get(n)).and_then(|v| v.placement.clone());
         let mut changes = Changes::new();
+        // Nodes whose agents must hear of a migration's change.
+        let mut touched: Vec<NodeId> = Vec::new();
         let outcome = match cmd {
             Command::RegisterNode(reg) => self.register_node(reg, &mut changes)?,
             Command::SetNodeState { id, state, reason } => {
-                self.set_node_state(&id, state, &reason, revision, now_ms, &mut changes)?
+                self.set_node_state(&id, state, &reason, revision, now_ms, &mut changes, &mut touched)?
             }
             Command::CordonNode { id } => {
-                self.set_node_state(&id, NodeState::Cordoned, "cordoned", revision, now_ms, &mut changes)?
+                self.set_node_state(&id, NodeState::Cordoned, "cordoned", revision, now_ms, &mut changes, &mut touched)?
             }
             Command::UncordonNode { id } => {
                 match self.nodes.get(&id).map(|n| n.state) {
@@ -377,7 +456,7 @@ impl ClusterState {
                         )))
                     }
                 }
-                self.set_node_state(&id, NodeState::Ready, "uncordoned", revision, now_ms, &mut changes)?
+                self.set_node_state(&id, NodeState::Ready, "uncordoned", revision, now_ms, &mut changes, &mut touched)?
             }
             Command::RemoveNode { id } => self.remove_node(&id, &mut changes)?,
             Command::CreateProfile(p) => self.create_profile(p, revision, &mut changes)?,
@@ -435,10 +514,25 @@ impl ClusterState {
                 ));
                 Outcome::Done
             }
+            Command::StartMigration { vm, target, downtime_ms, bandwidth_mib_s } => self.start_migration(
+                &vm,
+                &target,
+                (downtime_ms, bandwidth_mib_s),
+                revision,
+                now_ms,
+                &mut changes,
+                &mut touched,
+            )?,
+            Command::ReportMigration { vm, id, node, report } => {
+                self.report_migration(&vm, id, node.as_deref(), report, revision, now_ms, &mut changes, &mut touched)?
+            }
+            Command::CancelMigration { vm } => {
+                self.cancel_migration(&vm, revision, now_ms, &mut changes, &mut touched)?
+            }
         };
         self.revision = revision;
         let placed_after = assignment_vm.as_deref().and_then(|n| self.vms.get(n)).and_then(|v| v.placement.clone());
-        for node in placed_before.into_iter().chain(placed_after) {
+        for node in placed_before.into_iter().chain(placed_after).chain(touched) {
             self.node_revisions.insert(node, revision);
         }
         for (kind, subject, message) in changes {
@@ -483,6 +577,7 @@ impl ClusterState {
         Ok(Outcome::Done)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn set_node_state(
         &mut self,
         id: &str,
@@ -491,6 +586,7 @@ impl ClusterState {
         rev: u64,
         now: u64,
         ch: &mut Changes,
+        touched: &mut Vec<NodeId>,
     ) -> Result<Outcome, CommandError> {
         let node = self.nodes.get_mut(id).ok_or_else(|| not_found("node", id))?;
         let from = node.state;
@@ -509,6 +605,7 @@ impl ClusterState {
         let msg = if reason.is_empty() { format!("{from} -> {to}") } else { format!("{from} -> {to}: {reason}") };
         ch.push((EventKind::NodeStateChanged, format!("node/{id}"), msg));
         if to == NodeState::Fenced {
+            self.migrations_meet_fencing(id, rev, now, ch, touched);
             self.evacuate_fenced(id, rev, now, ch)?;
         }
         Ok(Outcome::Done)
@@ -519,7 +616,26 @@ impl ClusterState {
     /// written from the fenced host), the others stay placed there, Failed,
     /// until the node comes back or an operator deletes or moves them.
     fn evacuate_fenced(&mut self, id: &str, rev: u64, now: u64, ch: &mut Changes) -> Result<(), CommandError> {
-        let on: Vec<(String, bool)> = self.vms_on(id).map(|v| (v.name.clone(), v.spec.ha)).collect();
+        // A VM still being sent away waits for the target's word: it may
+        // already run there (see `migrations_meet_fencing`).
+        let on: Vec<(String, bool)> = self
+            .vms_on(id)
+            .filter(|v| !self.active_migrations.contains_key(&v.name))
+            .map(|v| (v.name.clone(), v.spec.ha))
+            .collect();
+        self.evacuate_vms(id, on, rev, now, ch)
+    }
+
+    /// The fenced-node policy for `vms` on node `id`: HA ones leave, the
+    /// others stay there, Failed.
+    fn evacuate_vms(
+        &mut self,
+        id: &str,
+        on: Vec<(String, bool)>,
+        rev: u64,
+        now: u64,
+        ch: &mut Changes,
+    ) -> Result<(), CommandError> {
         for (name, ha) in on {
             if ha {
                 self.unassign_vm(&name, &format!("node {id} fenced; HA restarts it elsewhere"), rev, now, ch)?;
@@ -543,9 +659,13 @@ impl ClusterState {
         if !self.nodes.contains_key(id) {
             return Err(not_found("node", id));
         }
-        let on: Vec<&str> = self.vms_on(id).map(|v| v.name.as_str()).collect();
+        let on: Vec<&str> = self.vms_on(id).chain(self.incoming_to(id)).map(|v| v.name.as_str()).collect();
         if !on.is_empty() {
-            return Err(precondition(format!("node {id} still has {} VMs assigned: {}", on.len(), list3(&on))));
+            return Err(precondition(format!(
+                "node {id} still has {} VMs assigned or migrating to it: {}",
+                on.len(),
+                list3(&on)
+            )));
         }
         self.nodes.remove(id);
         ch.push((EventKind::NodeRemoved, format!("node/{id}"), "removed".into()));
@@ -780,6 +900,7 @@ impl ClusterState {
         ch: &mut Changes,
     ) -> Result<Outcome, CommandError> {
         let vm = self.vm_at(name, expected)?;
+        self.not_migrating(name)?;
         spec.validate(name)?;
         self.check_attachments(name, &spec)?;
         // A placed VM keeps its node, so the new spec must still fit there.
@@ -822,6 +943,7 @@ impl ClusterState {
             // Asking again is not a conflict: the caller's intent already holds.
             return Ok(Outcome::VmGeneration(vm.generation));
         }
+        self.not_migrating(name)?;
         let vm = self.vms.get_mut(name).ok_or_else(|| not_found("vm", name))?;
         vm.desired_power = power;
         vm.generation += 1;
@@ -838,6 +960,7 @@ impl ClusterState {
         ch: &mut Changes,
     ) -> Result<Outcome, CommandError> {
         let vm = self.vms.get(name).ok_or_else(|| not_found("vm", name))?;
+        self.not_migrating(name)?;
         let volumes: Vec<String> = vm.spec.volumes().map(String::from).collect();
         if delete_disks {
             if let Some(node) = &vm.placement {
@@ -922,6 +1045,7 @@ impl ClusterState {
         let Some(node_id) = vm.placement.clone() else {
             return Err(precondition(format!("vm {name} is not assigned to any node")));
         };
+        self.not_migrating(name)?;
         // The one rule that keeps a VM from running writable on two hosts: it
         // leaves a node only once it is known stopped there or the node is fenced.
         let fenced = self.nodes.get(&node_id).is_none_or(|n| n.state == NodeState::Fenced);
@@ -1087,7 +1211,8 @@ impl ClusterState {
 /// meaning, so an older controller refuses a snapshot it would misread.
 /// 2 added storage statuses, pending image removals and their event kinds;
 /// a format 1 snapshot reads as having none (every field has a default).
-pub const SNAPSHOT_FORMAT: u32 = 2;
+/// 3 added migrations and their counters (absent: none).
+pub const SNAPSHOT_FORMAT: u32 = 3;
 /// The oldest format this controller still reads.
 pub const OLDEST_SNAPSHOT_FORMAT: u32 = 1;
 
@@ -1121,5 +1246,6 @@ fn view(n: &Node) -> NodeView {
     }
 }
 
+mod migrations;
 #[cfg(test)]
 mod tests;

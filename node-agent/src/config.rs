@@ -27,6 +27,9 @@ pub struct FileConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u64>,
+    /// Ports a receiving basalt-vmm may listen on, one per incoming
+    /// migration: `[first, last]`, default `[7400, 7499]`.
+    pub migration_ports: Option<[u16; 2]>,
     #[serde(default)]
     pub ceph: CephConfig,
     #[serde(default)]
@@ -107,6 +110,8 @@ pub struct Config {
     /// The node service (VM console, counters, vGIC state for basaltctl).
     pub listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
+    /// Incoming migrations listen on one of these ports (inclusive).
+    pub migration_ports: std::ops::RangeInclusive<u16>,
     pub ceph: CephConfig,
     pub timing: Timing,
 }
@@ -199,6 +204,15 @@ impl Config {
         if t.heartbeat_ms == 0 || t.retry_max_ms == 0 || t.stop_timeout_ms == 0 || t.restart_window_ms == 0 {
             return invalid("timing: heartbeat_ms, retry_max_ms, stop_timeout_ms and restart_window_ms must be > 0");
         }
+        let [first, last] = file.migration_ports.unwrap_or([7400, 7499]);
+        if first == 0 || first > last {
+            return invalid(format!("migration_ports [{first}, {last}] must be [first, last] with 0 < first <= last"));
+        }
+        if (first..=last).contains(&port) {
+            return invalid(format!(
+                "migration_ports [{first}, {last}] must not include the node service's port {port}"
+            ));
+        }
         let mut ceph = file.ceph;
         ceph.conf = flags.ceph_conf.or(ceph.conf);
         ceph.id = flags.ceph_id.or(ceph.id);
@@ -218,6 +232,7 @@ impl Config {
             vmm: flags.vmm.or(file.vmm).unwrap_or_else(|| "basalt-vmm".into()),
             listen,
             metrics_listen: flags.metrics_listen.or(file.metrics_listen),
+            migration_ports: first..=last,
             ceph,
             timing: Timing {
                 heartbeat: Duration::from_millis(t.heartbeat_ms),

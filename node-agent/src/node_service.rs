@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::vmm::VmDir;
 
 /// What may be asked here; everything that changes a VM goes through the controllers.
-const COMMANDS: &[&str] = &["status", "counters", "vgic-state"];
+const COMMANDS: &[&str] = &["status", "counters", "vgic-state", "migrate-status"];
 const CHUNK: usize = 64 << 10;
 
 pub struct NodeApi {

@@ -27,6 +27,9 @@ pub enum ReporterMsg {
         vm: String,
         generation: u64,
     },
+    /// This host's word on a migration (a `ReportMigrationRequest` without
+    /// the node, which the reporter fills in).
+    Migration(pb::ReportMigrationRequest),
     /// The controllers are back (or a new watch began): send everything again.
     Resync,
 }
@@ -42,9 +45,11 @@ pub async fn run(
     let mut known: BTreeMap<String, (pb::VmPhase, String)> = BTreeMap::new();
     let mut pending: BTreeMap<String, (pb::VmPhase, String)> = BTreeMap::new();
     let mut power_offs: BTreeMap<String, u64> = BTreeMap::new();
+    // In the order they happened; never superseded (each is one transition).
+    let mut migrations: Vec<pb::ReportMigrationRequest> = Vec::new();
     let mut backoff = Duration::from_millis(200);
     loop {
-        let idle = pending.is_empty() && power_offs.is_empty();
+        let idle = pending.is_empty() && power_offs.is_empty() && migrations.is_empty();
         let msg = if idle {
             match rx.recv().await {
                 Some(m) => Some(m),
@@ -64,6 +69,10 @@ pub async fn run(
             ReporterMsg::GuestPoweredOff { vm, generation } => {
                 power_offs.insert(vm, generation);
             }
+            ReporterMsg::Migration(mut r) => {
+                r.node = node.clone();
+                migrations.push(r);
+            }
             ReporterMsg::Resync => pending.extend(known.iter().map(|(k, v)| (k.clone(), v.clone()))),
         };
         if let Some(m) = msg {
@@ -72,8 +81,8 @@ pub async fn run(
         while let Ok(m) = rx.try_recv() {
             apply(m);
         }
-        metrics.set_reports_pending(pending.len() + power_offs.len());
-        match send_all(&node, &ctl, &mut known, &mut pending, &mut power_offs).await {
+        metrics.set_reports_pending(pending.len() + power_offs.len() + migrations.len());
+        match send_all(&node, &ctl, &mut known, &mut pending, &mut power_offs, &mut migrations).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
                 ctl.failed();
@@ -83,21 +92,35 @@ pub async fn run(
                 backoff = (backoff * 2).min(retry_max);
             }
         }
-        metrics.set_reports_pending(pending.len() + power_offs.len());
+        metrics.set_reports_pending(pending.len() + power_offs.len() + migrations.len());
     }
 }
 
 /// Sends in order until a transport error (returned: try later). Refusals
 /// (the VM was deleted or moved to another host) are logged and dropped.
 /// Power-offs go before phases: a VM seen Stopped after its guest powered
-/// off already has desired power Stopped.
+/// off already has desired power Stopped. Migration reports go before
+/// phases too: a VM that arrived here is placed here before its phase is.
 async fn send_all(
     node: &str,
     ctl: &Controllers,
     known: &mut BTreeMap<String, (pb::VmPhase, String)>,
     pending: &mut BTreeMap<String, (pb::VmPhase, String)>,
     power_offs: &mut BTreeMap<String, u64>,
+    migrations: &mut Vec<pb::ReportMigrationRequest>,
 ) -> Result<(), String> {
+    while !migrations.is_empty() {
+        let mut client = ctl.agent().await?;
+        let r = migrations[0].clone();
+        let kind = pb::MigrationReport::try_from(r.report).map_or("?", |k| k.as_str_name());
+        match client.report_migration(r.clone()).await {
+            Ok(_) => info!(vm = r.vm, migration = r.migration_id, report = kind, "migration reported"),
+            Err(s) if is_transport(&s) => return Err(s.message().to_string()),
+            // The other side's word came first, or the migration ended.
+            Err(s) => info!(vm = r.vm, migration = r.migration_id, report = kind, "not taken: {}", s.message()),
+        }
+        migrations.remove(0);
+    }
     while let Some((vm, generation)) = power_offs.pop_first() {
         let mut client = match ctl.cluster().await {
             Ok(c) => c,

@@ -9,10 +9,18 @@
 //!
 //! The desired state is whatever the controllers last sent: while they are
 //! unreachable nothing changes, so running VMs keep running.
+//!
+//! Migrations: a VM migrating *to* this host arrives in the assignments while
+//! still placed on its source; this host starts a receiving `basalt-vmm
+//! --incoming` for it, says where it listens, and says when the guest runs
+//! here. On the source, once the receiver listens, a driver task asks the VM's
+//! VMM to `migrate-send` and watches it; a VMM that handed its guest over
+//! exits 4. Which host runs the guest is the VMMs' decision (the RBD lock
+//! hand-over); the agents only report it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +50,21 @@ pub enum Event {
         token: u64,
         status: Option<ExitStatus>,
     },
+    /// The receiving VMM runs the guest.
+    ReceiverResumed {
+        vm: String,
+        token: u64,
+        migration: u64,
+        downtime_ms: Option<u64>,
+        total_ms: Option<u64>,
+    },
+    /// The sending VMM gave up (or refused); its guest runs on here.
+    SendEnded {
+        vm: String,
+        token: u64,
+        migration: u64,
+        error: String,
+    },
     Tick,
 }
 
@@ -53,6 +76,25 @@ struct Proc {
     up: bool,
     stop_requested: Option<Instant>,
     killed: bool,
+    /// Started with `--incoming` on this port and not yet running the guest.
+    receiving: Option<u16>,
+}
+
+/// This host's part in a VM's migration.
+#[derive(Debug)]
+struct Part {
+    id: u64,
+    /// This host receives (the target); otherwise it sends.
+    incoming: bool,
+    /// A receiver was started (target) or a driver task watches the send (source).
+    started: bool,
+    /// Target: the receiver's address was reported.
+    announced: bool,
+    /// Target: a task watches the receiver for the guest's arrival.
+    watching: bool,
+    /// This host's last word on it is said: nothing more to report.
+    ended: bool,
+    cancel_sent: bool,
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +109,8 @@ struct Slot {
     restarts: VecDeque<Instant>,
     start_after: Option<Instant>,
     phase: Option<(VmPhase, String)>,
+    /// The VM's migration in progress, if this host takes part.
+    part: Option<Part>,
 }
 
 pub struct Supervisor {
@@ -138,8 +182,11 @@ impl Supervisor {
             info!(vm = %name, pid, "adopting the VMM an earlier agent started");
             self.watch_pid(name.clone(), token, pid);
             let slot = self.slots.entry(name).or_default();
-            slot.proc = Some(Proc { token, pid, generation, up: true, stop_requested: None, killed: false });
-            slot.phase = Some((VmPhase::Running, format!("basalt-vmm pid {pid} (adopted)")));
+            let receiving = incoming_port(pid);
+            slot.proc = Some(Proc { token, pid, generation, up: true, stop_requested: None, killed: false, receiving });
+            if receiving.is_none() {
+                slot.phase = Some((VmPhase::Running, format!("basalt-vmm pid {pid} (adopted)")));
+            }
         }
     }
 
@@ -156,6 +203,7 @@ impl Supervisor {
                 for slot in self.slots.values_mut() {
                     slot.vm = None;
                 }
+                let host = self.cfg.host_id.clone();
                 for vm in a.vms {
                     let slot = self.slots.entry(vm.name.clone()).or_default();
                     let old_gen = slot.vm.as_ref().map(|v| v.generation);
@@ -163,6 +211,33 @@ impl Supervisor {
                         // A new intent: a fresh restart budget.
                         slot.restarts.clear();
                         slot.start_after = None;
+                    }
+                    let active = vm.migration.as_ref().filter(|m| {
+                        matches!(
+                            pb::MigrationPhase::try_from(m.phase),
+                            Ok(pb::MigrationPhase::Preparing | pb::MigrationPhase::Sending)
+                        )
+                    });
+                    match active {
+                        Some(m) if slot.part.as_ref().map(|p| p.id) != Some(m.id) => {
+                            slot.part = Some(Part {
+                                id: m.id,
+                                incoming: m.target == host,
+                                started: false,
+                                announced: false,
+                                watching: false,
+                                ended: false,
+                                cancel_sent: false,
+                            });
+                        }
+                        Some(_) => {}
+                        None => slot.part = None,
+                    }
+                    // Placed here: whatever was received is this host's VM now.
+                    if vm.placement == host {
+                        if let Some(p) = slot.proc.as_mut().filter(|p| p.receiving.is_some()) {
+                            p.receiving = None;
+                        }
                     }
                     slot.vm = Some(vm);
                 }
@@ -176,13 +251,59 @@ impl Supervisor {
                 if let Some(slot) = self.slots.get_mut(&vm) {
                     if let Some(p) = slot.proc.as_mut().filter(|p| p.token == token && !p.up) {
                         p.up = true;
-                        let msg = format!("basalt-vmm pid {} is running the guest", p.pid);
-                        info!(vm = %vm, "{msg}");
-                        set_phase(&self.reports, &vm, slot, VmPhase::Running, msg);
+                        if p.receiving.is_none() {
+                            let msg = format!("basalt-vmm pid {} is running the guest", p.pid);
+                            info!(vm = %vm, "{msg}");
+                            set_phase(&self.reports, &vm, slot, VmPhase::Running, msg);
+                        }
                     }
                 }
             }
             Event::Exited { vm, token, status } => self.exited(&vm, token, status),
+            Event::ReceiverResumed { vm, token, migration, downtime_ms, total_ms } => {
+                let Some(slot) = self.slots.get_mut(&vm) else { return };
+                let Some(p) = slot.proc.as_mut().filter(|p| p.token == token) else { return };
+                p.receiving = None;
+                let pid = p.pid;
+                let d = downtime_ms.map_or("unknown".into(), |d| format!("{d} ms"));
+                info!(vm = %vm, migration, "the guest arrived and runs here (downtime {d})");
+                let _ = self.reports.send(migration_report(
+                    &vm,
+                    migration,
+                    pb::MigrationReport::Completed,
+                    downtime_ms,
+                    total_ms,
+                    "",
+                ));
+                if let Some(part) = slot.part.as_mut().filter(|x| x.id == migration) {
+                    part.ended = true;
+                }
+                set_phase(
+                    &self.reports,
+                    &vm,
+                    slot,
+                    VmPhase::Running,
+                    format!("basalt-vmm pid {pid} runs the migrated guest"),
+                );
+            }
+            Event::SendEnded { vm, token, migration, error } => {
+                let Some(slot) = self.slots.get_mut(&vm) else { return };
+                if slot.proc.as_ref().map(|p| p.token) != Some(token) {
+                    return;
+                }
+                if let Some(part) = slot.part.as_mut().filter(|x| x.id == migration && !x.ended) {
+                    part.ended = true;
+                    warn!(vm = %vm, migration, "the migration did not complete; the guest runs on here: {error}");
+                    let _ = self.reports.send(migration_report(
+                        &vm,
+                        migration,
+                        pb::MigrationReport::Failed,
+                        None,
+                        None,
+                        &error,
+                    ));
+                }
+            }
             Event::Tick => {}
         }
     }
@@ -196,9 +317,40 @@ impl Supervisor {
         let Some(p) = slot.proc.take() else { return };
         let dir = VmDir::new(&cfg.state_dir, vm);
         let _ = std::fs::remove_file(dir.pid_file());
-        let kind =
-            status.map_or(ExitKind::Other("exited (status unknown: started by an earlier agent)".into()), ExitKind::of);
+        let kind = match status {
+            Some(s) => ExitKind::of(s),
+            // Not our child: its last words tell a hand-over from the rest.
+            None if last_log_line(&dir).contains("this VMM is done") => ExitKind::MigratedAway,
+            None => ExitKind::Other("exited (status unknown: started by an earlier agent)".into()),
+        };
         self.metrics.exit(kind.label());
+        if kind == ExitKind::MigratedAway {
+            // The guest runs on the target now: nothing to restart, no phase
+            // to report here (the VM is placed there once this is heard).
+            slot.settled_generation = Some(p.generation);
+            info!(vm, "basalt-vmm handed the guest over to the migration's target");
+            if let Some(part) = slot.part.as_mut().filter(|x| !x.incoming && !x.ended) {
+                part.ended = true;
+                let _ =
+                    self.reports.send(migration_report(vm, part.id, pb::MigrationReport::Completed, None, None, ""));
+            }
+            return;
+        }
+        if p.receiving.is_some() {
+            // A receiver that ended before it ran the guest: the guest runs
+            // on at the source. Not restarted (it would be a new migration).
+            let why = match last_log_line(&dir) {
+                d if d.is_empty() => format!("the receiving basalt-vmm {}", kind.describe()),
+                d => format!("the receiving basalt-vmm {}: {d}", kind.describe()),
+            };
+            warn!(vm, "{why}");
+            if let Some(part) = slot.part.as_mut().filter(|x| x.incoming && !x.ended) {
+                part.ended = true;
+                let _ = self.reports.send(migration_report(vm, part.id, pb::MigrationReport::Failed, None, None, &why));
+            }
+            slot.phase = None;
+            return;
+        }
         if p.stop_requested.is_some() {
             let msg = if p.killed {
                 format!("killed: it did not stop within {:.0} s", cfg.timing.stop_timeout.as_secs_f64())
@@ -226,7 +378,7 @@ impl Supervisor {
             ExitKind::Crashed => "the guest or KVM failed".to_string(),
             ExitKind::ResetLoop => "the guest kept resetting".to_string(),
             ExitKind::Other(s) => format!("basalt-vmm {s}"),
-            ExitKind::Clean => unreachable!("handled above"),
+            ExitKind::Clean | ExitKind::MigratedAway => unreachable!("handled above"),
         };
         let detail = last_log_line(&dir);
         let why = if detail.is_empty() { why } else { format!("{why}: {detail}") };
@@ -256,8 +408,14 @@ impl Supervisor {
         for name in names {
             let now = Instant::now();
             let stop_timeout = self.cfg.timing.stop_timeout;
+            self.drive_migration(&name);
+            let host = self.cfg.host_id.clone();
             let Some(slot) = self.slots.get_mut(&name) else { continue };
-            let want_running = slot.vm.as_ref().is_some_and(|v| v.desired_power == pb::Power::Running as i32);
+            let placed_here = slot.vm.as_ref().is_some_and(|v| v.placement == host);
+            // Migrating here: a receiver runs until the guest arrives or the migration ends.
+            let receiving = !placed_here && slot.part.as_ref().is_some_and(|p| p.incoming);
+            let want_running = receiving
+                || (placed_here && slot.vm.as_ref().is_some_and(|v| v.desired_power == pb::Power::Running as i32));
             match (&mut slot.proc, want_running) {
                 (Some(p), false) => match p.stop_requested {
                     None => {
@@ -274,12 +432,18 @@ impl Supervisor {
                     Some(_) => {}
                 },
                 (Some(_), true) => {}
+                (None, true) if receiving => {
+                    if slot.part.as_ref().is_some_and(|p| p.started) {
+                        continue;
+                    }
+                    self.start_receiver(&name);
+                }
                 (None, true) => {
                     let generation = slot.vm.as_ref().map_or(0, |v| v.generation);
                     if slot.settled_generation == Some(generation) || slot.start_after.is_some_and(|t| now < t) {
                         continue;
                     }
-                    self.start(&name);
+                    self.start(&name, None);
                 }
                 (None, false) => {
                     if slot.vm.is_none() {
@@ -292,7 +456,94 @@ impl Supervisor {
         }
     }
 
-    fn start(&mut self, name: &str) {
+    /// A receiving VMM for a VM migrating here, on a free migration port.
+    fn start_receiver(&mut self, name: &str) {
+        let used: Vec<u16> = self.slots.values().filter_map(|s| s.proc.as_ref().and_then(|p| p.receiving)).collect();
+        let port = self.cfg.migration_ports.clone().find(|p| !used.contains(p));
+        let Some(slot) = self.slots.get_mut(name) else { return };
+        let Some(part) = slot.part.as_mut() else { return };
+        part.started = true;
+        match port {
+            Some(port) => self.start(name, Some(port)),
+            None => {
+                part.ended = true;
+                let why = format!(
+                    "no free migration port on {} (ports {:?} are all in use)",
+                    self.cfg.host_id, self.cfg.migration_ports
+                );
+                warn!(vm = %name, "{why}");
+                let _ =
+                    self.reports.send(migration_report(name, part.id, pb::MigrationReport::Failed, None, None, &why));
+            }
+        }
+    }
+
+    /// This host's next step in the VM's migration, if it has one to take.
+    fn drive_migration(&mut self, name: &str) {
+        let cfg = self.cfg.clone();
+        let events = self.events.clone();
+        let Some(slot) = self.slots.get_mut(name) else { return };
+        let (Some(vm), Some(part), Some(proc)) = (slot.vm.as_ref(), slot.part.as_mut(), slot.proc.as_ref()) else {
+            return;
+        };
+        let Some(m) = vm.migration.as_ref().filter(|m| m.id == part.id) else { return };
+        if !proc.up || part.ended || proc.stop_requested.is_some() {
+            return;
+        }
+        let socket = VmDir::new(&cfg.state_dir, name).control_socket();
+        let (vm_name, token, pid, id) = (name.to_string(), proc.token, proc.pid, part.id);
+        if part.incoming {
+            // A receiver started here, or adopted from an earlier agent.
+            let Some(port) = proc.receiving else { return };
+            if !part.announced && m.phase == pb::MigrationPhase::Preparing as i32 {
+                part.announced = true;
+                let host = cfg.address.rsplit_once(':').map_or(cfg.address.as_str(), |(h, _)| h);
+                let address = format!("{host}:{port}");
+                info!(vm = %name, migration = id, %address, "receiver listening");
+                let _ = self.reports.send(ReporterMsg::Migration(pb::ReportMigrationRequest {
+                    vm: name.to_string(),
+                    migration_id: id,
+                    report: pb::MigrationReport::ReceiverReady as i32,
+                    address,
+                    downtime_ms: -1,
+                    total_ms: -1,
+                    ..Default::default()
+                }));
+            }
+            if !part.watching {
+                part.watching = true;
+                tokio::spawn(watch_receiver(socket, events, vm_name, token, pid, id));
+            }
+            return;
+        }
+        if m.phase != pb::MigrationPhase::Sending as i32 || m.receiver.is_empty() {
+            return;
+        }
+        if !part.started {
+            part.started = true;
+            let mut args = serde_json::json!({ "peer": m.receiver });
+            if m.downtime_budget_ms > 0 {
+                args["downtime_ms"] = m.downtime_budget_ms.into();
+            }
+            if m.bandwidth_mib_s > 0 {
+                args["bandwidth_mib_s"] = m.bandwidth_mib_s.into();
+            }
+            info!(vm = %name, migration = id, peer = %m.receiver, "sending the VM");
+            tokio::spawn(drive_send(socket, args, events, vm_name, token, pid, id));
+        } else if m.cancel_requested && !part.cancel_sent {
+            part.cancel_sent = true;
+            info!(vm = %name, migration = id, "cancelling the migration");
+            tokio::task::spawn_blocking(move || {
+                match basalt_vmm::control::call(&socket, "migrate-cancel", serde_json::Value::Null, CONTROL_TIMEOUT) {
+                    Ok(r) if r.ok => {}
+                    Ok(r) => warn!(vm = %vm_name, "migrate-cancel refused: {}", r.error.unwrap_or_default()),
+                    Err(e) => warn!(vm = %vm_name, "migrate-cancel: {e}"),
+                }
+            });
+        }
+    }
+
+    fn start(&mut self, name: &str, incoming: Option<u16>) {
         let token = self.token();
         let cfg = self.cfg.clone();
         let dir = VmDir::new(&cfg.state_dir, name);
@@ -325,6 +576,11 @@ impl Supervisor {
         };
         let mut cmd = tokio::process::Command::new(&cfg.vmm);
         cmd.arg("--config").arg(dir.config()).arg("--control-socket").arg(dir.control_socket());
+        if let Some(port) = incoming {
+            // On this host's own address only: migration traffic stays between hosts.
+            let host = cfg.address.rsplit_once(':').map_or(cfg.address.as_str(), |(h, _)| h);
+            cmd.arg("--incoming").arg(format!("{host}:{port}"));
+        }
         cmd.stdin(Stdio::null());
         match log.try_clone() {
             Ok(l2) => {
@@ -346,10 +602,19 @@ impl Supervisor {
         };
         let _ = std::fs::write(dir.pid_file(), pid.to_string());
         self.metrics.start();
-        info!(vm = %name, pid, generation = vm.generation, "started basalt-vmm");
-        slot.proc =
-            Some(Proc { token, pid, generation: vm.generation, up: false, stop_requested: None, killed: false });
-        set_phase(&self.reports, name, slot, VmPhase::Starting, format!("basalt-vmm pid {pid} on {}", cfg.host_id));
+        info!(vm = %name, pid, generation = vm.generation, incoming = ?incoming, "started basalt-vmm");
+        slot.proc = Some(Proc {
+            token,
+            pid,
+            generation: vm.generation,
+            up: false,
+            stop_requested: None,
+            killed: false,
+            receiving: incoming,
+        });
+        if incoming.is_none() {
+            set_phase(&self.reports, name, slot, VmPhase::Starting, format!("basalt-vmm pid {pid} on {}", cfg.host_id));
+        }
 
         let events = self.events.clone();
         let vm_name = name.to_string();
@@ -403,6 +668,122 @@ impl Supervisor {
         }
         self.metrics.set_vm_phases(&counts);
     }
+}
+
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn migration_report(
+    vm: &str,
+    id: u64,
+    report: pb::MigrationReport,
+    downtime_ms: Option<u64>,
+    total_ms: Option<u64>,
+    reason: &str,
+) -> ReporterMsg {
+    let ms = |v: Option<u64>| v.map_or(-1, |v| v.min(i64::MAX as u64) as i64);
+    ReporterMsg::Migration(pb::ReportMigrationRequest {
+        vm: vm.to_string(),
+        migration_id: id,
+        report: report as i32,
+        downtime_ms: ms(downtime_ms),
+        total_ms: ms(total_ms),
+        reason: reason.chars().take(1000).collect(),
+        ..Default::default()
+    })
+}
+
+/// The VMM's `migrate-status`, or None if it did not answer.
+async fn migrate_status(socket: &Path) -> Option<basalt_vmm::migration::Status> {
+    let s = socket.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let r = basalt_vmm::control::call(&s, "migrate-status", serde_json::Value::Null, CONTROL_TIMEOUT).ok()?;
+        r.ok.then(|| serde_json::from_value(r.result).ok()).flatten()
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Watches a receiving VMM until it runs the guest (or ends: its exit says why).
+async fn watch_receiver(socket: PathBuf, events: mpsc::Sender<Event>, vm: String, token: u64, pid: i32, id: u64) {
+    use basalt_vmm::migration::Phase;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match migrate_status(&socket).await {
+            Some(st) if st.phase == Phase::Completed => {
+                let report = st.report.as_ref();
+                let ev = Event::ReceiverResumed {
+                    vm,
+                    token,
+                    migration: id,
+                    downtime_ms: report.map(|r| r.downtime_ms),
+                    total_ms: report.map(|r| r.total_ms),
+                };
+                let _ = events.send(ev).await;
+                return;
+            }
+            Some(_) => {}
+            None if !alive(pid) || events.is_closed() => return,
+            None => {}
+        }
+    }
+}
+
+/// Starts the send on the VM's VMM (unless it is under way: an agent
+/// restarted mid-migration) and watches it until it fails or the VMM hands
+/// the guest over (and exits 4, which the exit event reports).
+async fn drive_send(
+    socket: PathBuf,
+    args: serde_json::Value,
+    events: mpsc::Sender<Event>,
+    vm: String,
+    token: u64,
+    pid: i32,
+    id: u64,
+) {
+    use basalt_vmm::migration::Phase;
+    let ended = |error: String| Event::SendEnded { vm: vm.clone(), token, migration: id, error };
+    let under_way = migrate_status(&socket)
+        .await
+        .is_some_and(|st| st.role == "send" && (st.phase.active() || st.phase == Phase::Completed));
+    if !under_way {
+        let s = socket.clone();
+        let sent =
+            tokio::task::spawn_blocking(move || basalt_vmm::control::call(&s, "migrate-send", args, CONTROL_TIMEOUT))
+                .await;
+        let refused = match sent {
+            Ok(Ok(r)) if r.ok => None,
+            Ok(Ok(r)) => Some(format!("basalt-vmm refused to send: {}", r.error.unwrap_or_default())),
+            Ok(Err(e)) => Some(format!("basalt-vmm's control socket: {e}")),
+            Err(e) => Some(format!("migrate-send: {e}")),
+        };
+        if let Some(why) = refused {
+            let _ = events.send(ended(why)).await;
+            return;
+        }
+    }
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        match migrate_status(&socket).await {
+            Some(st) if st.role == "send" && matches!(st.phase, Phase::Failed | Phase::Cancelled) => {
+                let why = st.error.unwrap_or_else(|| format!("{:?}", st.phase).to_lowercase());
+                let _ = events.send(ended(why)).await;
+                return;
+            }
+            Some(_) => {}
+            None if !alive(pid) || events.is_closed() => return,
+            None => {}
+        }
+    }
+}
+
+/// The port an adopted VMM receives a migration on, from its command line.
+fn incoming_port(pid: i32) -> Option<u16> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let i = args.iter().position(|a| *a == b"--incoming")?;
+    let addr = std::str::from_utf8(args.get(i + 1)?).ok()?;
+    addr.rsplit_once(':')?.1.parse().ok()
 }
 
 fn set_phase(reports: &mpsc::UnboundedSender<ReporterMsg>, vm: &str, slot: &mut Slot, phase: VmPhase, message: String) {
@@ -497,6 +878,7 @@ mod tests {
             }),
             desired_power: power as i32,
             generation,
+            placement: "h1".into(),
             ..Default::default()
         }
     }
@@ -512,7 +894,7 @@ mod tests {
             match m.expect("reporter channel open") {
                 ReporterMsg::Status { vm, phase, message } => return (vm, phase, message),
                 ReporterMsg::GuestPoweredOff { vm, generation } => offs.push((vm, generation)),
-                ReporterMsg::Resync => {}
+                ReporterMsg::Resync | ReporterMsg::Migration(_) => {}
             }
         }
     }

@@ -94,6 +94,8 @@ pub enum ExitKind {
     Crashed,
     /// Status 3: the guest kept resetting.
     ResetLoop,
+    /// Status 4: the guest was live-migrated to another host, which runs it.
+    MigratedAway,
     /// Killed by a signal, or a status the VMM does not use.
     Other(String),
 }
@@ -106,6 +108,7 @@ impl ExitKind {
             (Some(1), _) => ExitKind::Setup,
             (Some(2), _) => ExitKind::Crashed,
             (Some(3), _) => ExitKind::ResetLoop,
+            (Some(4), _) => ExitKind::MigratedAway,
             (Some(c), _) => ExitKind::Other(format!("exit status {c}")),
             (None, Some(s)) => ExitKind::Other(format!("killed by signal {s}")),
             (None, None) => ExitKind::Other("ended without a status".into()),
@@ -119,7 +122,20 @@ impl ExitKind {
             ExitKind::Setup => "setup",
             ExitKind::Crashed => "crashed",
             ExitKind::ResetLoop => "reset_loop",
+            ExitKind::MigratedAway => "migrated",
             ExitKind::Other(_) => "other",
+        }
+    }
+
+    /// "exited ..." in words, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            ExitKind::Clean => "exited (status 0)".into(),
+            ExitKind::Setup => "could not set the VM up (status 1)".into(),
+            ExitKind::Crashed => "failed (status 2)".into(),
+            ExitKind::ResetLoop => "kept resetting (status 3)".into(),
+            ExitKind::MigratedAway => "handed the guest over (status 4)".into(),
+            ExitKind::Other(s) => s.clone(),
         }
     }
 }
@@ -191,6 +207,7 @@ mod tests {
         assert_eq!(ExitKind::of(ExitStatus::from_raw(1 << 8)), ExitKind::Setup);
         assert_eq!(ExitKind::of(ExitStatus::from_raw(2 << 8)), ExitKind::Crashed);
         assert_eq!(ExitKind::of(ExitStatus::from_raw(3 << 8)), ExitKind::ResetLoop);
+        assert_eq!(ExitKind::of(ExitStatus::from_raw(4 << 8)), ExitKind::MigratedAway);
         assert_eq!(ExitKind::of(ExitStatus::from_raw(9)), ExitKind::Other("killed by signal 9".into()));
     }
 }

@@ -153,7 +153,8 @@ fn main() {
     let qemu_disk = arts.kernel.parent().unwrap_or(Path::new(".")).join("qemu.img");
     assert!(qemu_disk.is_file(), "{} is missing: run deploy/arm64-host/build-qemudisk", qemu_disk.display());
     let load = std::fs::read(arts.arm64_bin("basalt-guest-load").expect("basalt-guest-load")).expect("read it");
-    let idle = guest::initramfs(&arts, "echo BENCH-GUEST-READY\nwhile true; do sleep 1; echo tick; done").expect("initrd");
+    let idle =
+        guest::initramfs(&arts, "echo BENCH-GUEST-READY\nwhile true; do sleep 1; echo tick; done").expect("initrd");
     let dirty = guest::initramfs_with(
         &arts,
         &format!("echo BENCH-GUEST-READY\nexec /bin/basalt-guest-load --mib 64 --rate-mib-s {rate}"),
@@ -195,7 +196,9 @@ fn main() {
     let mut all = Vec::new();
     for line in a.lines() {
         let Some(r) = line.split("BENCH-ROUND ").nth(1) else { continue };
-        let kv = |k: &str| r.split_whitespace().find_map(|f| f.strip_prefix(k)?.strip_prefix('=')).unwrap_or("-").to_string();
+        let kv = |k: &str| {
+            r.split_whitespace().find_map(|f| f.strip_prefix(k)?.strip_prefix('=')).unwrap_or("-").to_string()
+        };
         all.push(Round {
             vmm: kv("vmm"),
             guest: kv("guest"),
@@ -210,7 +213,10 @@ fn main() {
     for line in a.lines().filter(|l| l.contains("BENCH-MONITOR") || l.contains("BENCH-STDERR")) {
         println!("    {line}");
     }
-    println!("\n### Live migration, {rounds} rounds per VMM and guest, whole run {:.0} s\n", started.elapsed().as_secs_f64());
+    println!(
+        "\n### Live migration, {rounds} rounds per VMM and guest, whole run {:.0} s\n",
+        started.elapsed().as_secs_f64()
+    );
     println!("| guest | metric | basalt-vmm (median ms) | qemu (median ms) | ratio basalt/qemu |");
     println!("|---|---|---|---|---|");
     for g in ["idle", "dirty"] {

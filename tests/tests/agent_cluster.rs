@@ -262,10 +262,10 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
         profile: PROFILE.into(),
         ..Default::default()
     };
-    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ha-disk"] {
+    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ticker2-disk", "ha-disk"] {
         api.rt.block_on(c.create_volume(vol(v))).unwrap_or_else(|e| panic!("create volume {v}: {e}"));
     }
-    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ha-disk"] {
+    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ticker2-disk", "ha-disk"] {
         api.eventually(&format!("volume {v} READY"), Duration::from_secs(120), |a| {
             a.volume(v).filter(|x| x.state == pb::StorageState::Ready as i32)
         });
@@ -424,6 +424,98 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     std::thread::sleep(Duration::from_secs(4));
     assert!(ticks() > before, "the VM ran on through the agent's restart");
     assert_eq!(api.vm("ticker").and_then(|v| v.observed).map(|o| o.phase), Some(pb::VmPhase::Running as i32));
+
+    // Live migration through basaltctl, to the other host and back: the
+    // guest never restarts (its boot tag stays), its count never goes back,
+    // and it keeps counting on the new host. The first one leaves from the
+    // VMM the restarted agent adopted.
+    let host_of = |vm: &str| api.vm(vm).map(|v| v.placement).unwrap_or_default();
+    let other = |h: &str| if h == "host-11" { "host-12".to_string() } else { "host-11".to_string() };
+    let ticker_tick = || tick(&ceph, "ticker-disk-img");
+    let (_, boot) = ticker_tick();
+    let mut seen = ticker_tick().0;
+    let check_guest = |seen: &mut u64, what: &str| {
+        let (n, b) = api.eventually(&format!("ticker counting on {what}"), Duration::from_secs(60), |_| {
+            Some(ticker_tick()).filter(|t| t.0 > *seen + 1)
+        });
+        assert_eq!(b, boot, "{what}: the same boot of the guest writes (no restart)");
+        *seen = n;
+    };
+    for round in 0..2 {
+        let from = host_of("ticker");
+        let to = other(&from);
+        let args: Vec<&str> = if round == 0 {
+            vec!["vm", "migrate", "ticker", "--to", &to, "--wait"]
+        } else {
+            vec!["vm", "migrate", "ticker", "--wait"] // the scheduler picks the only other host
+        };
+        let t = Instant::now();
+        let (rc, out, err) = basaltctl(&args);
+        assert_eq!(rc, Some(0), "vm migrate: {out} {err}");
+        assert!(out.contains(&format!("moved from node {from} to node {to}")) && out.contains("downtime"), "{out}");
+        eprintln!("[e2e] {} ({:.1?})", out.trim(), t.elapsed());
+        let v = api.vm("ticker").expect("ticker");
+        assert_eq!(v.placement, to, "placed on the target");
+        let o = v.observed.unwrap_or_default();
+        assert_eq!((o.phase, o.node.as_str()), (pb::VmPhase::Running as i32, to.as_str()), "{o:?}");
+        assert!(v.migration.is_none(), "no migration in progress: {:?}", v.migration);
+        check_guest(&mut seen, &format!("after moving to {to}"));
+    }
+    let (rc, out, err) = basaltctl(&["-o", "json", "migration", "list", "--vm", "ticker"]);
+    assert_eq!(rc, Some(0), "migration list: {err}");
+    let list: serde_json::Value = serde_json::from_str(&out).expect("migration list JSON");
+    let list = list.as_array().cloned().unwrap_or_default();
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert!(
+        list.iter().all(|m| m["phase"] == "COMPLETED" && m["downtime_ms"].as_u64().is_some_and(|d| d < 5000)),
+        "both completed, downtime measured: {list:?}"
+    );
+    // Refusals that change nothing.
+    let here = host_of("ticker");
+    for (args, needle) in [
+        (vec!["vm", "migrate", "aa1", "--to", "host-11"], "not running"),
+        (vec!["vm", "migrate", "ticker", "--to", "host-99"], "node host-99"),
+        (vec!["vm", "migrate", "ticker", "--to", here.as_str()], "already runs"),
+        (vec!["vm", "migrate", "nope"], "vm nope"),
+    ] {
+        let (rc, _, err) = basaltctl(&args);
+        assert!(rc == Some(1) && err.contains(needle), "{args:?}: {rc:?} {err}");
+    }
+    let (rc, _, err) = basaltctl(&["node", "cordon", &other(&here)]);
+    assert_eq!(rc, Some(0), "{err}");
+    let (rc, _, err) = basaltctl(&["vm", "migrate", "ticker", "--to", &other(&here)]);
+    assert!(rc == Some(1) && err.contains("cordoned"), "a cordoned target: {rc:?} {err}");
+    let (rc, _, err) = basaltctl(&["node", "uncordon", &other(&here)]);
+    assert_eq!(rc, Some(0), "{err}");
+    assert_eq!(host_of("ticker"), here, "refusals moved nothing");
+
+    // Draining a host moves both of its running VMs.
+    create("ticker2", vm_spec(128, Some("ticker2-disk"), "ticker", "")).expect("create ticker2");
+    api.wait_phase("ticker2", pb::VmPhase::Running, Duration::from_secs(400));
+    if host_of("ticker2") != here {
+        let (rc, out, err) = basaltctl(&["vm", "migrate", "ticker2", "--to", &here, "--wait"]);
+        assert_eq!(rc, Some(0), "bring ticker2 next to ticker: {out} {err}");
+    }
+    let t = Instant::now();
+    let (rc, out, err) = basaltctl(&["node", "drain", &here]);
+    assert_eq!(rc, Some(0), "node drain: {out} {err}");
+    eprintln!("[e2e] drained {here} in {:.1?}:\n{}", t.elapsed(), out.trim());
+    assert!(out.contains("moved   ticker:") && out.contains("moved   ticker2:"), "{out}");
+    let away = other(&here);
+    assert_eq!((host_of("ticker"), host_of("ticker2")), (away.clone(), away.clone()));
+    check_guest(&mut seen, "after the drain");
+    let metrics = ctl.scrape_metrics(api.rt.block_on(ctl.wait_leader(Duration::from_secs(10)))).expect("metrics");
+    let completed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("basalt_migrations_total{outcome=\"completed\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(completed.is_some_and(|n| n >= 4), "{metrics}");
+    assert!(metrics.contains("basalt_migration_downtime_seconds_count"), "{metrics}");
+    let (rc, _, err) = basaltctl(&["node", "uncordon", &here]);
+    assert_eq!(rc, Some(0), "{err}");
+    api.power("ticker2", pb::Power::Stopped);
+    api.wait_phase("ticker2", pb::VmPhase::Stopped, Duration::from_secs(120));
+
     api.power("ticker", pb::Power::Stopped);
     let vm = api.wait_phase("ticker", pb::VmPhase::Stopped, Duration::from_secs(120));
     let stopped_at = ticks();

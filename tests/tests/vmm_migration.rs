@@ -275,7 +275,10 @@ fn a_loaded_guest_moves_between_hosts_and_survives_failed_migrations() {
 
     // The faults: each leaves the guest running on A.
     assert!(has(&a, "HOST-11 F1 failed running=1"), "{a}");
-    assert!(a.contains("refused the VM: memory size differs: the VM has 256 MiB, this receiver was started with 512 MiB"), "{a}");
+    assert!(
+        a.contains("refused the VM: memory size differs: the VM has 256 MiB, this receiver was started with 512 MiB"),
+        "{a}"
+    );
     assert!(has(&b, "F1-RECEIVER") && b.contains("refused sender"), "the refusing receiver kept listening:\n{b}");
     assert!(has(&b, "F1-RECEIVER-EXIT rc=0"), "{b}");
     assert!(a.contains("\\\"nohost\\\" is not HOST:PORT") && a.contains("downtime_ms must be a whole number"), "{a}");
@@ -288,7 +291,10 @@ fn a_loaded_guest_moves_between_hosts_and_survives_failed_migrations() {
     assert!(has(&b, "F3-RECEIVER-EXIT rc=1"), "the cut-off receiver failed, having run nothing:\n{b}");
     assert!(b.contains("nothing from the sender for 60 s"), "and said why:\n{b}");
     assert!(!a.contains("soft lockup"), "the fall-back resume rewound the guest's counter:\n{a}");
-    assert!(has(&a, "HOST-11 OUT-LAST completed rc=4") && has(&b, "HOST-12 IN-LAST"), "a later migration succeeds:\n{all}");
+    assert!(
+        has(&a, "HOST-11 OUT-LAST completed rc=4") && has(&b, "HOST-12 IN-LAST"),
+        "a later migration succeeds:\n{all}"
+    );
     assert!(has(&b, "HOST-12 END rc=0"), "{b}");
 
     // The guest: no memory or disk error, ever, on either host.

@@ -126,7 +126,8 @@ pub fn create(vm: &VmFd, base: u64, size: usize) -> Result<(GuestRam, Mapping, V
     let mem = GuestRam::from_regions(vec![region]).map_err(|e| e.to_string())?;
     let mut slots = Vec::new();
     for (slot, r) in mem.iter().enumerate() {
-        let s = MemSlot { slot: slot as u32, guest_addr: r.start_addr().0, size: r.len(), host_addr: r.as_ptr() as u64 };
+        let s =
+            MemSlot { slot: slot as u32, guest_addr: r.start_addr().0, size: r.len(), host_addr: r.as_ptr() as u64 };
         // SAFETY: the mapping outlives the VM fd (the caller holds `Mapping`
         // at least as long), and the mmap never moves.
         unsafe { vm.set_user_memory_region(s.region(0)) }.map_err(|e| format!("map guest memory: {e}"))?;

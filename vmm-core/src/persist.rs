@@ -172,10 +172,7 @@ impl VmState {
         s.check()?;
         let len = std::fs::metadata(dir.join(MEMORY_FILE)).map_err(io)?.len();
         if len != s.memory_bytes {
-            return Err(StateError::Shape(format!(
-                "{MEMORY_FILE} has {len} bytes, the state says {}",
-                s.memory_bytes
-            )));
+            return Err(StateError::Shape(format!("{MEMORY_FILE} has {len} bytes, the state says {}", s.memory_bytes)));
         }
         Ok(s)
     }

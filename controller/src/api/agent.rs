@@ -87,9 +87,11 @@ impl AgentService for AgentApi {
                     let rev = st.cluster.node_revision(&node);
                     if rev > sent || (first && sent == 0) {
                         sent = rev;
-                        let vms: Vec<pb::Vm> = st.cluster.vms_on(&node).map(|v| convert::vm(v, None)).collect();
-                        let names: std::collections::BTreeSet<&str> =
-                            st.cluster.vms_on(&node).flat_map(|v| v.spec.volumes()).collect();
+                        // Its VMs, and those migrating to it (their `migration` says so).
+                        let all = || st.cluster.vms_on(&node).chain(st.cluster.incoming_to(&node));
+                        let vms: Vec<pb::Vm> =
+                            all().map(|v| convert::vm(v, None, st.cluster.active_migration(&v.name))).collect();
+                        let names: std::collections::BTreeSet<&str> = all().flat_map(|v| v.spec.volumes()).collect();
                         let volumes = names
                             .into_iter()
                             .filter_map(|n| st.cluster.volume(n))
@@ -129,5 +131,19 @@ impl AgentService for AgentApi {
         let resp =
             self.ctl.write(Command::ReportVmStatus { name: r.vm, node: r.node, phase, message: r.message }).await?;
         Ok(Response::new(write_result(resp)))
+    }
+
+    async fn report_migration(
+        &self,
+        req: Request<pb::ReportMigrationRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        let _t = self.ctl.metrics.rpc("ReportMigration");
+        let r = req.into_inner();
+        let report = convert::migration_report_from(&r).map_err(NodeError::from)?;
+        if r.node.is_empty() {
+            return Err(Status::invalid_argument("node is missing"));
+        }
+        let cmd = Command::ReportMigration { vm: r.vm, id: r.migration_id, node: Some(r.node), report };
+        Ok(Response::new(write_result(self.ctl.write(cmd).await?)))
     }
 }

@@ -198,7 +198,7 @@ impl ClusterService for ClusterApi {
         let r = req.into_inner();
         self.read(r.allow_stale, |st| {
             let vm = st.cluster.vm(&r.name).ok_or_else(|| not_found("vm", &r.name))?;
-            Ok(Response::new(convert::vm(vm, unschedulable_reason(st, vm))))
+            Ok(Response::new(convert::vm(vm, unschedulable_reason(st, vm), st.cluster.active_migration(&vm.name))))
         })
         .await
     }
@@ -212,7 +212,7 @@ impl ClusterService for ClusterApi {
                 .vms()
                 .filter(|v| matches(&v.spec.labels, &r.label_selector))
                 .filter(|v| r.node.is_empty() || v.placement.as_deref() == Some(r.node.as_str()))
-                .map(|v| convert::vm(v, unschedulable_reason(st, v)))
+                .map(|v| convert::vm(v, unschedulable_reason(st, v), st.cluster.active_migration(&v.name)))
                 .collect();
             Ok(Response::new(pb::ListVmsResponse { vms, revision: st.cluster.revision() }))
         })
@@ -306,6 +306,70 @@ impl ClusterService for ClusterApi {
     async fn delete_profile(&self, req: Request<pb::NameRef>) -> Result<Response<pb::WriteResult>, Status> {
         let _t = self.ctl.metrics.rpc("DeleteProfile");
         self.commit(Command::DeleteProfile { name: req.into_inner().name }).await
+    }
+
+    async fn migrate_vm(&self, req: Request<pb::MigrateVmRequest>) -> Result<Response<pb::MigrateVmResponse>, Status> {
+        let _t = self.ctl.metrics.rpc("MigrateVm");
+        let r = req.into_inner();
+        let target = if r.target.is_empty() {
+            // The scheduler's choice, made on a linearizable read; the
+            // command checks it again when it applies.
+            self.read(false, |st| st.cluster.pick_migration_target(&r.name).map_err(Status::from)).await?
+        } else {
+            r.target
+        };
+        let cmd = Command::StartMigration {
+            vm: r.name,
+            target,
+            downtime_ms: r.downtime_ms,
+            bandwidth_mib_s: r.bandwidth_mib_s,
+        };
+        let resp = self.ctl.write(cmd).await?;
+        let migration = match resp.outcome {
+            crate::state_machine::Outcome::Migration(id) => {
+                self.ctl.shared.read().cluster.migration(id).map(convert::migration)
+            }
+            _ => None,
+        };
+        Ok(Response::new(pb::MigrateVmResponse { revision: resp.revision, migration }))
+    }
+
+    async fn get_migration(&self, req: Request<pb::GetMigrationRequest>) -> Result<Response<pb::Migration>, Status> {
+        let _t = self.ctl.metrics.rpc("GetMigration");
+        let r = req.into_inner();
+        self.read(r.allow_stale, |st| {
+            let m = st.cluster.migration(r.id).ok_or_else(|| {
+                Status::not_found(format!("migration {} does not exist (or is too old to be kept)", r.id))
+            })?;
+            Ok(Response::new(convert::migration(m)))
+        })
+        .await
+    }
+
+    async fn list_migrations(
+        &self,
+        req: Request<pb::ListMigrationsRequest>,
+    ) -> Result<Response<pb::ListMigrationsResponse>, Status> {
+        let _t = self.ctl.metrics.rpc("ListMigrations");
+        let r = req.into_inner();
+        self.read(r.allow_stale, |st| {
+            let migrations = st
+                .cluster
+                .migrations()
+                .rev()
+                .filter(|m| r.vm.is_empty() || m.vm == r.vm)
+                .filter(|m| !r.active_only || m.phase.is_active())
+                .filter(|m| r.node.is_empty() || m.source == r.node || m.target == r.node)
+                .map(convert::migration)
+                .collect();
+            Ok(Response::new(pb::ListMigrationsResponse { migrations }))
+        })
+        .await
+    }
+
+    async fn cancel_migration(&self, req: Request<pb::NameRef>) -> Result<Response<pb::WriteResult>, Status> {
+        let _t = self.ctl.metrics.rpc("CancelMigration");
+        self.commit(Command::CancelMigration { vm: req.into_inner().name }).await
     }
 
     async fn list_events(

@@ -8,8 +8,8 @@ use basalt_proto::v1 as pb;
 
 use crate::error::CommandError;
 use crate::model::{
-    Boot, Capacity, Disk, Event, EventKind, Node, NodeRegistration, NodeState, Power, ProfileKind, StorageProfile,
-    StorageState, StorageStatus, Vm, VmPhase, VmSpec, Volume,
+    Boot, Capacity, Disk, Event, EventKind, Migration, MigrationPhase, MigrationReport, Node, NodeRegistration,
+    NodeState, Power, ProfileKind, StorageProfile, StorageState, StorageStatus, Vm, VmPhase, VmSpec, Volume,
 };
 use crate::scheduler::NodeView;
 
@@ -143,7 +143,7 @@ pub fn vm_spec_from(s: Option<pb::VmSpec>) -> Result<VmSpec, CommandError> {
     })
 }
 
-pub fn vm(v: &Vm, unschedulable_reason: Option<String>) -> pb::Vm {
+pub fn vm(v: &Vm, unschedulable_reason: Option<String>, migrating: Option<&Migration>) -> pb::Vm {
     pb::Vm {
         name: v.name.clone(),
         spec: Some(vm_spec(&v.spec)),
@@ -159,6 +159,55 @@ pub fn vm(v: &Vm, unschedulable_reason: Option<String>) -> pb::Vm {
         created_revision: v.created_revision,
         updated_revision: v.updated_revision,
         unschedulable_reason: unschedulable_reason.unwrap_or_default(),
+        migration: migrating.map(migration),
+    }
+}
+
+pub fn migration_phase(p: MigrationPhase) -> pb::MigrationPhase {
+    match p {
+        MigrationPhase::Preparing => pb::MigrationPhase::Preparing,
+        MigrationPhase::Sending => pb::MigrationPhase::Sending,
+        MigrationPhase::Completed => pb::MigrationPhase::Completed,
+        MigrationPhase::Failed => pb::MigrationPhase::Failed,
+        MigrationPhase::Cancelled => pb::MigrationPhase::Cancelled,
+    }
+}
+
+fn ms(v: Option<u64>) -> i64 {
+    v.map_or(-1, |v| v.min(i64::MAX as u64) as i64)
+}
+
+pub fn migration(m: &Migration) -> pb::Migration {
+    pb::Migration {
+        id: m.id,
+        vm: m.vm.clone(),
+        source: m.source.clone(),
+        target: m.target.clone(),
+        phase: migration_phase(m.phase) as i32,
+        started_ms: m.started_ms,
+        ended_ms: m.ended_ms.unwrap_or(0),
+        receiver: m.receiver.clone().unwrap_or_default(),
+        downtime_budget_ms: m.downtime_budget_ms,
+        bandwidth_mib_s: m.bandwidth_mib_s,
+        cancel_requested: m.cancel_requested,
+        downtime_ms: ms(m.downtime_ms),
+        total_ms: ms(m.total_ms),
+        reason: m.reason.clone(),
+    }
+}
+
+/// An agent's migration report; negative durations mean "not known".
+pub fn migration_report_from(r: &pb::ReportMigrationRequest) -> Result<MigrationReport, CommandError> {
+    let known = |v: i64| u64::try_from(v).ok();
+    match pb::MigrationReport::try_from(r.report) {
+        Ok(pb::MigrationReport::ReceiverReady) => Ok(MigrationReport::ReceiverReady { address: r.address.clone() }),
+        Ok(pb::MigrationReport::Completed) => {
+            Ok(MigrationReport::Completed { downtime_ms: known(r.downtime_ms), total_ms: known(r.total_ms) })
+        }
+        Ok(pb::MigrationReport::Failed) => Ok(MigrationReport::Failed { reason: r.reason.clone() }),
+        Ok(pb::MigrationReport::Unspecified) | Err(_) => {
+            Err(invalid(format!("report: {} is not RECEIVER_READY, COMPLETED or FAILED", r.report)))
+        }
     }
 }
 

@@ -16,6 +16,7 @@ fn write_result(r: Response) -> pb::WriteResult {
         Outcome::Done => {}
         Outcome::VmGeneration(g) => out.generation = g,
         Outcome::VmDeleted { deleted_volumes } => out.deleted_volumes = deleted_volumes,
+        Outcome::Migration(_) => {}
     }
     out
 }

@@ -36,6 +36,12 @@ pub enum EventKind {
     ImageRemoved,
     /// Removing it failed (it is retried).
     ImageRemovalFailed,
+    /// A live migration started, changed phase or ended.
+    MigrationStarted,
+    MigrationProgressed,
+    MigrationCompleted,
+    MigrationFailed,
+    MigrationCancelled,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

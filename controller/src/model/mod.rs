@@ -3,6 +3,7 @@
 //! exist, is the node Ready) are the state machine's.
 
 pub mod events;
+pub mod migrations;
 pub mod names;
 pub mod nodes;
 pub mod profiles;
@@ -11,6 +12,7 @@ pub mod vms;
 pub mod volumes;
 
 pub use events::{Event, EventKind, EventLog, EventQuery};
+pub use migrations::{Migration, MigrationId, MigrationPhase, MigrationReport, MigrationStats};
 pub use nodes::{Capacity, Node, NodeId, NodeRegistration, NodeState};
 pub use profiles::{ProfileKind, StorageProfile};
 pub use storage::{ImageRemoval, StorageState, StorageStatus, StorageSubject};

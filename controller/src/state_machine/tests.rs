@@ -57,6 +57,7 @@ fn ok(st: &mut ClusterState, cmd: Command) -> Response {
     // The per-node index must always be what a snapshot restore would rebuild.
     let rebuilt = ClusterState::restore(&st.snapshot().expect("snapshot")).expect("restore");
     assert_eq!(st.by_node, rebuilt.by_node, "after {dbg}");
+    assert_eq!(st.active_migrations, rebuilt.active_migrations, "after {dbg}");
     r
 }
 
@@ -156,7 +157,12 @@ fn remove_node_needs_it_empty() {
     refused(&mut st, Command::RemoveNode { id: "n9".into() }, Code::NotFound, "n9");
     ok(&mut st, create_vm("a", spec(1, 512)));
     ok(&mut st, Command::AssignVm { name: "a".into(), node: "n1".into() });
-    refused(&mut st, Command::RemoveNode { id: "n1".into() }, Code::FailedPrecondition, "1 VMs assigned: a");
+    refused(
+        &mut st,
+        Command::RemoveNode { id: "n1".into() },
+        Code::FailedPrecondition,
+        "1 VMs assigned or migrating to it: a",
+    );
     ok(&mut st, Command::RemoveNode { id: "n2".into() });
     assert!(st.node("n2").is_none());
 }
@@ -842,3 +848,5 @@ fn same_commands_same_state() {
     assert_eq!(serde_json::from_str::<CommandError>(&json).expect("deserialize"), e);
     assert_eq!(e.to_string(), "not found: vm x does not exist");
 }
+
+mod migrations;

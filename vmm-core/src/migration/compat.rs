@@ -81,7 +81,10 @@ pub fn check(ours: &Offer, theirs: &Offer) -> Result<(), String> {
     }
     for (i, (a, b)) in v.disks.iter().zip(&w.disks).enumerate() {
         if b.kind != "rbd" {
-            return Err(format!("disk {i} ({}) is a local {}: only RBD disks can move between hosts", b.target, b.kind));
+            return Err(format!(
+                "disk {i} ({}) is a local {}: only RBD disks can move between hosts",
+                b.target, b.kind
+            ));
         }
         if a != b {
             return Err(format!(
@@ -98,7 +101,10 @@ pub fn check(ours: &Offer, theirs: &Offer) -> Result<(), String> {
         }
     }
     if h.cntfrq != t.cntfrq {
-        return Err(format!("timer frequency (CNTFRQ) differs: the sender's is {} Hz, this host's {} Hz", t.cntfrq, h.cntfrq));
+        return Err(format!(
+            "timer frequency (CNTFRQ) differs: the sender's is {} Hz, this host's {} Hz",
+            t.cntfrq, h.cntfrq
+        ));
     }
     if h.max_ipa_bits < t.ipa_bits {
         return Err(format!(
@@ -106,7 +112,8 @@ pub fn check(ours: &Offer, theirs: &Offer) -> Result<(), String> {
             t.ipa_bits, h.max_ipa_bits
         ));
     }
-    if (h.gic_iidr & !IIDR_REVISION) != (t.gic_iidr & !IIDR_REVISION) || h.gic_iidr & IIDR_REVISION < t.gic_iidr & IIDR_REVISION
+    if (h.gic_iidr & !IIDR_REVISION) != (t.gic_iidr & !IIDR_REVISION)
+        || h.gic_iidr & IIDR_REVISION < t.gic_iidr & IIDR_REVISION
     {
         return Err(format!(
             "GIC implementation differs: the VM's GICD_IIDR is {:#x}, this host's {:#x} (same implementation, same or later revision needed)",
@@ -207,7 +214,10 @@ mod tests {
         refused(&|o| o.host.gic_iidr = 0x0400_243b, "GIC implementation differs");
         refused(&|o| o.host.gic_iidr = 0x0300_343b, "later revision");
         refused(&|o| o.host.id_regs[0].1 = 0x1100_0022, "ID_AA64PFR0_EL1 differs");
-        refused(&|o| o.host.id_regs.push((crate::arch::aarch64::regs::sys_reg(3, 0, 0, 6, 2), 0)), "no vCPU feature register ID_AA64ISAR2_EL1");
+        refused(
+            &|o| o.host.id_regs.push((crate::arch::aarch64::regs::sys_reg(3, 0, 0, 6, 2), 0)),
+            "no vCPU feature register ID_AA64ISAR2_EL1",
+        );
         // An older GIC revision on the sender is fine: KVM restores it.
         let mut older = offer();
         older.host.gic_iidr = 0x0300_143b;

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_clear_dirty_log, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVMIO};
+use kvm_bindings::{kvm_clear_dirty_log, kvm_enable_cap, KVMIO, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::ioctl::ioctl_with_ref;
@@ -150,7 +150,8 @@ impl KvmDirtyLog {
             cap.args[0] = MANUAL_PROTECT_ENABLE;
             self.manual = self.vm.enable_cap(&cap).is_ok();
         }
-        crate::memory::set_dirty_logging(&self.vm, &self.slots, true).map_err(|e| format!("start KVM's dirty log: {e}"))?;
+        crate::memory::set_dirty_logging(&self.vm, &self.slots, true)
+            .map_err(|e| format!("start KVM's dirty log: {e}"))?;
         self.on = true;
         for r in mem.iter() {
             MmapRegion::bitmap(&**r).reset();
@@ -167,8 +168,10 @@ impl KvmDirtyLog {
     /// and re-arms their tracking.
     pub fn harvest(&mut self, into: &mut DirtyBitmap) -> Result<(), String> {
         for s in &self.slots {
-            let words =
-                self.vm.get_dirty_log(s.slot, s.size as usize).map_err(|e| format!("KVM_GET_DIRTY_LOG slot {}: {e}", s.slot))?;
+            let words = self
+                .vm
+                .get_dirty_log(s.slot, s.size as usize)
+                .map_err(|e| format!("KVM_GET_DIRTY_LOG slot {}: {e}", s.slot))?;
             if self.manual {
                 let clear = kvm_clear_dirty_log {
                     slot: s.slot,
@@ -221,7 +224,10 @@ mod tests {
         b.set(200); // past the end: ignored
         assert_eq!(b.count(), 6);
         assert_eq!(b.runs(1024), vec![(base + 4096, 3), (base + 130 * 4096, 2), (base + 199 * 4096, 1)]);
-        assert_eq!(b.runs(2), vec![(base + 4096, 2), (base + 3 * 4096, 1), (base + 130 * 4096, 2), (base + 199 * 4096, 1)]);
+        assert_eq!(
+            b.runs(2),
+            vec![(base + 4096, 2), (base + 3 * 4096, 1), (base + 130 * 4096, 2), (base + 199 * 4096, 1)]
+        );
         let all = DirtyBitmap::all(base, 200 * 4096, 4096);
         assert_eq!(all.count(), 200);
         let mut m = DirtyBitmap::new(base, 200 * 4096, 4096);

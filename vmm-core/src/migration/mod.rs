@@ -127,7 +127,10 @@ pub enum Phase {
 
 impl Phase {
     pub fn active(self) -> bool {
-        matches!(self, Phase::Listening | Phase::Connecting | Phase::Precopy | Phase::StopAndCopy | Phase::WaitingForResume)
+        matches!(
+            self,
+            Phase::Listening | Phase::Connecting | Phase::Precopy | Phase::StopAndCopy | Phase::WaitingForResume
+        )
     }
 }
 

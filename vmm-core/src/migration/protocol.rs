@@ -53,16 +53,33 @@ pub struct PageRange {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Message {
-    Hello { min_version: u32, max_version: u32, offer: Box<Offer> },
-    Accept { version: u32 },
-    Refuse { reason: String },
-    Pages { round: u32, ranges: Vec<PageRange> },
-    State { state: Box<VmState> },
+    Hello {
+        min_version: u32,
+        max_version: u32,
+        offer: Box<Offer>,
+    },
+    Accept {
+        version: u32,
+    },
+    Refuse {
+        reason: String,
+    },
+    Pages {
+        round: u32,
+        ranges: Vec<PageRange>,
+    },
+    State {
+        state: Box<VmState>,
+    },
     /// Everything is sent; the sender has released its disks.
     Complete,
     Resumed,
-    Abandon { reason: String },
-    Done { report: Box<Report> },
+    Abandon {
+        reason: String,
+    },
+    Done {
+        report: Box<Report>,
+    },
 }
 
 impl Message {

@@ -54,7 +54,8 @@ pub fn serve(listener: &TcpListener, sink: &mut dyn Sink, st: &StatusCell, cance
     listener.set_nonblocking(true).map_err(|e| format!("migration listener: {e}"))?;
     let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     st.update(|s| {
-        *s = super::Status { role: "receive".into(), phase: Phase::Listening, peer: local.clone(), ..Default::default() }
+        *s =
+            super::Status { role: "receive".into(), phase: Phase::Listening, peer: local.clone(), ..Default::default() }
     });
     loop {
         if cancel.load(Ordering::SeqCst) {
@@ -178,7 +179,9 @@ fn receive(conn: TcpStream, sink: &mut dyn Sink, st: &StatusCell, started: Insta
                 state = Some(*s);
             }
             Message::Complete => break,
-            Message::Abandon { reason } => return Err(Fail::After(format!("the sender abandoned the migration: {reason}"))),
+            Message::Abandon { reason } => {
+                return Err(Fail::After(format!("the sender abandoned the migration: {reason}")))
+            }
             m => return Err(Fail::After(format!("unexpected {} message during the transfer", m.name()))),
         }
     }
@@ -189,7 +192,8 @@ fn receive(conn: TcpStream, sink: &mut dyn Sink, st: &StatusCell, started: Insta
         return Err(Fail::After(format!("the VM could not start here: {why}")));
     }
     // The guest runs here now; telling the sender is all that is left.
-    let told = protocol::send(&mut w, &Message::Resumed).and_then(|()| w.flush().map_err(protocol::ProtocolError::from));
+    let told =
+        protocol::send(&mut w, &Message::Resumed).and_then(|()| w.flush().map_err(protocol::ProtocolError::from));
     st.update(|s| {
         s.phase = Phase::Completed;
         s.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -200,7 +204,11 @@ fn receive(conn: TcpStream, sink: &mut dyn Sink, st: &StatusCell, started: Insta
     }
     let _ = r.get_ref().set_read_timeout(Some(Duration::from_secs(10)));
     if let Ok(Message::Done { report }) = protocol::recv(&mut r) {
-        log::info!("migration: received from {peer}: {} ms in all, {} ms downtime", report.total_ms, report.downtime_ms);
+        log::info!(
+            "migration: received from {peer}: {} ms in all, {} ms downtime",
+            report.total_ms,
+            report.downtime_ms
+        );
         st.update(|s| s.report = Some(*report));
     }
     Ok(())

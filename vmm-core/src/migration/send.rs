@@ -189,7 +189,13 @@ fn connect(peer: &str) -> Result<TcpStream, Stop> {
 /// Runs a whole migration of `src` to `p.peer`. `Ok` once the receiver runs
 /// the guest (the caller's VM then ends); `Err` with the VM running here,
 /// unless the message says otherwise.
-pub fn run(src: &mut dyn Source, offer: &Offer, p: &SendParams, st: &StatusCell, cancel: &AtomicBool) -> Result<Report, String> {
+pub fn run(
+    src: &mut dyn Source,
+    offer: &Offer,
+    p: &SendParams,
+    st: &StatusCell,
+    cancel: &AtomicBool,
+) -> Result<Report, String> {
     let started = Instant::now();
     st.update(|s| {
         *s = super::Status { role: "send".into(), phase: Phase::Connecting, peer: p.peer.clone(), ..Default::default() }
@@ -242,7 +248,11 @@ fn migrate(
     let hello = |e: protocol::ProtocolError| Stop::Failed(format!("the receiver did not answer the hello: {e}"));
     match protocol::recv(&mut r).map_err(hello)? {
         Message::Accept { version } if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) => {}
-        Message::Accept { version } => return Err(Stop::Failed(format!("the receiver chose protocol version {version}, which this VMM does not speak"))),
+        Message::Accept { version } => {
+            return Err(Stop::Failed(format!(
+                "the receiver chose protocol version {version}, which this VMM does not speak"
+            )))
+        }
         Message::Refuse { reason } => return Err(Stop::Failed(format!("the receiver refused the VM: {reason}"))),
         m => return Err(Stop::Failed(format!("expected accept or refuse, got {}", m.name()))),
     }
@@ -363,9 +373,12 @@ fn precopy(
         // Auto-converge: the guest dirtied more than half of what the link
         // moved in the same time; take more of its vCPUs' time.
         if round >= 1 && remaining > sent / 2 && throttle < p.max_throttle_pct {
-            throttle = if throttle == 0 { THROTTLE_FIRST } else { throttle.saturating_add(THROTTLE_STEP) }.min(p.max_throttle_pct);
+            throttle = if throttle == 0 { THROTTLE_FIRST } else { throttle.saturating_add(THROTTLE_STEP) }
+                .min(p.max_throttle_pct);
             max_throttle = max_throttle.max(throttle);
-            log::info!("migration: guest dirties memory faster than it can be sent; throttling its vCPUs to {throttle}%");
+            log::info!(
+                "migration: guest dirties memory faster than it can be sent; throttling its vCPUs to {throttle}%"
+            );
             src.throttle(throttle);
         }
         round += 1;
@@ -425,7 +438,11 @@ fn stop_and_copy(
     let (rep, downtime) = match finish {
         Ok(x) => x,
         Err(e) => {
-            let e = if fired { format!("{e} (nothing from the receiver within {}s of the pause)", deadline.as_secs()) } else { e.to_string() };
+            let e = if fired {
+                format!("{e} (nothing from the receiver within {}s of the pause)", deadline.as_secs())
+            } else {
+                e.to_string()
+            };
             // Every handle on the stream closes before the disks are taken back.
             reset(&stream);
             drop((wire, r, stream));

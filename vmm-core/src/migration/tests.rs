@@ -187,7 +187,8 @@ fn a_running_guest_arrives_whole_and_bad_senders_change_nothing() {
         s.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("garbage");
     }
     // An incompatible VM (other memory size): refused before any byte moves.
-    let mut other = FakeVm { mem: ram(), paused: Arc::new(AtomicBool::new(false)), events: events.clone(), fail_stop: false };
+    let mut other =
+        FakeVm { mem: ram(), paused: Arc::new(AtomicBool::new(false)), events: events.clone(), fail_stop: false };
     let st = StatusCell::default();
     let e = send::run(&mut other, &offer(32 << 20), &params(&addr), &st, &AtomicBool::new(false)).expect_err("refused");
     assert!(e.contains("refused the VM: memory size differs"), "{e}");
@@ -196,7 +197,8 @@ fn a_running_guest_arrives_whole_and_bad_senders_change_nothing() {
 
     std::thread::sleep(Duration::from_millis(100));
     let st = StatusCell::default();
-    let report = send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &st, &AtomicBool::new(false)).expect("migrates");
+    let report =
+        send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &st, &AtomicBool::new(false)).expect("migrates");
     stop.store(true, Ordering::SeqCst);
     let (served, got) = receiver.join().expect("receiver");
     served.expect("the receiver completed");
@@ -226,7 +228,8 @@ fn failures_leave_the_vm_on_the_sender() {
         receive::serve(&l, &mut t, &StatusCell::default(), &AtomicBool::new(false))
     });
     let events = Arc::new(Mutex::new(Vec::new()));
-    let mut vm = FakeVm { mem: ram(), paused: Arc::new(AtomicBool::new(false)), events: events.clone(), fail_stop: false };
+    let mut vm =
+        FakeVm { mem: ram(), paused: Arc::new(AtomicBool::new(false)), events: events.clone(), fail_stop: false };
     let e = send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &StatusCell::default(), &AtomicBool::new(false))
         .expect_err("fails");
     assert!(e.contains("exclusive lock") && e.contains("the VM runs on here"), "{e}");
@@ -241,7 +244,8 @@ fn failures_leave_the_vm_on_the_sender() {
         let mut t = target;
         receive::serve(&l, &mut t, &StatusCell::default(), &AtomicBool::new(false))
     });
-    let mut vm = FakeVm { mem: ram(), paused: Arc::new(AtomicBool::new(false)), events: Arc::default(), fail_stop: true };
+    let mut vm =
+        FakeVm { mem: ram(), paused: Arc::new(AtomicBool::new(false)), events: Arc::default(), fail_stop: true };
     let e = send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &StatusCell::default(), &AtomicBool::new(false))
         .expect_err("fails");
     assert!(e.contains("drain timed out") && e.contains("runs on here"), "{e}");
@@ -254,9 +258,11 @@ fn failures_leave_the_vm_on_the_sender() {
         let mut t = target;
         receive::serve(&l, &mut t, &StatusCell::default(), &AtomicBool::new(false))
     });
-    let mut vm = FakeVm { mem: ram(), paused: Arc::new(AtomicBool::new(false)), events: Arc::default(), fail_stop: false };
+    let mut vm =
+        FakeVm { mem: ram(), paused: Arc::new(AtomicBool::new(false)), events: Arc::default(), fail_stop: false };
     let st = StatusCell::default();
-    let e = send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &st, &AtomicBool::new(true)).expect_err("cancelled");
+    let e =
+        send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &st, &AtomicBool::new(true)).expect_err("cancelled");
     assert_eq!(e, "cancelled");
     assert_eq!(st.get().phase, Phase::Cancelled);
     assert!(rx.join().expect("receiver").expect_err("abandoned").contains("cancelled"));

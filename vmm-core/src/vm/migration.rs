@@ -244,9 +244,10 @@ impl Vm {
             }
             match ready_rx.recv_timeout(Duration::from_millis(20)) {
                 Ok((state, reply)) => {
-                    let r = self.apply_state(&state).map_err(|e| e.to_string()).and_then(|()| {
-                        self.acquire_disks().map_err(|(d, e)| format!("disk {d}: take its lock: {e}"))
-                    });
+                    let r = self
+                        .apply_state(&state)
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| self.acquire_disks().map_err(|(d, e)| format!("disk {d}: take its lock: {e}")));
                     match r {
                         Ok(()) => {
                             let _ = reply.send(Ok(()));

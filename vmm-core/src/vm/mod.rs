@@ -136,7 +136,12 @@ impl VcpuShared {
 
 /// KVM_CAP_COUNTER_OFFSET (Linux 6.4): one counter offset for the whole VM.
 const KVM_CAP_COUNTER_OFFSET: u32 = 227;
-vmm_sys_util::ioctl_iow_nr!(KVM_ARM_SET_COUNTER_OFFSET, kvm_bindings::KVMIO, 0xb5, kvm_bindings::kvm_arm_counter_offset);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_ARM_SET_COUNTER_OFFSET,
+    kvm_bindings::KVMIO,
+    0xb5,
+    kvm_bindings::kvm_arm_counter_offset
+);
 
 pub struct Vm {
     _kvm: Kvm,
@@ -369,10 +374,8 @@ impl Vm {
             return Ok(vec![]);
         }
         let Some(saved) = state.guest_counter() else { return Ok(vec![]) };
-        let off = kvm_bindings::kvm_arm_counter_offset {
-            counter_offset: host_counter().wrapping_sub(saved),
-            reserved: 0,
-        };
+        let off =
+            kvm_bindings::kvm_arm_counter_offset { counter_offset: host_counter().wrapping_sub(saved), reserved: 0 };
         // SAFETY: a VM fd; the argument is a live struct of the size the
         // ioctl reads. KVM refuses it (EBUSY) once a vCPU has run, and this
         // VM's have not.
@@ -422,7 +425,11 @@ impl Vm {
     /// change hands (a local file).
     pub fn migration_refusal(&self) -> Option<String> {
         self.disks.iter().enumerate().find_map(|(i, d)| {
-            d.lock().unwrap_or_else(|p| p.into_inner()).device().handover_refusal().map(|why| format!("disk {i}: {why}"))
+            d.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device()
+                .handover_refusal()
+                .map(|why| format!("disk {i}: {why}"))
         })
     }
 

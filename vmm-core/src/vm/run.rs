@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::migration::VmRequest;
-use super::{Vm, VmError, VmExit, VcpuShared};
+use super::{VcpuShared, Vm, VmError, VmExit};
 use crate::control::Response;
 use crate::devices::bus::MmioBus;
 use crate::migration::{Fallback, Paused, StatusCell};
@@ -645,7 +645,8 @@ fn vcpu_loop(id: usize, mut v: VcpuFd, bus: MmioBus, shared: Arc<VcpuShared>, rx
                             }
                             Ok(VcpuCmd::SetCounter(value, reply)) => {
                                 let r = v.set_one_reg(crate::arch::aarch64::regs::TIMER_CNT, &value.to_le_bytes());
-                                let _ = reply.send(r.map(|_| ()).map_err(|e| format!("vCPU {id}: set its counter: {e}")));
+                                let _ =
+                                    reply.send(r.map(|_| ()).map_err(|e| format!("vCPU {id}: set its counter: {e}")));
                             }
                             Ok(VcpuCmd::Resume) => break true,
                             Ok(VcpuCmd::Stop) | Err(_) => break false,

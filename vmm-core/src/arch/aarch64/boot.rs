@@ -6,8 +6,8 @@
 
 use std::path::Path;
 
-use vm_memory::{Bytes, GuestAddress};
 use crate::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout;
 
@@ -32,12 +32,7 @@ pub struct BootImage {
     pub fdt: u64,
 }
 
-pub fn load(
-    mem: &GuestRam,
-    mem_size: u64,
-    kernel: &Path,
-    initrd: Option<&Path>,
-) -> Result<BootImage, BootError> {
+pub fn load(mem: &GuestRam, mem_size: u64, kernel: &Path, initrd: Option<&Path>) -> Result<BootImage, BootError> {
     // The kernel is read straight into guest memory: one copy of ~30 MB
     // instead of two (a temporary buffer costs as much again, which shows
     // in boot time when the host itself is slow).
@@ -136,8 +131,7 @@ mod tests {
     #[test]
     fn kernel_initrd_and_fdt_are_placed_without_overlap() {
         let size = 128u64 << 20;
-        let mem: GuestRam =
-            GuestRam::from_ranges(&[(GuestAddress(layout::RAM_BASE), size as usize)]).expect("mem");
+        let mem: GuestRam = GuestRam::from_ranges(&[(GuestAddress(layout::RAM_BASE), size as usize)]).expect("mem");
         let dir = tempfile::tempdir().expect("dir");
         let k = dir.path().join("Image");
         std::fs::write(&k, fake_image(0, 8 << 20)).expect("write");

@@ -311,7 +311,10 @@ impl crate::persist::Persist for VGicV3 {
             let aff = packed_affinity(m) << 32;
             let mut r = Vec::new();
             for o in Self::redist_offsets() {
-                r.push((o, self.get_u32(KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, aff | u64::from(o), "read redistributor register")?));
+                r.push((
+                    o,
+                    self.get_u32(KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, aff | u64::from(o), "read redistributor register")?,
+                ));
             }
             redist.push((m, r));
             let mut c = Vec::new();
@@ -325,7 +328,10 @@ impl crate::persist::Persist for VGicV3 {
         }
         let mut line_level = Vec::new();
         for intid in (layout::GIC_SPI_BASE..layout::GIC_NR_IRQS).step_by(32) {
-            line_level.push((intid, self.get_u32(KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, u64::from(intid), "read SPI line levels")?));
+            line_level.push((
+                intid,
+                self.get_u32(KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, u64::from(intid), "read SPI line levels")?,
+            ));
         }
         Ok(crate::persist::GicState {
             version: crate::persist::STATE_VERSION,

@@ -17,6 +17,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::memory::GuestRam;
 use basalt_storage::{BlockBackend, BlockError, Completion, Op, Request};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
@@ -30,7 +31,6 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
-use crate::memory::GuestRam;
 
 use super::{log_guest_error, ActivateError, DrainTimeout, InterruptSink, VirtioDevice};
 
@@ -419,12 +419,7 @@ impl VirtioBlock {
     }
 
     /// Returns whether a used element was added.
-    fn handle_chain(
-        &mut self,
-        active: &mut Active,
-        mem: &GuestRam,
-        chain: DescriptorChain<&GuestRam>,
-    ) -> bool {
+    fn handle_chain(&mut self, active: &mut Active, mem: &GuestRam, chain: DescriptorChain<&GuestRam>) -> bool {
         self.counters.requests += 1;
         let head = chain.head_index();
         let layout = match flatten(chain, active.queue.size(), mem) {
@@ -680,11 +675,7 @@ impl VirtioBlock {
 /// Walks a chain, refusing what has no usable status byte: loops, chains
 /// longer than the queue, broken links, and a last descriptor that is not
 /// device-writable, is empty, or ends outside guest memory.
-fn flatten(
-    chain: DescriptorChain<&GuestRam>,
-    queue_size: u16,
-    mem: &GuestRam,
-) -> Result<Layout, &'static str> {
+fn flatten(chain: DescriptorChain<&GuestRam>, queue_size: u16, mem: &GuestRam) -> Result<Layout, &'static str> {
     let mut descs = Vec::new();
     let mut last_has_next = false;
     for d in chain {

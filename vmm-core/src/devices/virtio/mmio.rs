@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::memory::GuestRam;
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
@@ -18,7 +19,6 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
-use crate::memory::GuestRam;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{log_guest_error, ActivateError, DrainTimeout, InterruptSink, MmioInterrupt, VirtioDevice};

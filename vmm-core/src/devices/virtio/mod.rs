@@ -28,8 +28,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use virtio_queue::Queue;
 use crate::memory::GuestRam;
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;

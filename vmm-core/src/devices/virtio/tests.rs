@@ -5,13 +5,13 @@
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
+use crate::memory::GuestRam;
 use basalt_storage::FileBackend;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{Bytes, GuestAddress};
-use crate::memory::GuestRam;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::block::{BlockConfig, VirtioBlock, VirtioBlockState, MAX_DISCARD_SECTORS, SIZE_MAX};
