@@ -158,6 +158,17 @@ async fn follow(
     loop {
         let m = get_migration(c, id).await?;
         if !active(&m) {
+            // The source's word (its VMM handed over) may come before the
+            // target's, which carries the measured downtime: give it a moment.
+            if m.phase == pb::MigrationPhase::Completed as i32 && m.downtime_ms < 0 {
+                for _ in 0..10 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let again = get_migration(c, id).await?;
+                    if again.downtime_ms >= 0 {
+                        return Ok(again);
+                    }
+                }
+            }
             return Ok(m);
         }
         if let Some(bar) = bar {

@@ -1015,15 +1015,7 @@ impl ClusterState {
         if let Some(p) = &vm.placement {
             return Err(precondition(format!("vm {name} is already assigned to node {p}; unassign it first")));
         }
-        let req = VmRequirements::of(vm);
-        let view = self.node_view(node, None);
-        if let Err(r) = check_node(&req, &view) {
-            let free = view.free();
-            return Err(precondition(format!(
-                "node {node_id} cannot take vm {name}: {r} (node {}, {} of {} vCPUs and {} of {} MiB free; vm needs {} vCPUs, {} MiB)",
-                node.state, free.vcpus, view.capacity.vcpus, free.memory_mib, view.capacity.memory_mib, req.vcpus, req.memory_mib
-            )));
-        }
+        self.check_fits(vm, node)?;
         let vm = self.vms.get_mut(name).ok_or_else(|| not_found("vm", name))?;
         vm.placement = Some(node_id.to_string());
         self.by_node.entry(node_id.to_string()).or_default().insert(name.to_string());
@@ -1031,6 +1023,20 @@ impl ClusterState {
         vm.updated_revision = rev;
         ch.push((EventKind::VmAssigned, format!("vm/{name}"), format!("assigned to node {node_id}")));
         Ok(Outcome::Done)
+    }
+
+    /// Whether `node` can take `vm` now (what it runs and what is migrating
+    /// to it counted), or a refusal with the numbers.
+    fn check_fits(&self, vm: &Vm, node: &Node) -> Result<(), CommandError> {
+        let req = VmRequirements::of(vm);
+        let view = self.node_view(node, None);
+        check_node(&req, &view).map_err(|r| {
+            let free = view.free();
+            precondition(format!(
+                "node {} cannot take vm {}: {r} (node {}, {} of {} vCPUs and {} of {} MiB free; vm needs {} vCPUs, {} MiB)",
+                node.id, vm.name, node.state, free.vcpus, view.capacity.vcpus, free.memory_mib, view.capacity.memory_mib, req.vcpus, req.memory_mib
+            ))
+        })
     }
 
     fn unassign_vm(

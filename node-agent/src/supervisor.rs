@@ -710,7 +710,20 @@ async fn watch_receiver(socket: PathBuf, events: mpsc::Sender<Event>, vm: String
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         match migrate_status(&socket).await {
-            Some(st) if st.phase == Phase::Completed => {
+            Some(mut st) if st.phase == Phase::Completed => {
+                // The sender's report (with the downtime) follows the
+                // guest's resumption by a moment; the arrival is not held
+                // up long for it.
+                for _ in 0..15 {
+                    if st.report.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    match migrate_status(&socket).await {
+                        Some(again) => st = again,
+                        None => break,
+                    }
+                }
                 let report = st.report.as_ref();
                 let ev = Event::ReceiverResumed {
                     vm,

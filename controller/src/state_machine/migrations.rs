@@ -7,7 +7,7 @@ use crate::model::migrations::MAX_FINISHED_MIGRATIONS;
 use crate::model::{
     EventKind, Migration, MigrationId, MigrationPhase, MigrationReport, NodeId, NodeState, Observed, Power, VmPhase,
 };
-use crate::scheduler::{check_node, place, VmRequirements};
+use crate::scheduler::{place, VmRequirements};
 
 /// A receiver address an agent reports: host:port, nothing else.
 fn check_address(a: &str) -> Result<(), CommandError> {
@@ -112,15 +112,7 @@ impl ClusterState {
                 node.arch
             )));
         }
-        let req = VmRequirements::of(vm);
-        let view = self.node_view(node, None);
-        if let Err(r) = check_node(&req, &view) {
-            let free = view.free();
-            return Err(precondition(format!(
-                "node {target} cannot take vm {vm_name}: {r} (node {}, {} of {} vCPUs and {} of {} MiB free counting VMs migrating to it; vm needs {} vCPUs, {} MiB)",
-                node.state, free.vcpus, view.capacity.vcpus, free.memory_mib, view.capacity.memory_mib, req.vcpus, req.memory_mib
-            )));
-        }
+        self.check_fits(vm, node)?;
         let m = Migration {
             id: rev,
             vm: vm_name.to_string(),

@@ -15,6 +15,14 @@ fn running_on_n1() -> ClusterState {
     st
 }
 
+fn ha_running_on_n1() -> ClusterState {
+    let mut st = running_on_n1();
+    let mut s = st.vm("web").expect("web").spec.clone();
+    s.ha = true;
+    ok(&mut st, Command::UpdateVmSpec { name: "web".into(), expected_generation: None, spec: s });
+    st
+}
+
 fn start(st: &mut ClusterState, target: &str) -> MigrationId {
     let cmd = Command::StartMigration { vm: "web".into(), target: target.into(), downtime_ms: 0, bandwidth_mib_s: 0 };
     match ok(st, cmd).outcome {
@@ -210,10 +218,7 @@ fn a_failed_or_cancelled_migration_leaves_the_vm_where_it_was() {
 #[test]
 fn fencing_meets_migrations_and_ha_never_starts_a_second_copy() {
     // Fenced before the receiver listened: the migration fails and HA acts as usual.
-    let mut st = running_on_n1();
-    let mut s = st.vm("web").expect("web").spec.clone();
-    s.ha = true;
-    ok(&mut st, Command::UpdateVmSpec { name: "web".into(), expected_generation: None, spec: s });
+    let mut st = ha_running_on_n1();
     let id = start(&mut st, "n2");
     let fence = |st: &mut ClusterState, n: &str| {
         ok(st, Command::SetNodeState { id: n.into(), state: NodeState::Unreachable, reason: String::new() });
@@ -224,10 +229,7 @@ fn fencing_meets_migrations_and_ha_never_starts_a_second_copy() {
     assert_eq!(st.vm("web").and_then(|v| v.placement.clone()), None, "HA: unassigned, to restart elsewhere");
 
     // The source fenced while sending: the VM waits for the target's word.
-    let mut st = running_on_n1();
-    let mut s = st.vm("web").expect("web").spec.clone();
-    s.ha = true;
-    ok(&mut st, Command::UpdateVmSpec { name: "web".into(), expected_generation: None, spec: s });
+    let mut st = ha_running_on_n1();
     let id = start(&mut st, "n2");
     say(&mut st, id, "n2", ready("10.0.0.2:7400"));
     fence(&mut st, "n1");
@@ -246,10 +248,7 @@ fn fencing_meets_migrations_and_ha_never_starts_a_second_copy() {
     );
 
     // The same, but the target says it did not arrive: HA restarts it.
-    let mut st = running_on_n1();
-    let mut s = st.vm("web").expect("web").spec.clone();
-    s.ha = true;
-    ok(&mut st, Command::UpdateVmSpec { name: "web".into(), expected_generation: None, spec: s });
+    let mut st = ha_running_on_n1();
     let id = start(&mut st, "n2");
     say(&mut st, id, "n2", ready("10.0.0.2:7400"));
     fence(&mut st, "n1");
