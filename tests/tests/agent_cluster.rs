@@ -489,6 +489,31 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     assert_eq!(rc, Some(0), "{err}");
     assert_eq!(host_of("ticker"), here, "refusals moved nothing");
 
+    // A migration cancelled while it sends (held to 1 MiB/s): it ends
+    // Cancelled, the VM stays where it was and its guest runs on.
+    let (rc, out, err) = basaltctl(&["-o", "json", "vm", "migrate", "ticker", "--bandwidth", "1"]);
+    assert_eq!(rc, Some(0), "vm migrate --bandwidth 1: {out} {err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).expect("migration JSON")["id"].as_u64().expect("id");
+    api.eventually("the slow migration sending", Duration::from_secs(60), |a| {
+        a.vm("ticker")?.migration.filter(|m| m.phase == pb::MigrationPhase::Sending as i32)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (rc, out, err) = basaltctl(&["-o", "json", "migration", "show", &id.to_string()]);
+    assert_eq!(rc, Some(0), "migration show: {err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).expect("migration show JSON");
+    assert_eq!(shown["progress"]["role"], "send", "the source VMM's progress is shown: {shown}");
+    let (rc, _, err) = basaltctl(&["migration", "cancel", "ticker"]);
+    assert_eq!(rc, Some(0), "migration cancel: {err}");
+    let m = api.eventually("the migration cancelled", Duration::from_secs(60), |a| {
+        let mut c = a.client.clone();
+        let m = a.rt.block_on(c.get_migration(pb::GetMigrationRequest { id, allow_stale: false })).ok()?.into_inner();
+        (m.phase != pb::MigrationPhase::Preparing as i32 && m.phase != pb::MigrationPhase::Sending as i32)
+            .then_some(m)
+    });
+    assert_eq!(m.phase, pb::MigrationPhase::Cancelled as i32, "{m:?}");
+    assert_eq!(host_of("ticker"), here, "a cancelled migration leaves the VM where it was");
+    check_guest(&mut seen, "after the cancelled migration");
+
     // Draining a host moves both of its running VMs.
     create("ticker2", vm_spec(128, Some("ticker2-disk"), "ticker", "")).expect("create ticker2");
     api.wait_phase("ticker2", pb::VmPhase::Running, Duration::from_secs(400));
@@ -510,6 +535,7 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
         .find_map(|l| l.strip_prefix("basalt_migrations_total{outcome=\"completed\"} "))
         .and_then(|v| v.trim().parse::<u64>().ok());
     assert!(completed.is_some_and(|n| n >= 4), "{metrics}");
+    assert!(metrics.contains("basalt_migrations_total{outcome=\"cancelled\"} 1"), "{metrics}");
     assert!(metrics.contains("basalt_migration_downtime_seconds_count"), "{metrics}");
     let (rc, _, err) = basaltctl(&["node", "uncordon", &here]);
     assert_eq!(rc, Some(0), "{err}");
