@@ -10,7 +10,9 @@
 //! with the reason; deleting a VM with its disks removes the image. Then the
 //! agents' resilience: every controller stopped while a VM runs — it keeps
 //! running (its guest keeps writing) — and after the restart the agents
-//! re-sync and act on new requests. Last, failover: an HA VM's host loses
+//! re-sync and act on new requests. Live migration through basaltctl: the
+//! ticker moves to the other host and back without its guest restarting, a
+//! cancelled migration leaves it in place, a drain moves two VMs. Last, failover: an HA VM's host loses
 //! its agent while the VM still writes; the node is fenced out of Ceph and
 //! the VM restarts on the other host, and only the new instance can write.
 
@@ -507,8 +509,7 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     let m = api.eventually("the migration cancelled", Duration::from_secs(60), |a| {
         let mut c = a.client.clone();
         let m = a.rt.block_on(c.get_migration(pb::GetMigrationRequest { id, allow_stale: false })).ok()?.into_inner();
-        (m.phase != pb::MigrationPhase::Preparing as i32 && m.phase != pb::MigrationPhase::Sending as i32)
-            .then_some(m)
+        (m.phase != pb::MigrationPhase::Preparing as i32 && m.phase != pb::MigrationPhase::Sending as i32).then_some(m)
     });
     assert_eq!(m.phase, pb::MigrationPhase::Cancelled as i32, "{m:?}");
     assert_eq!(host_of("ticker"), here, "a cancelled migration leaves the VM where it was");

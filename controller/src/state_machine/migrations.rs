@@ -209,10 +209,11 @@ impl ClusterState {
                     return Err(precondition(format!("migration {id} is {}; it cannot complete", m.phase)));
                 }
                 let (source, target) = (m.source.clone(), m.target.clone());
-                self.finish(id, MigrationPhase::Completed, String::new(), now);
                 let m = self.migrations.get_mut(&id).expect("checked above");
                 m.downtime_ms = downtime_ms;
-                m.total_ms = total_ms.or(m.total_ms);
+                m.total_ms = total_ms;
+                // Last: it may drop the oldest finished records.
+                self.finish(id, MigrationPhase::Completed, String::new(), now);
                 if let Some(d) = downtime_ms {
                     self.migration_stats.observe_downtime(d);
                 }
@@ -362,7 +363,7 @@ impl ClusterState {
             let drop: Vec<MigrationId> = self
                 .migrations
                 .values()
-                .filter(|m| !m.phase.is_active())
+                .filter(|m| !m.phase.is_active() && m.id != id)
                 .take(finished - MAX_FINISHED_MIGRATIONS)
                 .map(|m| m.id)
                 .collect();

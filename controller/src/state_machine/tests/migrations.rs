@@ -274,3 +274,19 @@ fn migrations_survive_a_snapshot() {
     let old = ClusterState::restore(&serde_json::to_vec(&v).expect("json")).expect("format 2 reads");
     assert!(old.active_migration("web").is_none() && old.migrations().next().is_none());
 }
+
+#[test]
+fn finished_migrations_are_kept_to_a_bound_and_counted() {
+    use crate::model::migrations::MAX_FINISHED_MIGRATIONS;
+    let mut st = running_on_n1();
+    let n = MAX_FINISHED_MIGRATIONS + 5;
+    let mut last = 0;
+    for _ in 0..n {
+        let cmd = Command::StartMigration { vm: "web".into(), target: "n2".into(), downtime_ms: 0, bandwidth_mib_s: 0 };
+        last = st.apply(cmd, T).expect("start").revision;
+        st.apply(Command::CancelMigration { vm: "web".into() }, T).expect("cancel");
+    }
+    assert_eq!(st.migrations().count(), MAX_FINISHED_MIGRATIONS);
+    assert!(st.migration(last).is_some(), "the newest is kept");
+    assert_eq!(st.migration_stats().cancelled, n as u64, "the counters count every one");
+}
