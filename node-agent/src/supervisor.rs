@@ -241,6 +241,10 @@ impl Supervisor {
                     }
                     slot.vm = Some(vm);
                 }
+                // A migration of a VM no longer sent here is over for this host.
+                for slot in self.slots.values_mut().filter(|s| s.vm.is_none()) {
+                    slot.part = None;
+                }
                 info!(
                     revision = a.revision,
                     vms = self.slots.values().filter(|s| s.vm.is_some()).count(),
@@ -413,7 +417,7 @@ impl Supervisor {
             let Some(slot) = self.slots.get_mut(&name) else { continue };
             let placed_here = slot.vm.as_ref().is_some_and(|v| v.placement == host);
             // Migrating here: a receiver runs until the guest arrives or the migration ends.
-            let receiving = !placed_here && slot.part.as_ref().is_some_and(|p| p.incoming);
+            let receiving = slot.vm.is_some() && !placed_here && slot.part.as_ref().is_some_and(|p| p.incoming);
             let want_running = receiving
                 || (placed_here && slot.vm.as_ref().is_some_and(|v| v.desired_power == pb::Power::Running as i32));
             match (&mut slot.proc, want_running) {
