@@ -82,6 +82,16 @@ pub(crate) async fn connect(endpoints: &[String]) -> Result<ClusterServiceClient
     Err(CliError::Unreachable { endpoints: endpoints.join(","), last })
 }
 
+/// A spinner on stderr, drawn only on a terminal (scripts see just the result).
+pub(crate) fn spinner() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
 pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime")
 }

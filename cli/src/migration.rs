@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
-use crate::cluster::{connect, runtime, CliError};
+use crate::cluster::{connect, runtime, spinner, CliError};
 
 #[derive(Args, Debug)]
 pub struct MigrateArgs {
@@ -189,15 +189,6 @@ async fn follow(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-fn spinner() -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new_spinner();
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.enable_steady_tick(Duration::from_millis(120));
-    bar
 }
 
 async fn start(

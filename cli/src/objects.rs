@@ -551,11 +551,7 @@ async fn wait_phase(
     phase: pb::VmPhase,
     timeout: Duration,
 ) -> Result<(), CliError> {
-    let bar = indicatif::ProgressBar::new_spinner();
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.enable_steady_tick(Duration::from_millis(120));
+    let bar = crate::cluster::spinner();
     let deadline = Instant::now() + timeout;
     loop {
         let vm = c.get_vm(get(name)).await.map_err(CliError::Refused)?.into_inner();

@@ -151,6 +151,11 @@ impl FileConfig {
 }
 
 impl Config {
+    /// The host part of `address`: what migrations listen on and are sent to.
+    pub fn address_host(&self) -> &str {
+        self.address.rsplit_once(':').map_or(self.address.as_str(), |(h, _)| h)
+    }
+
     /// Merges the file (if any) with the flags, fills defaults from the host,
     /// and checks the result.
     pub fn resolve(file: FileConfig, flags: Flags) -> Result<Config, ConfigError> {

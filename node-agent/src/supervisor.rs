@@ -501,18 +501,13 @@ impl Supervisor {
             let Some(port) = proc.receiving else { return };
             if !part.announced && m.phase == pb::MigrationPhase::Preparing as i32 {
                 part.announced = true;
-                let host = cfg.address.rsplit_once(':').map_or(cfg.address.as_str(), |(h, _)| h);
-                let address = format!("{host}:{port}");
+                let address = format!("{}:{port}", cfg.address_host());
                 info!(vm = %name, migration = id, %address, "receiver listening");
-                let _ = self.reports.send(ReporterMsg::Migration(pb::ReportMigrationRequest {
-                    vm: name.to_string(),
-                    migration_id: id,
-                    report: pb::MigrationReport::ReceiverReady as i32,
-                    address,
-                    downtime_ms: -1,
-                    total_ms: -1,
-                    ..Default::default()
-                }));
+                let mut ready = migration_report(name, id, pb::MigrationReport::ReceiverReady, None, None, "");
+                if let ReporterMsg::Migration(r) = &mut ready {
+                    r.address = address;
+                }
+                let _ = self.reports.send(ready);
             }
             if !part.watching {
                 part.watching = true;
@@ -582,8 +577,7 @@ impl Supervisor {
         cmd.arg("--config").arg(dir.config()).arg("--control-socket").arg(dir.control_socket());
         if let Some(port) = incoming {
             // On this host's own address only: migration traffic stays between hosts.
-            let host = cfg.address.rsplit_once(':').map_or(cfg.address.as_str(), |(h, _)| h);
-            cmd.arg("--incoming").arg(format!("{host}:{port}"));
+            cmd.arg("--incoming").arg(format!("{}:{port}", cfg.address_host()));
         }
         cmd.stdin(Stdio::null());
         match log.try_clone() {
