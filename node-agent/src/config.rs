@@ -278,6 +278,7 @@ mod tests {
         assert_eq!(c.timing.max_restarts, 3);
         assert_eq!(c.listen, "0.0.0.0:7200".parse().expect("addr"), "the node service listens on the address's port");
         assert_eq!(c.ceph.id.as_deref(), Some("vm"));
+        assert_eq!((c.migration_ports.clone(), c.address_host()), (7400..=7499, "10.0.0.2"));
     }
 
     #[test]
@@ -311,6 +312,10 @@ mod tests {
         bad(&OK.replace("id = \"vm\"", "id = \"admin\""), "admin");
         bad(&format!("{OK}\n[timing]\nstop_timeout_ms = 0\n"), "stop_timeout_ms");
         bad(&format!("{OK}\nfavourite_colour = \"red\"\n"), "unknown field");
+        let ports = |p: &str| OK.replace("vcpus = 4\n", &format!("vcpus = 4\nmigration_ports = {p}\n"));
+        bad(&ports("[7499, 7400]"), "migration_ports");
+        bad(&ports("[0, 10]"), "migration_ports");
+        bad(&ports("[7100, 7300]"), "node service's port 7200");
         let e = Config::resolve(
             toml::from_str(OK).expect("toml"),
             Flags { labels: vec!["novalue".into()], ..Flags::default() },
