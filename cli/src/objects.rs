@@ -291,7 +291,7 @@ fn node_json(n: &pb::Node) -> Value {
         "id": n.id, "address": n.address, "arch": n.arch, "state": state_name(n.state),
         "capacity": {"vcpus": cap.vcpus, "memory_mib": cap.memory_mib},
         "used": {"vcpus": used.vcpus, "memory_mib": used.memory_mib},
-        "labels": n.labels, "vms": n.vms,
+        "labels": n.labels, "vms": n.vms, "cpu_features": n.cpu_features,
         "last_heartbeat_age_ms": (n.last_heartbeat_age_ms >= 0).then_some(n.last_heartbeat_age_ms),
     })
 }

@@ -45,6 +45,7 @@ fn cluster() -> Result<ClusterState, String> {
                 memory_mib: 1024 * [128, 256, 512][rng.next(3) as usize],
             },
             labels: [("rack".to_string(), format!("r{}", i % 20)), ("zone".to_string(), format!("z{}", i % 3))].into(),
+            cpu_features: Default::default(),
         };
         apply(&mut st, Command::RegisterNode(reg))?;
         if rng.next(50) == 0 {

@@ -160,6 +160,7 @@ mod tests {
             capacity: Capacity { vcpus: 4, memory_mib: 4096 },
             labels: Default::default(),
             state: NodeState::Unreachable,
+            cpu_features: Default::default(),
         }
     }
 

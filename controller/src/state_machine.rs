@@ -557,6 +557,7 @@ impl ClusterState {
                 n.arch = reg.arch;
                 n.capacity = reg.capacity;
                 n.labels = reg.labels;
+                n.cpu_features = reg.cpu_features;
                 let msg = format!("re-registered at {} with {} vCPUs, {} MiB; state {}", n.address, c.vcpus, c.memory_mib, n.state);
                 ch.push((EventKind::NodeUpdated, subject, msg));
             }
@@ -569,6 +570,7 @@ impl ClusterState {
                     capacity: reg.capacity,
                     labels: reg.labels,
                     state: NodeState::Ready,
+                    cpu_features: reg.cpu_features,
                 };
                 self.nodes.insert(reg.id, node);
                 ch.push((EventKind::NodeRegistered, subject, msg));
@@ -604,8 +606,10 @@ impl ClusterState {
         node.state = to;
         let msg = if reason.is_empty() { format!("{from} -> {to}") } else { format!("{from} -> {to}: {reason}") };
         ch.push((EventKind::NodeStateChanged, format!("node/{id}"), msg));
+        if matches!(to, NodeState::Unreachable | NodeState::Fenced) {
+            self.migrations_meet_node_state(id, to, rev, now, ch, touched)?;
+        }
         if to == NodeState::Fenced {
-            self.migrations_meet_fencing(id, rev, now, ch, touched);
             self.evacuate_fenced(id, rev, now, ch)?;
         }
         Ok(Outcome::Done)
@@ -617,7 +621,7 @@ impl ClusterState {
     /// until the node comes back or an operator deletes or moves them.
     fn evacuate_fenced(&mut self, id: &str, rev: u64, now: u64, ch: &mut Changes) -> Result<(), CommandError> {
         // A VM still being sent away waits for the target's word: it may
-        // already run there (see `migrations_meet_fencing`).
+        // already run there (see `migrations_meet_node_state`).
         let on: Vec<(String, bool)> = self
             .vms_on(id)
             .filter(|v| !self.active_migrations.contains_key(&v.name))

@@ -93,11 +93,13 @@ impl Agent {
             arch: cfg.arch.clone(),
             capacity: Some(pb::Capacity { vcpus: cfg.vcpus, memory_mib: cfg.memory_mib }),
             labels: cfg.labels.clone().into_iter().collect(),
+            cpu_features: crate::cpu::host_features(),
         };
+        let features = req.cpu_features.len();
         let r = client.register(req).await?.into_inner();
         info!(
             host = %cfg.host_id, revision = r.revision, vcpus = cfg.vcpus, memory_mib = cfg.memory_mib,
-            "registered with the controllers"
+            cpu_features = features, "registered with the controllers"
         );
         Ok(if r.heartbeat_interval_ms > 0 {
             Duration::from_millis(r.heartbeat_interval_ms)

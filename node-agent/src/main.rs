@@ -12,6 +12,7 @@ use clap::Parser;
 mod agent;
 mod config;
 mod controllers;
+mod cpu;
 mod metrics;
 mod node_service;
 mod reporter;

@@ -310,6 +310,7 @@ async fn stopping_and_restarting_every_controller_keeps_the_state() {
             arch: "aarch64".into(),
             capacity: Some(pb::Capacity { vcpus: 8, memory_mib: 16384 }),
             labels: Default::default(),
+            cpu_features: vec![],
         })
         .await
         .expect("register");
@@ -449,6 +450,7 @@ async fn agents_register_heartbeat_and_watch_their_assignments() {
         arch: "aarch64".into(),
         capacity: Some(pb::Capacity { vcpus, memory_mib: 4096 }),
         labels: Default::default(),
+        cpu_features: vec![],
     };
     let r = agent.register(reg("a", 4)).await.expect("register a").into_inner();
     assert!(r.heartbeat_interval_ms > 0);

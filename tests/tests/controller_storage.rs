@@ -555,6 +555,7 @@ async fn a_controller_that_cannot_reach_ceph_stops_on_sigterm() {
         arch: "aarch64".into(),
         capacity: Some(pb::Capacity { vcpus: 2, memory_mib: 2048 }),
         labels: Default::default(),
+        cpu_features: vec![],
     };
     agent.register(reg).await.expect("register");
     let mut watches = BTreeMap::new();

@@ -49,6 +49,7 @@ pub fn node(n: &Node, view: Option<&NodeView>, vms: Vec<String>, heartbeat_age_m
         used: view.map(|v| capacity(v.used)),
         vms,
         last_heartbeat_age_ms: heartbeat_age_ms.map(|a| a as i64).unwrap_or(-1),
+        cpu_features: n.cpu_features.iter().cloned().collect(),
     }
 }
 
@@ -60,6 +61,7 @@ pub fn registration(r: pb::RegisterRequest) -> NodeRegistration {
         arch: r.arch,
         capacity: Capacity { vcpus: c.vcpus, memory_mib: c.memory_mib },
         labels: labels(r.labels),
+        cpu_features: r.cpu_features.into_iter().collect(),
     }
 }
 
@@ -192,7 +194,7 @@ pub fn migration(m: &Migration) -> pb::Migration {
         cancel_requested: m.cancel_requested,
         downtime_ms: ms(m.downtime_ms),
         total_ms: ms(m.total_ms),
-        reason: m.reason.clone(),
+        reason: if m.phase.is_active() { m.abort_reason.clone().unwrap_or_default() } else { m.reason.clone() },
     }
 }
 

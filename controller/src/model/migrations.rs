@@ -77,6 +77,10 @@ pub struct Migration {
     /// 0: unlimited.
     pub bandwidth_mib_s: u32,
     pub cancel_requested: bool,
+    /// Set when the leader (not an operator) asked for the cancel, saying
+    /// why: the migration then ends Failed with this reason, not Cancelled.
+    #[serde(default)]
+    pub abort_reason: Option<String>,
     pub downtime_ms: Option<u64>,
     pub total_ms: Option<u64>,
     /// Why it failed or was cancelled; empty otherwise.

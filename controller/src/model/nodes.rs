@@ -1,6 +1,6 @@
 //! Hosts that run VMs: what they offer and whether the scheduler may use them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -74,6 +74,21 @@ pub struct Node {
     pub capacity: Capacity,
     pub labels: BTreeMap<String, String>,
     pub state: NodeState,
+    /// The host CPU's feature flags as its kernel lists them (`/proc/cpuinfo`);
+    /// empty from an agent that does not report them.
+    #[serde(default)]
+    pub cpu_features: BTreeSet<String>,
+}
+
+impl Node {
+    /// The features of `from` this node lacks: a guest started on `from` may
+    /// use them, so it cannot be moved here.
+    pub fn missing_cpu_features(&self, from: &Node) -> Vec<String> {
+        if self.cpu_features.is_empty() || from.cpu_features.is_empty() {
+            return Vec::new(); // not known: basalt-vmm's own check decides
+        }
+        from.cpu_features.difference(&self.cpu_features).cloned().collect()
+    }
 }
 
 /// What an agent reports when it registers.
@@ -85,7 +100,13 @@ pub struct NodeRegistration {
     pub capacity: Capacity,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cpu_features: BTreeSet<String>,
 }
+
+/// Bounds on what an agent may report of its CPU.
+pub const MAX_CPU_FEATURES: usize = 512;
+const MAX_CPU_FEATURE_LEN: usize = 32;
 
 impl NodeRegistration {
     pub fn validate(&self) -> Result<(), CommandError> {
@@ -111,6 +132,21 @@ impl NodeRegistration {
             return Err(invalid(format!(
                 "{what}: capacity of {} MiB memory is below the minimum of {MIN_NODE_MEMORY_MIB} MiB",
                 c.memory_mib
+            )));
+        }
+        if self.cpu_features.len() > MAX_CPU_FEATURES {
+            return Err(invalid(format!(
+                "{what}: {} CPU features reported, at most {MAX_CPU_FEATURES}",
+                self.cpu_features.len()
+            )));
+        }
+        if let Some(f) = self.cpu_features.iter().find(|f| {
+            f.is_empty()
+                || f.len() > MAX_CPU_FEATURE_LEN
+                || !f.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        }) {
+            return Err(invalid(format!(
+                "{what}: CPU feature {f:?} must be 1 to {MAX_CPU_FEATURE_LEN} of a-z, 0-9 and _"
             )));
         }
         validate_labels(&what, &self.labels)

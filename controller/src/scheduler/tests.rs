@@ -160,6 +160,7 @@ fn register(st: &mut ClusterState, id: &str, vcpus: u32, memory_mib: u64, labels
         arch: "aarch64".into(),
         capacity: Capacity { vcpus, memory_mib },
         labels,
+        cpu_features: Default::default(),
     };
     apply(st, Command::RegisterNode(reg));
 }

@@ -75,14 +75,15 @@ impl ClusterState {
     pub fn pick_migration_target(&self, vm_name: &str) -> Result<NodeId, CommandError> {
         let source = self.migration_source(vm_name)?;
         let vm = &self.vms[vm_name];
-        let arch = self.nodes.get(&source).map(|n| n.arch.as_str()).unwrap_or_default();
+        let src = self.nodes.get(&source).ok_or_else(|| not_found("node", &source))?;
+        let can_take = |n: &crate::model::Node| n.arch == src.arch && n.missing_cpu_features(src).is_empty();
         let views: Vec<_> = self
             .node_views()
             .into_iter()
-            .filter(|v| v.id != source && self.nodes.get(&v.id).is_some_and(|n| n.arch == arch))
+            .filter(|v| v.id != source && self.nodes.get(&v.id).is_some_and(can_take))
             .collect();
         place(&VmRequirements::of(vm), &views)
-            .map_err(|r| precondition(format!("vm {vm_name} cannot move: {r} (besides its own node {source})")))
+            .map_err(|r| precondition(format!("vm {vm_name} cannot move: {r} (among nodes of its architecture with its CPU features, besides its own node {source})")))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -112,6 +113,15 @@ impl ClusterState {
                 node.arch
             )));
         }
+        if let Some(src) = self.nodes.get(&source) {
+            let missing = node.missing_cpu_features(src);
+            if !missing.is_empty() {
+                return Err(precondition(format!(
+                    "node {target} lacks CPU features of node {source} that the guest may use: {}",
+                    missing.join(" ")
+                )));
+            }
+        }
         self.check_fits(vm, node)?;
         let m = Migration {
             id: rev,
@@ -125,6 +135,7 @@ impl ClusterState {
             downtime_budget_ms: downtime_ms,
             bandwidth_mib_s,
             cancel_requested: false,
+            abort_reason: None,
             downtime_ms: None,
             total_ms: None,
             reason: String::new(),
@@ -254,7 +265,11 @@ impl ClusterState {
                     return Err(precondition(format!("migration {id} is Sending; only its agents can end it")));
                 }
                 let source = m.source.clone();
-                let phase = if m.cancel_requested { MigrationPhase::Cancelled } else { MigrationPhase::Failed };
+                let (phase, reason) = match (&m.abort_reason, m.cancel_requested) {
+                    (Some(why), _) => (MigrationPhase::Failed, format!("{why}; {reason}")),
+                    (None, true) => (MigrationPhase::Cancelled, reason),
+                    (None, false) => (MigrationPhase::Failed, reason),
+                };
                 let (kind, verb) = match phase {
                     MigrationPhase::Cancelled => (EventKind::MigrationCancelled, "cancelled"),
                     _ => (EventKind::MigrationFailed, "failed"),
@@ -318,32 +333,64 @@ impl ClusterState {
         Ok(Outcome::Done)
     }
 
-    /// Node `id` is being fenced: migrations that have not let the receiver
-    /// listen end (no guest byte can have moved). Those already sending wait
-    /// for the other side's word, which says where the guest runs.
-    pub(super) fn migrations_meet_fencing(
+    /// Node `id` became `to` (Unreachable or Fenced).
+    ///
+    /// - A migration whose receiver does not listen yet ends Failed: no
+    ///   guest byte can have moved.
+    /// - One sending to a target the controllers lost is asked to stop, so
+    ///   the guest is not pushed onto a host that may be fenced next: the
+    ///   source VMM keeps it unless it is already past its switch, in which
+    ///   case the migration completes and that host's fate applies.
+    /// - One sending while the source is lost waits for the target's word
+    ///   (its receiver gives up on a silent sender by itself) — unless both
+    ///   hosts are now fenced: nobody is left to say where the guest runs
+    ///   and neither host can write its disks, so it ends Failed and the VM
+    ///   gets the fenced-node policy.
+    pub(super) fn migrations_meet_node_state(
         &mut self,
         id: &str,
-        _rev: u64,
+        to: NodeState,
+        rev: u64,
         now: u64,
         ch: &mut Changes,
         touched: &mut Vec<NodeId>,
-    ) {
-        let ending: Vec<(MigrationId, String)> = self
+    ) -> Result<(), CommandError> {
+        let fenced = |st: &Self, n: &str| st.nodes.get(n).is_some_and(|x| x.state == NodeState::Fenced);
+        let touching: Vec<MigrationId> = self
             .active_migrations
             .values()
-            .filter_map(|m| self.migrations.get(m))
-            .filter(|m| m.phase == MigrationPhase::Preparing && (m.source == id || m.target == id))
-            .map(|m| (m.id, m.vm.clone()))
+            .filter(|m| self.migrations.get(m).is_some_and(|m| m.source == id || m.target == id))
+            .copied()
             .collect();
-        for (mid, vm) in ending {
-            if let Some(m) = self.migrations.get(&mid) {
-                touched.extend([m.source.clone(), m.target.clone()]);
+        for mid in touching {
+            let Some(m) = self.migrations.get(&mid) else { continue };
+            let (vm, source, target, phase) = (m.vm.clone(), m.source.clone(), m.target.clone(), m.phase);
+            touched.extend([source.clone(), target.clone()]);
+            let subject = format!("vm/{vm}");
+            if phase == MigrationPhase::Preparing {
+                let reason = format!("node {id} became {to} before the receiver listened");
+                ch.push((EventKind::MigrationFailed, subject, format!("migration {mid} failed: {reason}")));
+                self.finish(mid, MigrationPhase::Failed, reason, now);
+            } else if fenced(self, &source) && fenced(self, &target) {
+                let reason = format!("nodes {source} and {target} were both fenced while it was sent");
+                ch.push((EventKind::MigrationFailed, subject, format!("migration {mid} failed: {reason}")));
+                self.finish(mid, MigrationPhase::Failed, reason, now);
+                let ha = self.vms.get(&vm).is_some_and(|v| v.spec.ha);
+                self.evacuate_vms(&source, vec![(vm, ha)], rev, now, ch)?;
+            } else if target == id && m.abort_reason.is_none() {
+                let why = format!("target node {id} became {to}");
+                if let Some(m) = self.migrations.get_mut(&mid) {
+                    m.cancel_requested = true;
+                    m.abort_reason = Some(why.clone());
+                }
+                ch.push((
+                    EventKind::MigrationProgressed,
+                    subject,
+                    format!("migration {mid}: {why}; node {source} is asked to stop sending"),
+                ));
             }
-            let reason = format!("node {id} was fenced before the receiver listened");
-            ch.push((EventKind::MigrationFailed, format!("vm/{vm}"), format!("migration {mid} failed: {reason}")));
-            self.finish(mid, MigrationPhase::Failed, reason, now);
         }
+        Ok(())
     }
 
     /// Ends migration `id` in `phase` and drops the oldest finished ones beyond the bound.

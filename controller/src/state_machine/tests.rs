@@ -13,6 +13,7 @@ fn reg(id: &str, vcpus: u32, memory_mib: u64, labels: &[(&str, &str)]) -> Comman
         arch: "aarch64".into(),
         capacity: Capacity { vcpus, memory_mib },
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        cpu_features: ["fp", "asimd", "aes"].map(String::from).into(),
     })
 }
 

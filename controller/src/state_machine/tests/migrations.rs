@@ -111,6 +111,22 @@ fn starting_a_migration_is_refused_with_the_reason_and_changes_nothing() {
     // A target without room: the message names memory.
     ok(&mut st, reg("small", 8, 512, &[]));
     refused(&mut st, mig("web", "small"), Code::FailedPrecondition, "lacks memory");
+    // A target whose CPU lacks a feature of the source's: named; and the
+    // scheduler does not pick it. A node that reports none is left to the VMM.
+    let Command::RegisterNode(mut r) = reg("older", 8, 16384, &[]) else { unreachable!() };
+    r.cpu_features = ["fp", "asimd"].map(String::from).into();
+    ok(&mut st, Command::RegisterNode(r.clone()));
+    ok(&mut st, Command::CordonNode { id: "n2".into() });
+    refused(&mut st, mig("web", "older"), Code::FailedPrecondition, "node older lacks CPU features of node n1 that the guest may use: aes");
+    let e = st.pick_migration_target("web").expect_err("only older is Ready");
+    assert!(e.message().contains("CPU features"), "{e}");
+    r.cpu_features.clear();
+    ok(&mut st, Command::RegisterNode(r.clone()));
+    assert_eq!(st.pick_migration_target("web").expect("features unknown"), "older");
+    ok(&mut st, Command::RemoveNode { id: "older".into() });
+    ok(&mut st, Command::UncordonNode { id: "n2".into() });
+    r.cpu_features = ["Fp"].map(String::from).into();
+    refused(&mut st, Command::RegisterNode(r), Code::InvalidArgument, "CPU feature \"Fp\"");
     // Cordoned target.
     ok(&mut st, Command::CordonNode { id: "n2".into() });
     refused(&mut st, mig("web", "n2"), Code::FailedPrecondition, "cordoned");
@@ -254,6 +270,63 @@ fn fencing_meets_migrations_and_ha_never_starts_a_second_copy() {
     fence(&mut st, "n1");
     say(&mut st, id, "n2", MigrationReport::Failed { reason: "the sender went away".into() });
     assert_eq!(st.vm("web").and_then(|v| v.placement.clone()), None);
+    assert_eq!(st.pending_vms().len(), 1, "restarted elsewhere, once");
+}
+
+#[test]
+fn a_target_lost_while_sending_is_asked_to_stop_and_both_hosts_fenced_ends_it() {
+    let lose = |st: &mut ClusterState, n: &str, state: NodeState| {
+        ok(st, Command::SetNodeState { id: n.into(), state, reason: String::new() });
+    };
+    // Lost before the receiver listened: nothing moved, it ends at once.
+    let mut st = running_on_n1();
+    let id = start(&mut st, "n2");
+    lose(&mut st, "n2", NodeState::Unreachable);
+    let m = st.migration(id).expect("kept");
+    assert_eq!(m.phase, MigrationPhase::Failed);
+    assert!(m.reason.contains("node n2 became Unreachable before the receiver listened"), "{m:?}");
+    assert_eq!(st.vm("web").and_then(|v| v.placement.clone()).as_deref(), Some("n1"));
+
+    // Lost while sending: the source is asked to stop, and its word ends it
+    // Failed (not Cancelled: no operator asked), naming the lost target.
+    let mut st = running_on_n1();
+    let id = start(&mut st, "n2");
+    say(&mut st, id, "n2", ready("10.0.0.2:7400"));
+    let rev = st.node_revision("n1");
+    lose(&mut st, "n2", NodeState::Unreachable);
+    let m = st.active_migration("web").expect("still active").clone();
+    assert!(m.cancel_requested && m.phase == MigrationPhase::Sending, "{m:?}");
+    assert!(st.node_revision("n1") > rev, "the source's agent hears of the request");
+    refused(&mut st, Command::CancelMigration { vm: "web".into() }, Code::FailedPrecondition, "already being cancelled");
+    say(&mut st, id, "n1", MigrationReport::Failed { reason: "the send was cancelled".into() });
+    let m = st.migration(id).expect("kept");
+    assert_eq!(m.phase, MigrationPhase::Failed);
+    assert_eq!(m.reason, "target node n2 became Unreachable; the send was cancelled");
+    assert_eq!(st.vm("web").and_then(|v| v.placement.clone()).as_deref(), Some("n1"));
+    assert_eq!(st.migration_stats().failed, 1);
+
+    // Past its switch already: the request is too late, the guest moved.
+    let mut st = running_on_n1();
+    let id = start(&mut st, "n2");
+    say(&mut st, id, "n2", ready("10.0.0.2:7400"));
+    lose(&mut st, "n2", NodeState::Unreachable);
+    say(&mut st, id, "n1", completed(Some(150)));
+    assert_eq!(st.migration(id).map(|m| m.phase), Some(MigrationPhase::Completed));
+    assert_eq!(st.vm("web").and_then(|v| v.placement.clone()).as_deref(), Some("n2"));
+
+    // Both hosts fenced while sending: nobody can say where the guest runs
+    // and neither can write its disks, so it ends and HA restarts it once.
+    let mut st = ha_running_on_n1();
+    let id = start(&mut st, "n2");
+    say(&mut st, id, "n2", ready("10.0.0.2:7400"));
+    for n in ["n1", "n2"] {
+        lose(&mut st, n, NodeState::Unreachable);
+        lose(&mut st, n, NodeState::Fenced);
+    }
+    let m = st.migration(id).expect("kept");
+    assert_eq!(m.phase, MigrationPhase::Failed, "{m:?}");
+    assert!(m.reason.contains("both fenced"), "{m:?}");
+    assert_eq!(st.vm("web").and_then(|v| v.placement.clone()), None, "unassigned for HA");
     assert_eq!(st.pending_vms().len(), 1, "restarted elsewhere, once");
 }
 
