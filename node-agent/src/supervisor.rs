@@ -78,6 +78,11 @@ struct Proc {
     killed: bool,
     /// Started with `--incoming` on this port and not yet running the guest.
     receiving: Option<u16>,
+    /// The migration a receiver waits for: its exit speaks for that one
+    /// only, not for a later migration of the same VM. Unknown (None) for a
+    /// receiver adopted from an earlier agent until the assignments name its
+    /// migration.
+    receives_for: Option<u64>,
 }
 
 /// This host's part in a VM's migration.
@@ -183,7 +188,16 @@ impl Supervisor {
             self.watch_pid(name.clone(), token, pid);
             let slot = self.slots.entry(name).or_default();
             let receiving = incoming_port(pid);
-            slot.proc = Some(Proc { token, pid, generation, up: true, stop_requested: None, killed: false, receiving });
+            slot.proc = Some(Proc {
+                token,
+                pid,
+                generation,
+                up: true,
+                stop_requested: None,
+                killed: false,
+                receiving,
+                receives_for: None,
+            });
             if receiving.is_none() {
                 slot.phase = Some((VmPhase::Running, format!("basalt-vmm pid {pid} (adopted)")));
             }
@@ -220,6 +234,13 @@ impl Supervisor {
                     });
                     match active {
                         Some(m) if slot.part.as_ref().map(|p| p.id) != Some(m.id) => {
+                            // An adopted receiver is this migration's: the
+                            // first one an agent hears of after adopting it.
+                            if m.target == host {
+                                if let Some(p) = slot.proc.as_mut().filter(|p| p.receiving.is_some()) {
+                                    p.receives_for.get_or_insert(m.id);
+                                }
+                            }
                             slot.part = Some(Part {
                                 id: m.id,
                                 incoming: m.target == host,
@@ -348,7 +369,7 @@ impl Supervisor {
                 d => format!("the receiving basalt-vmm {}: {d}", kind.describe()),
             };
             warn!(vm, "{why}");
-            if let Some(part) = slot.part.as_mut().filter(|x| x.incoming && !x.ended) {
+            if let Some(part) = slot.part.as_mut().filter(|x| x.incoming && !x.ended && p.receives_for == Some(x.id)) {
                 part.ended = true;
                 let _ = self.reports.send(migration_report(vm, part.id, pb::MigrationReport::Failed, None, None, &why));
             }
@@ -497,8 +518,9 @@ impl Supervisor {
         let socket = VmDir::new(&cfg.state_dir, name).control_socket();
         let (vm_name, token, pid, id) = (name.to_string(), proc.token, proc.pid, part.id);
         if part.incoming {
-            // A receiver started here, or adopted from an earlier agent.
-            let Some(port) = proc.receiving else { return };
+            // A receiver started here, or adopted from an earlier agent; not
+            // one left over from an earlier migration and still stopping.
+            let Some(port) = proc.receiving.filter(|_| proc.receives_for == Some(id)) else { return };
             if !part.announced && m.phase == pb::MigrationPhase::Preparing as i32 {
                 part.announced = true;
                 let address = format!("{}:{port}", cfg.address_host());
@@ -609,6 +631,7 @@ impl Supervisor {
             stop_requested: None,
             killed: false,
             receiving: incoming,
+            receives_for: incoming.and(slot.part.as_ref().map(|p| p.id)),
         });
         if incoming.is_none() {
             set_phase(&self.reports, name, slot, VmPhase::Starting, format!("basalt-vmm pid {pid} on {}", cfg.host_id));

@@ -125,10 +125,10 @@ fn vm_spec(memory_mib: u64, volume: Option<&str>, role: &str, group: &str) -> pb
 
 fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, controllers: &str) -> Arm64Host {
     let id = format!("host-{octet}");
-    // A connection to port 7300 restarts the agent (SIGTERM, then a new one):
-    // its running VMs must be adopted, not lost or started twice. One to port
-    // 7301 kills it for good (SIGKILL), leaving its VMMs running: a host the
-    // controllers lose while its VMs still write.
+    // A connection to port 7300 restarts the agent (SIGTERM, then a new one;
+    // after a kill, just a new one): its running VMs must be adopted, not
+    // lost or started twice. One to port 7301 kills it (SIGKILL), leaving its
+    // VMMs running: a host the controllers lose while its VMs still write.
     let script = format!(
         "set -e\nmkdir -p /etc/ceph\ncp /basalt/ceph/ceph.conf /basalt/ceph/vm.keyring /etc/ceph/\n\
          start_agent() {{ NO_COLOR=1 basalt-agent --host-id {id} --address 10.77.0.{octet}:7200 {controllers} \
@@ -140,7 +140,7 @@ fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, con
            kill -KILL $(cat /tmp/agent.pid); echo AGENT-KILLED; done ) &\n\
          while true; do\n\
            nc -l -p 7300 </dev/null >/dev/null 2>&1 || {{ sleep 1; continue; }}\n\
-           p=$(cat /tmp/agent.pid); kill -TERM $p; while kill -0 $p 2>/dev/null; do sleep 0.1; done\n\
+           p=$(cat /tmp/agent.pid); kill -TERM $p 2>/dev/null || true; while kill -0 $p 2>/dev/null; do sleep 0.1; done\n\
            echo AGENT-RESTART; start_agent\n\
          done\n"
     );
@@ -182,6 +182,12 @@ fn tick(ceph: &NetnsCeph, image: &str) -> (u64, String) {
     let mut w = t.strip_prefix("TICK ").unwrap_or("").split_whitespace();
     let n = w.next().and_then(|n| n.parse().ok()).unwrap_or(0);
     (n, w.next().unwrap_or("").to_string())
+}
+
+/// The clients holding the image's exclusive lock.
+fn lock_owners(ceph: &NetnsCeph, image: &str) -> Vec<String> {
+    with_pool(ceph, |io| basalt_storage::rbd::Image::open(io, image).and_then(|i| i.lock_owners()))
+        .unwrap_or_else(|e| panic!("lock owners of {image}: {e}"))
 }
 
 fn admin_cluster(ceph: &NetnsCeph) -> Cluster {
@@ -264,10 +270,10 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
         profile: PROFILE.into(),
         ..Default::default()
     };
-    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ticker2-disk", "ha-disk"] {
+    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ticker2-disk", "ha-disk", "ha2-disk"] {
         api.rt.block_on(c.create_volume(vol(v))).unwrap_or_else(|e| panic!("create volume {v}: {e}"));
     }
-    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ticker2-disk", "ha-disk"] {
+    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ticker2-disk", "ha-disk", "ha2-disk"] {
         api.eventually(&format!("volume {v} READY"), Duration::from_secs(120), |a| {
             a.volume(v).filter(|x| x.state == pb::StorageState::Ready as i32)
         });
@@ -489,6 +495,18 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     assert!(rc == Some(1) && err.contains("cordoned"), "a cordoned target: {rc:?} {err}");
     let (rc, _, err) = basaltctl(&["node", "uncordon", &other(&here)]);
     assert_eq!(rc, Some(0), "{err}");
+    // A target without room for it: a VM there leaves it 64 MiB, the ticker needs 128.
+    let target = api.nodes().into_iter().find(|n| n.id == other(&here)).expect("the other node");
+    let free = target.capacity.unwrap_or_default().memory_mib - target.used.unwrap_or_default().memory_mib;
+    let mut fat = vm_spec(free - 64, None, "ticker", "");
+    fat.required_labels = [("host".to_string(), other(&here))].into();
+    create("fat", fat).expect("create fat");
+    api.eventually("fat placed", Duration::from_secs(60), |a| a.vm("fat").filter(|v| !v.placement.is_empty()));
+    let (rc, _, err) = basaltctl(&["vm", "migrate", "ticker", "--to", &other(&here)]);
+    assert!(rc == Some(1) && err.contains("memory"), "a target without room names memory: {rc:?} {err}");
+    api.rt
+        .block_on(c.delete_vm(pb::DeleteVmRequest { name: "fat".into(), delete_disks: false }))
+        .expect("delete fat");
     assert_eq!(host_of("ticker"), here, "refusals moved nothing");
 
     // A migration cancelled while it sends (held to 1 MiB/s): it ends
@@ -499,11 +517,14 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     api.eventually("the slow migration sending", Duration::from_secs(60), |a| {
         a.vm("ticker")?.migration.filter(|m| m.phase == pb::MigrationPhase::Sending as i32)
     });
+    let (rc, _, err) = basaltctl(&["vm", "migrate", "ticker"]);
+    assert!(rc == Some(1) && err.contains("is migrating"), "a VM already migrating: {rc:?} {err}");
     std::thread::sleep(Duration::from_secs(2));
     let (rc, out, err) = basaltctl(&["-o", "json", "migration", "show", &id.to_string()]);
     assert_eq!(rc, Some(0), "migration show: {err}");
     let shown: serde_json::Value = serde_json::from_str(&out).expect("migration show JSON");
     assert_eq!(shown["progress"]["role"], "send", "the source VMM's progress is shown: {shown}");
+    eprintln!("[e2e] a migration held to 1 MiB/s, 2 s in: {}", shown["progress"]);
     let (rc, _, err) = basaltctl(&["migration", "cancel", "ticker"]);
     assert_eq!(rc, Some(0), "migration cancel: {err}");
     let m = api.eventually("the migration cancelled", Duration::from_secs(60), |a| {
@@ -514,6 +535,66 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     assert_eq!(m.phase, pb::MigrationPhase::Cancelled as i32, "{m:?}");
     assert_eq!(host_of("ticker"), here, "a cancelled migration leaves the VM where it was");
     check_guest(&mut seen, "after the cancelled migration");
+
+    // Fault: the target's agent killed while the VM is sent to it. Its lease
+    // runs out, the leader asks the source to stop, and the VM stays where it
+    // was, the migration Failed naming the lost target. The agent comes
+    // back (before the node is fenced), adopting its orphaned receiver.
+    let migrate_json = |args: &[&str]| {
+        let (rc, out, err) = basaltctl(args);
+        assert_eq!(rc, Some(0), "{args:?}: {out} {err}");
+        serde_json::from_str::<serde_json::Value>(&out).expect("migration JSON")["id"].as_u64().expect("id")
+    };
+    let get_migration = |a: &Api, id: u64| {
+        let mut c = a.client.clone();
+        a.rt.block_on(c.get_migration(pb::GetMigrationRequest { id, allow_stale: false })).ok().map(|m| m.into_inner())
+    };
+    let ended = |a: &Api, id: u64| {
+        get_migration(a, id).filter(|m| {
+            m.phase != pb::MigrationPhase::Preparing as i32 && m.phase != pb::MigrationPhase::Sending as i32
+        })
+    };
+    let target = other(&here);
+    let target_octet: u8 = target.trim_start_matches("host-").parse().expect("host-N");
+    let id = migrate_json(&["-o", "json", "vm", "migrate", "ticker", "--bandwidth", "1"]);
+    api.eventually("the migration sending", Duration::from_secs(60), |a| {
+        get_migration(a, id).filter(|m| m.phase == pb::MigrationPhase::Sending as i32)
+    });
+    std::net::TcpStream::connect(format!("10.77.0.{target_octet}:7301")).expect("ask the target to kill its agent");
+    let t = Instant::now();
+    api.eventually(&format!("{target} Unreachable"), Duration::from_secs(60), |a| {
+        a.nodes().into_iter().find(|n| n.id == target).filter(|n| n.state == pb::NodeState::Unreachable as i32)
+    });
+    std::net::TcpStream::connect(format!("10.77.0.{target_octet}:7300")).expect("ask the target to start its agent");
+    let m = api.eventually("the migration to a lost target ended", Duration::from_secs(60), |a| ended(a, id));
+    eprintln!("[e2e] migration to a lost target: {} after {:.1?}: {}", m.phase, t.elapsed(), m.reason);
+    assert_eq!(m.phase, pb::MigrationPhase::Failed as i32, "{m:?}");
+    assert!(m.reason.contains(&format!("target node {target} became")), "the reason names the lost target: {m:?}");
+    assert_eq!(host_of("ticker"), here, "the VM stays on its source");
+    check_guest(&mut seen, "after its target was lost");
+    assert_eq!(lock_owners(&ceph, "ticker-disk-img").len(), 1, "one VMM holds the disk's lock");
+    api.eventually(&format!("{target} Ready again"), Duration::from_secs(60), |a| {
+        a.nodes().into_iter().find(|n| n.id == target).filter(|n| n.state == pb::NodeState::Ready as i32)
+    });
+
+    // Fault: the leader SIGKILLed while the VM is sent. The agents carry
+    // the migration on and report to the next leader: it completes.
+    let id = migrate_json(&["-o", "json", "vm", "migrate", "ticker", "--bandwidth", "4"]);
+    api.eventually("the migration sending", Duration::from_secs(60), |a| {
+        get_migration(a, id).filter(|m| m.phase == pb::MigrationPhase::Sending as i32)
+    });
+    let leader = api.rt.block_on(ctl.wait_leader(Duration::from_secs(10)));
+    ctl.kill(leader);
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    ctl.restart(leader);
+    let m = api.eventually("the migration over a leader change ended", Duration::from_secs(120), |a| ended(a, id));
+    eprintln!("[e2e] migration with the leader killed: {} after {:.1?}", m.phase, t.elapsed());
+    assert_eq!(m.phase, pb::MigrationPhase::Completed as i32, "{m:?}");
+    assert_eq!(host_of("ticker"), target, "placed on the target");
+    check_guest(&mut seen, "after a migration across a leader change");
+    assert_eq!(lock_owners(&ceph, "ticker-disk-img").len(), 1, "one VMM holds the disk's lock");
+    let here = target;
 
     // Draining a host moves both of its running VMs.
     create("ticker2", vm_spec(128, Some("ticker2-disk"), "ticker", "")).expect("create ticker2");
@@ -542,6 +623,11 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     assert_eq!(rc, Some(0), "{err}");
     api.power("ticker2", pb::Power::Stopped);
     api.wait_phase("ticker2", pb::VmPhase::Stopped, Duration::from_secs(120));
+    // Deleted: a stopped VM keeps its reservation, and the failover below
+    // needs room for an HA restart next to what the other host runs.
+    api.rt
+        .block_on(c.delete_vm(pb::DeleteVmRequest { name: "ticker2".into(), delete_disks: true }))
+        .expect("delete ticker2");
 
     api.power("ticker", pb::Power::Stopped);
     let vm = api.wait_phase("ticker", pb::VmPhase::Stopped, Duration::from_secs(120));
@@ -561,6 +647,22 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     let old_octet: u8 = old_host.trim_start_matches("host-").parse().expect("host-N");
     let (_, first_boot) =
         api.eventually("ha ticks", Duration::from_secs(120), |_| Some(tick(&ceph, "ha-disk-img")).filter(|t| t.0 > 0));
+    // A second HA VM leaves that host by live migration just before it is
+    // lost: once moved, HA must not start it again when its old host is fenced.
+    let mut ha2 = vm_spec(128, Some("ha2-disk"), "ticker", "");
+    ha2.ha = true;
+    create("ha2", ha2).expect("create ha2");
+    api.wait_phase("ha2", pb::VmPhase::Running, Duration::from_secs(400));
+    if host_of("ha2") != old_host {
+        let (rc, out, err) = basaltctl(&["vm", "migrate", "ha2", "--to", &old_host, "--wait"]);
+        assert_eq!(rc, Some(0), "bring ha2 next to ha: {out} {err}");
+    }
+    let (_, ha2_boot) =
+        api.eventually("ha2 ticks", Duration::from_secs(120), |_| Some(tick(&ceph, "ha2-disk-img")).filter(|t| t.0 > 0));
+    let (rc, out, err) = basaltctl(&["vm", "migrate", "ha2", "--wait"]);
+    assert_eq!(rc, Some(0), "ha2 moves away: {out} {err}");
+    let ha2_host = host_of("ha2");
+    assert_ne!(ha2_host, old_host);
     std::net::TcpStream::connect(format!("10.77.0.{old_octet}:7301")).expect("ask the host to kill its agent");
     let old_ix = usize::from(old_octet != 11);
     assert!(hosts.0[old_ix].wait_for_console("AGENT-KILLED", Duration::from_secs(60)), "agent killed");
@@ -593,6 +695,13 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
         last = n;
     }
     assert!(last > count, "the restarted VM keeps counting");
+    // The VM that moved away before the fence was not started again.
+    let v = api.vm("ha2").expect("ha2");
+    let o = v.observed.clone().unwrap_or_default();
+    assert_eq!((v.placement.as_str(), o.phase, o.node.as_str()), (ha2_host.as_str(), pb::VmPhase::Running as i32, ha2_host.as_str()), "{v:?}");
+    let (n2, b2) = tick(&ceph, "ha2-disk-img");
+    assert_eq!(b2, ha2_boot, "ha2's guest is the one that migrated, not a restart: {n2}");
+    assert_eq!(lock_owners(&ceph, "ha2-disk-img").len(), 1, "one VMM holds ha2's disk");
     // The operator cleans up the host (here: powers it off, orphaned VMM and
     // all) and brings the node back as Cordoned: the fence is lifted.
     let out = hosts.0.remove(old_ix).stop().expect("stop the fenced host");
