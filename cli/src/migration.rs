@@ -127,24 +127,51 @@ async fn get_migration(c: &mut ClusterServiceClient<Channel>, id: u64) -> Result
 }
 
 /// What the source's VMM says of the send, for the progress bar.
-async fn progress(c: &mut ClusterServiceClient<Channel>, vm: &str) -> Option<String> {
-    let v = crate::vm_host::control(c, vm, "migrate-status").await.ok()?;
+async fn progress(c: &mut ClusterServiceClient<Channel>, vm: &str) -> Option<(String, Option<u64>)> {
+    progress_line(&crate::vm_host::control(c, vm, "migrate-status").await.ok()?)
+}
+
+/// A sender's `migrate-status` as a line, and the bytes its current round
+/// has still to look at once it has sent any (before that, nothing is known).
+fn progress_line(v: &Value) -> Option<(String, Option<u64>)> {
     if v["role"] != "send" {
         return None;
     }
     let mib = |b: &Value| b.as_f64().unwrap_or(0.0) / f64::from(1 << 20);
-    Some(format!(
-        "{} round {}, {:.0} MiB left, {:.0} MiB/s, expected downtime {} ms{}",
+    let started = v["bytes"].as_u64().is_some_and(|b| b > 0);
+    if !started {
+        return Some((format!("{}, nothing sent yet", v["phase"].as_str().unwrap_or("?")), None));
+    }
+    // The first estimate of the downtime comes at the end of round 0.
+    let downtime = match v["expected_downtime_ms"].as_u64() {
+        Some(d) if d > 0 => format!(", expected downtime {d} ms"),
+        _ => String::new(),
+    };
+    let throttle = match v["throttle_pct"].as_u64() {
+        Some(t) if t > 0 => format!(", vCPUs throttled {t}%"),
+        _ => String::new(),
+    };
+    let line = format!(
+        "{} round {}, {:.0} MiB left, {:.1} MiB/s{downtime}{throttle}",
         v["phase"].as_str().unwrap_or("?"),
         v["round"],
         mib(&v["remaining_bytes"]),
         v["bandwidth_mib_s"].as_f64().unwrap_or(0.0),
-        v["expected_downtime_ms"],
-        match v["throttle_pct"].as_u64() {
-            Some(t) if t > 0 => format!(", vCPUs throttled {t}%"),
-            _ => String::new(),
-        }
-    ))
+    );
+    Some((line, v["remaining_bytes"].as_u64()))
+}
+
+/// `vm migrate --wait`'s bar: the guest's RAM, filled as the current
+/// pre-copy round gets through it (the first round reads all of it, later
+/// ones only what the guest dirtied meanwhile, so the bar stays near full).
+fn ram_bar(memory_bytes: u64) -> indicatif::ProgressBar {
+    let bar = spinner();
+    bar.set_length(memory_bytes.max(1));
+    let style = indicatif::ProgressStyle::with_template("{spinner} [{bar:24}] {msg}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar
 }
 
 /// Follows migration `id` to its end.
@@ -173,7 +200,15 @@ async fn follow(
         }
         if let Some(bar) = bar {
             let detail = if m.phase == pb::MigrationPhase::Sending as i32 {
-                progress(c, &m.vm).await.unwrap_or_else(|| "sending".into())
+                match progress(c, &m.vm).await {
+                    Some((line, left)) => {
+                        if let Some(left) = left {
+                            bar.set_position(bar.length().unwrap_or(0).saturating_sub(left));
+                        }
+                        line
+                    }
+                    None => "sending".into(),
+                }
             } else {
                 format!("node {} is starting a receiver", m.target)
             };
@@ -222,7 +257,13 @@ pub fn migrate(endpoints: &[String], a: &MigrateArgs, as_json: bool) -> Result<S
                 )
             });
         }
-        let bar = spinner();
+        let memory = c
+            .get_vm(pb::GetRequest { name: m.vm.clone(), allow_stale: true })
+            .await
+            .ok()
+            .and_then(|v| v.into_inner().spec)
+            .map_or(0, |s| s.memory_mib << 20);
+        let bar = ram_bar(memory);
         let end = follow(&mut c, m.id, Duration::from_secs(a.timeout), Some(&bar)).await;
         bar.finish_and_clear();
         let end = end?;
@@ -427,5 +468,21 @@ mod tests {
         };
         assert_eq!(outcome_line(&f), "vm web stays on node a: migration 7 failed (receiver gone)");
         assert_eq!(migration_json(&f)["downtime_ms"], Value::Null);
+    }
+
+    #[test]
+    fn the_senders_status_reads_as_a_progress_line() {
+        let v = serde_json::json!({"role": "send", "phase": "connecting", "bytes": 0, "remaining_bytes": 0});
+        assert_eq!(progress_line(&v), Some(("connecting, nothing sent yet".to_string(), None)));
+        let v = serde_json::json!({"role": "send", "phase": "precopy", "round": 0, "bytes": 4 << 20,
+            "remaining_bytes": 120u64 << 20, "bandwidth_mib_s": 8.04, "expected_downtime_ms": 0, "throttle_pct": 0});
+        let (line, left) = progress_line(&v).expect("a line");
+        assert_eq!(line, "precopy round 0, 120 MiB left, 8.0 MiB/s");
+        assert_eq!(left, Some(120 << 20));
+        let v = serde_json::json!({"role": "send", "phase": "precopy", "round": 3, "bytes": 200 << 20,
+            "remaining_bytes": 2u64 << 20, "bandwidth_mib_s": 90.0, "expected_downtime_ms": 140, "throttle_pct": 30});
+        let (line, _) = progress_line(&v).expect("a line");
+        assert_eq!(line, "precopy round 3, 2 MiB left, 90.0 MiB/s, expected downtime 140 ms, vCPUs throttled 30%");
+        assert_eq!(progress_line(&serde_json::json!({"role": "receive"})), None);
     }
 }

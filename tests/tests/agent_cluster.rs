@@ -525,6 +525,7 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     let shown: serde_json::Value = serde_json::from_str(&out).expect("migration show JSON");
     assert_eq!(shown["progress"]["role"], "send", "the source VMM's progress is shown: {shown}");
     eprintln!("[e2e] a migration held to 1 MiB/s, 2 s in: {}", shown["progress"]);
+    assert!(shown["progress"]["bytes"].as_u64().is_some_and(|b| b > 0), "progress within the first round: {shown}");
     let (rc, _, err) = basaltctl(&["migration", "cancel", "ticker"]);
     assert_eq!(rc, Some(0), "migration cancel: {err}");
     let m = api.eventually("the migration cancelled", Duration::from_secs(60), |a| {

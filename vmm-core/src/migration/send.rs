@@ -107,15 +107,18 @@ impl<W: Write> Wire<W> {
 
     /// Sends every page set in `dirty`. With `skip_zero`, all-zero pages
     /// are left out (the receiver's RAM is zero already); otherwise they go
-    /// as zero ranges, without bytes.
+    /// as zero ranges, without bytes. After each batch, `progress` hears how
+    /// far the round got and may stop it.
     fn pages(
         &mut self,
         mem: &GuestRam,
         dirty: &DirtyBitmap,
         round: u32,
         skip_zero: bool,
-        stop: &dyn Fn() -> Result<(), Stop>,
+        progress: &dyn Fn(Sent) -> Result<(), Stop>,
     ) -> Result<RoundReport, Stop> {
+        let total = dirty.count();
+        let mut done = 0u64;
         let t0 = Instant::now();
         let bytes0 = self.bytes;
         let page = dirty.page_size();
@@ -129,6 +132,7 @@ impl<W: Write> Wire<W> {
             mem.read_slice(&mut run[..len], GuestAddress(gpa))
                 .map_err(|e| Stop::Failed(format!("read guest memory at {gpa:#x}: {e}")))?;
             for (i, p) in run[..len].chunks_exact(page as usize).enumerate() {
+                done += 1;
                 let at = gpa + i as u64 * page;
                 let zero = p.iter().all(|&b| b == 0);
                 if zero {
@@ -149,7 +153,7 @@ impl<W: Write> Wire<W> {
                     self.message(&Message::Pages { round, ranges: std::mem::take(&mut ranges) }, &payload)?;
                     payload.clear();
                     batch_pages = 0;
-                    stop()?;
+                    progress(Sent { wire_bytes: self.bytes, left_bytes: total.saturating_sub(done) * page })?;
                 }
             }
         }
@@ -162,6 +166,14 @@ impl<W: Write> Wire<W> {
         rep.mib_s = mib_s(rep.bytes, t0.elapsed());
         Ok(rep)
     }
+}
+
+/// How far a round of pages has got.
+struct Sent {
+    /// Everything written to the wire so far, this round and before.
+    wire_bytes: u64,
+    /// What this round has still to look at.
+    left_bytes: u64,
 }
 
 fn mib_s(bytes: u64, t: Duration) -> f64 {
@@ -324,6 +336,19 @@ fn precopy(
         Ok(())
     };
     st.update(|s| s.phase = Phase::Precopy);
+    // Between a round's batches: `migrate-status` moves on with the round,
+    // which at a low bandwidth or on a big guest takes minutes.
+    let wire_started = wire.started;
+    let progress = |sent: Sent| -> Result<(), Stop> {
+        stop()?;
+        st.update(|s| {
+            s.bytes = sent.wire_bytes;
+            s.remaining_bytes = sent.left_bytes;
+            s.bandwidth_mib_s = mib_s(sent.wire_bytes, wire_started.elapsed());
+            s.elapsed_ms = started.elapsed().as_millis() as u64;
+        });
+        Ok(())
+    };
     let mut rounds = Vec::new();
     let mut throttle = 0u8;
     let mut max_throttle = 0u8;
@@ -331,7 +356,8 @@ fn precopy(
     let mut round = 0u32;
     loop {
         stop()?;
-        let rep = wire.pages(src.memory(), &dirty, round, round == 0, &stop)?;
+        st.update(|s| s.round = round);
+        let rep = wire.pages(src.memory(), &dirty, round, round == 0, &progress)?;
         let bandwidth = rep.bytes as f64 / (rep.ms.max(1) as f64 / 1000.0);
         dirty = src.dirty_harvest().map_err(Stop::Failed)?;
         let remaining = dirty.count() * page;
@@ -424,7 +450,7 @@ fn stop_and_copy(
         // this harvest has them.
         let last_dirty = src.dirty_harvest().map_err(Stop::Failed)?;
         pending.merge(&last_dirty);
-        let rep = wire.pages(src.memory(), &pending, last, false, &|| Ok(()))?;
+        let rep = wire.pages(src.memory(), &pending, last, false, &|_| Ok(()))?;
         wire.message(&Message::State { state: Box::new(paused.state.clone()) }, &[])?;
         wire.message(&Message::Complete, &[])?;
         wire.w.flush()?;
