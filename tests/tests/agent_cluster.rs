@@ -519,13 +519,14 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     });
     let (rc, _, err) = basaltctl(&["vm", "migrate", "ticker"]);
     assert!(rc == Some(1) && err.contains("is migrating"), "a VM already migrating: {rc:?} {err}");
-    std::thread::sleep(Duration::from_secs(2));
-    let (rc, out, err) = basaltctl(&["-o", "json", "migration", "show", &id.to_string()]);
-    assert_eq!(rc, Some(0), "migration show: {err}");
-    let shown: serde_json::Value = serde_json::from_str(&out).expect("migration show JSON");
-    assert_eq!(shown["progress"]["role"], "send", "the source VMM's progress is shown: {shown}");
-    eprintln!("[e2e] a migration held to 1 MiB/s, 2 s in: {}", shown["progress"]);
-    assert!(shown["progress"]["bytes"].as_u64().is_some_and(|b| b > 0), "progress within the first round: {shown}");
+    // The source VMM's progress, as it goes through its first round.
+    let shown = api.eventually("progress within the first round", Duration::from_secs(20), |_| {
+        let (rc, out, _) = basaltctl(&["-o", "json", "migration", "show", &id.to_string()]);
+        let shown: serde_json::Value = serde_json::from_str(&out).ok().filter(|_| rc == Some(0))?;
+        (shown["progress"]["role"] == "send" && shown["progress"]["bytes"].as_u64().is_some_and(|b| b > 0))
+            .then_some(shown)
+    });
+    eprintln!("[e2e] a migration held to 1 MiB/s: {}", shown["progress"]);
     let (rc, _, err) = basaltctl(&["migration", "cancel", "ticker"]);
     assert_eq!(rc, Some(0), "migration cancel: {err}");
     let m = api.eventually("the migration cancelled", Duration::from_secs(60), |a| {

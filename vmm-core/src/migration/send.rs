@@ -124,7 +124,10 @@ impl<W: Write> Wire<W> {
         let page = dirty.page_size();
         let mut rep = RoundReport { round, ..Default::default() };
         let mut ranges: Vec<PageRange> = Vec::new();
-        let mut payload: Vec<u8> = Vec::with_capacity(BATCH_BYTES + (RUN_PAGES as usize) * page as usize);
+        // Under a bandwidth limit a batch is a quarter second of it, so that
+        // progress and a cancel are heard that often, not once per 4 MiB.
+        let batch = self.limit.map_or(BATCH_BYTES, |l| usize::try_from(l / 4).unwrap_or(BATCH_BYTES).clamp(256 << 10, BATCH_BYTES));
+        let mut payload: Vec<u8> = Vec::with_capacity(batch + (RUN_PAGES as usize) * page as usize);
         let mut batch_pages = 0u64;
         let mut run = vec![0u8; RUN_PAGES as usize * page as usize];
         for (gpa, n) in dirty.runs(RUN_PAGES) {
@@ -149,7 +152,7 @@ impl<W: Write> Wire<W> {
                     _ => ranges.push(PageRange { gpa: at, pages: 1, zero }),
                 }
                 batch_pages += 1;
-                if payload.len() >= BATCH_BYTES || batch_pages >= MAX_PAGES_PER_MESSAGE {
+                if payload.len() >= batch || batch_pages >= MAX_PAGES_PER_MESSAGE {
                     self.message(&Message::Pages { round, ranges: std::mem::take(&mut ranges) }, &payload)?;
                     payload.clear();
                     batch_pages = 0;

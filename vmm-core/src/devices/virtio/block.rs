@@ -32,6 +32,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
+use super::chain::{gather, scatter, Seg};
 use super::{log_guest_error, ActivateError, DrainTimeout, InterruptSink, VirtioDevice};
 
 /// virtio-blk sectors are always 512 bytes, whatever the logical block size.
@@ -134,12 +135,6 @@ pub struct BlockCounters {
     /// until the next reset.
     pub broken_queue: u64,
     pub interrupts: u64,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Seg {
-    addr: GuestAddress,
-    len: u32,
 }
 
 /// A descriptor chain flattened into the parts a request is made of.
@@ -725,41 +720,6 @@ fn flatten(chain: DescriptorChain<&GuestRam>, queue_size: u16, mem: &GuestRam) -
         *total += u64::from(len);
     }
     Ok(l)
-}
-
-/// Reads `buf.len()` bytes from the buffers, starting `skip` bytes in.
-fn gather(mem: &GuestRam, segs: &[Seg], mut skip: u64, buf: &mut [u8]) -> Option<()> {
-    let mut done = 0usize;
-    for s in segs {
-        if done == buf.len() {
-            break;
-        }
-        let len = u64::from(s.len);
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let n = ((len - skip) as usize).min(buf.len() - done);
-        let addr = s.addr.checked_add(skip)?;
-        mem.read_slice(&mut buf[done..done + n], addr).ok()?;
-        done += n;
-        skip = 0;
-    }
-    (done == buf.len()).then_some(())
-}
-
-/// Writes `data` across the buffers in order.
-fn scatter(mem: &GuestRam, segs: &[Seg], data: &[u8]) -> Option<()> {
-    let mut done = 0usize;
-    for s in segs {
-        if done == data.len() {
-            break;
-        }
-        let n = (s.len as usize).min(data.len() - done);
-        mem.write_slice(&data[done..done + n], s.addr).ok()?;
-        done += n;
-    }
-    (done == data.len()).then_some(())
 }
 
 impl VirtioDevice for VirtioBlock {

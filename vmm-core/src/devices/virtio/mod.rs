@@ -33,11 +33,16 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
+mod chain;
 pub mod mmio;
+pub mod net;
+#[cfg(test)]
+mod net_tests;
 #[cfg(test)]
 mod tests;
 
 pub use block::{BlockConfig, BlockCounters, BlockDeviceError, VirtioBlock, VirtioBlockState};
+pub use net::{NetBackend, NetConfig, NetCounters, NetDeviceError, Offloads, VirtioNet, VirtioNetState};
 pub use mmio::{MmioCounters, MmioTransport, MmioTransportState, QueueSnapshot, RestoreError};
 
 /// InterruptStatus bit: a used ring was updated.
