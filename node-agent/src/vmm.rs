@@ -75,6 +75,8 @@ pub fn vm_config(
         initrd: (!kernel.initrd.is_empty()).then(|| kernel.initrd.clone().into()),
         cmdline: kernel.cmdline.clone(),
         disks,
+        // Tenant networks (the agent's bridges and taps) are not built yet.
+        nics: vec![],
         console: ConsoleConfig::File { path: dir.console() },
         its: false,
     };

@@ -12,6 +12,7 @@ use crate::arch::aarch64::layout;
 pub const MAX_MEMORY_MIB: u64 = 256 << 10;
 pub const MIN_MEMORY_MIB: u64 = 64;
 pub const MAX_DISKS: usize = 16;
+pub const MAX_NICS: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +29,8 @@ pub struct VmConfig {
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
     #[serde(default)]
+    pub nics: Vec<NicConfig>,
+    #[serde(default)]
     pub console: ConsoleConfig,
     /// Give the guest a GICv3 ITS (for MSIs).
     #[serde(default)]
@@ -36,6 +39,35 @@ pub struct VmConfig {
 
 fn one() -> u32 {
     1
+}
+
+/// A virtio-net NIC on a host tap device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    /// The tap to attach (created if it does not exist).
+    pub tap: String,
+    /// `52:54:00:12:34:56`: unicast, as the guest will see it.
+    pub mac: String,
+}
+
+/// A MAC in colon notation, unicast.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut m = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("MAC {s:?} must be six hex bytes separated by ':'"));
+    }
+    for (b, p) in m.iter_mut().zip(&parts) {
+        *b = (p.len() == 2).then(|| u8::from_str_radix(p, 16).ok()).flatten().ok_or_else(|| format!("MAC {s:?} must be six hex bytes separated by ':'"))?;
+    }
+    if m[0] & 1 != 0 {
+        return Err(format!("MAC {s} is multicast; a NIC needs a unicast address"));
+    }
+    if m == [0; 6] {
+        return Err("MAC 00:00:00:00:00:00 is not an address".into());
+    }
+    Ok(m)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +150,16 @@ impl VmConfig {
         if self.disks.len() > MAX_DISKS {
             return bad(format!("{} disks; at most {MAX_DISKS}", self.disks.len()));
         }
+        if self.nics.len() > MAX_NICS {
+            return bad(format!("{} NICs; at most {MAX_NICS}", self.nics.len()));
+        }
+        for (i, n) in self.nics.iter().enumerate() {
+            crate::devices::tap::check_name(&n.tap).map_err(|e| ConfigError(format!("nic {i}: {e}")))?;
+            parse_mac(&n.mac).map_err(|e| ConfigError(format!("nic {i}: {e}")))?;
+            if let Some(j) = self.nics[..i].iter().position(|o| o.tap == n.tap || o.mac.eq_ignore_ascii_case(&n.mac)) {
+                return bad(format!("nic {i}: tap {} or MAC {} is nic {j}'s too", n.tap, n.mac));
+            }
+        }
         for (i, d) in self.disks.iter().enumerate() {
             match &d.backend {
                 DiskBackend::File { path } if !is_file_or_block_device(path) => {
@@ -155,6 +197,7 @@ mod tests {
             memory_mib: 256,
             kernel: kernel.into(),
             initrd: None,
+            nics: vec![],
             cmdline: "console=ttyS0".into(),
             disks: vec![],
             console: ConsoleConfig::Stdout,

@@ -40,6 +40,10 @@ struct Args {
     /// A raw disk image file, `PATH` or `PATH,ro` (repeatable).
     #[arg(long)]
     disk: Vec<String>,
+    /// A virtio-net NIC on a host tap: `TAP,MAC` (e.g. `tap0,52:54:00:12:34:56`);
+    /// repeat for more. The tap is created if it does not exist.
+    #[arg(long)]
+    nic: Vec<String>,
     /// Give the guest a GICv3 ITS (MSI translation).
     #[arg(long)]
     its: bool,
@@ -107,6 +111,7 @@ fn build_config(a: &Args) -> Result<VmConfig, String> {
             initrd: None,
             cmdline: "console=ttyS0".into(),
             disks: vec![],
+            nics: vec![],
             console: ConsoleConfig::Stdout,
             its: false,
         },
@@ -133,6 +138,10 @@ fn build_config(a: &Args) -> Result<VmConfig, String> {
             None => (d.as_str(), false),
         };
         cfg.disks.push(DiskConfig { backend: DiskBackend::File { path: path.into() }, read_only: ro, serial: None });
+    }
+    for n in &a.nic {
+        let (tap, mac) = n.split_once(',').ok_or_else(|| format!("--nic {n:?}: want TAP,MAC"))?;
+        cfg.nics.push(basalt_vmm::config::NicConfig { tap: tap.into(), mac: mac.into() });
     }
     if let Some(c) = &a.console {
         cfg.console = match c.as_str() {

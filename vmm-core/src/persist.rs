@@ -92,6 +92,9 @@ pub struct VmState {
     /// Per virtio-mmio device, its transport+device state (serialized by the device).
     #[serde(default)]
     pub virtio: Vec<serde_json::Value>,
+    /// Per NIC, its transport+device state.
+    #[serde(default)]
+    pub nics: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +216,7 @@ mod tests {
             its: None,
             serial: SerialState::default(),
             virtio: vec![],
+            nics: vec![],
         }
     }
 

@@ -8,7 +8,13 @@ use super::cpio::Archive;
 use super::{io, Artifacts, RigError};
 
 /// Modules the guest loads, in dependency order.
-const MODULES: &[&str] = &["drivers/virtio/virtio_mmio.ko", "drivers/block/virtio_blk.ko"];
+const MODULES: &[&str] = &[
+    "drivers/virtio/virtio_mmio.ko",
+    "drivers/block/virtio_blk.ko",
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
+];
 
 /// Builds the guest's initramfs (uncompressed newc cpio). The script runs
 /// as /init after proc, sys and dev are mounted and the modules loaded; it
@@ -63,6 +69,14 @@ pub fn initramfs_bare(arts: &Artifacts, script: &str) -> Result<Vec<u8>, RigErro
 /// The guest kernel: the host's own Debian arm64 Image.
 pub fn kernel(arts: &Artifacts) -> Result<Vec<u8>, RigError> {
     std::fs::read(&arts.kernel).map_err(io("read the arm64 kernel"))
+}
+
+/// A module of the arm64 kernel (path under `kernel/`, e.g.
+/// `drivers/net/tun.ko`), for a host script to `insmod`: the host's base
+/// initramfs loads only what booting needs.
+pub fn module(arts: &Artifacts, path: &str) -> Result<Vec<u8>, RigError> {
+    let p = arm64_dir(arts).join("modules/kernel").join(path);
+    std::fs::read(&p).map_err(io(format!("read {}", p.display())))
 }
 
 fn arm64_dir(arts: &Artifacts) -> PathBuf {

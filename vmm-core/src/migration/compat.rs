@@ -41,6 +41,9 @@ pub struct VmShape {
     pub memory_bytes: u64,
     pub its: bool,
     pub disks: Vec<DiskShape>,
+    /// The NICs' MACs, in order.
+    #[serde(default)]
+    pub nics: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +78,9 @@ pub fn check(ours: &Offer, theirs: &Offer) -> Result<(), String> {
     }
     if v.its != w.its {
         return Err(format!("device set differs: the VM {} ITS, this receiver {}", has(w.its), has(v.its)));
+    }
+    if v.nics != w.nics {
+        return Err(format!("device set differs: the VM has NICs {:?}, this receiver {:?}", w.nics, v.nics));
     }
     if v.disks.len() != w.disks.len() {
         return Err(format!("device set differs: the VM has {} disks, this receiver {}", w.disks.len(), v.disks.len()));
@@ -184,6 +190,7 @@ mod tests {
                 vcpus: 2,
                 memory_bytes: 256 << 20,
                 its: true,
+                nics: vec!["52:54:00:00:00:01".into()],
                 disks: vec![DiskShape {
                     kind: "rbd".into(),
                     target: "rbd/vm1".into(),

@@ -29,7 +29,7 @@ fn offer(memory: u64) -> Offer {
             id_regs: vec![],
             counter_offset: false,
         },
-        vm: VmShape { vcpus: 1, memory_bytes: memory, its: false, disks: vec![] },
+        vm: VmShape { vcpus: 1, memory_bytes: memory, its: false, disks: vec![], nics: vec![] },
     }
 }
 
@@ -42,6 +42,7 @@ fn state() -> VmState {
         its: None,
         serial: SerialState::default(),
         virtio: vec![],
+        nics: vec![],
     }
 }
 

@@ -252,6 +252,9 @@ impl Vm {
                         Ok(()) => {
                             let _ = reply.send(Ok(()));
                             eprintln!("basalt-vmm: the VM has arrived; resuming it here");
+                            // Switches and bridges learn the guest's new port now,
+                            // not when the guest next happens to send.
+                            self.announce_nics();
                             self.arrived = Some(w.status.clone());
                             return self.run_on(listener, control);
                         }

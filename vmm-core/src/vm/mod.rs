@@ -20,6 +20,7 @@ use crate::config::{ConsoleConfig, DiskBackend, DiskConfig, VmConfig};
 use crate::devices::bus::MmioBus;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::virtio::block::{BlockConfig, VirtioBlock};
+use crate::devices::virtio::net::{self, NetConfig, VirtioNet};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use crate::memory::{GuestRam, MemSlot};
 use crate::migration::compat::{DiskShape, HostCaps, Offer, VmShape};
@@ -31,6 +32,7 @@ pub mod migration;
 pub mod run;
 
 type Disk = Arc<Mutex<MmioTransport<VirtioBlock>>>;
+type Nic = Arc<Mutex<MmioTransport<VirtioNet>>>;
 
 /// Opens a disk's backend: a raw file (or block device), or an RBD image,
 /// with its exclusive lock unless `lock` is false (a migration target opens
@@ -155,6 +157,7 @@ pub struct Vm {
     bus: MmioBus,
     pub serial: Arc<Mutex<SerialDevice>>,
     disks: Vec<Disk>,
+    nics: Vec<Nic>,
     /// The console's pseudo-terminal, when it has one: read for guest input.
     pty: Option<crate::devices::pty::Pty>,
     console_path: Option<std::path::PathBuf>,
@@ -273,6 +276,26 @@ impl Vm {
             disks.push(t);
         }
 
+        let mut nics: Vec<Nic> = Vec::new();
+        for (i, n) in cfg.nics.iter().enumerate() {
+            let setup = |e: String| VmError::Setup(format!("nic {i}: {e}"));
+            let mac = crate::config::parse_mac(&n.mac).map_err(setup)?;
+            let tap = crate::devices::tap::Tap::open(&n.tap).map_err(|e| setup(e.to_string()))?;
+            let dev = VirtioNet::new(Box::new(tap), NetConfig { mac, queue_size: net::DEFAULT_QUEUE_SIZE })
+                .map_err(|e| setup(e.to_string()))?;
+            let (base, spi) = nic_window(i);
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
+            fd.register_irqfd(&irq, layout::spi_gsi(spi)).map_err(kvm(format!("nic {i} irqfd")))?;
+            let t = MmioTransport::new(Box::new(dev), mem.clone(), irq).map_err(|e| setup(e.to_string()))?;
+            for (q, evt) in t.queue_evts().iter().enumerate() {
+                fd.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), q as u32)
+                    .map_err(kvm(format!("nic {i} ioeventfd")))?;
+            }
+            let t = Arc::new(Mutex::new(t));
+            bus.insert(base, layout::VIRTIO_MMIO_SIZE, t.clone()).map_err(|e| VmError::Setup(e.to_string()))?;
+            nics.push(t);
+        }
+
         Ok(Vm {
             _kvm: kvm_,
             fd: Arc::new(fd),
@@ -285,6 +308,7 @@ impl Vm {
             bus,
             serial,
             disks,
+            nics,
             pty,
             console_path,
             shared,
@@ -299,7 +323,8 @@ impl Vm {
     /// Loads the kernel, initrd and device tree and points vCPU 0 at them.
     fn boot(&mut self) -> Result<(), VmError> {
         let image = boot::load(&self.mem, self.mem_size, &self.cfg.kernel, self.cfg.initrd.as_deref())?;
-        let virtio: Vec<(u64, u32)> = (0..self.disks.len()).map(disk_window).collect();
+        let virtio: Vec<(u64, u32)> =
+            (0..self.disks.len()).map(disk_window).chain((0..self.nics.len()).map(nic_window)).collect();
         let tree = fdt::create_fdt(&fdt::FdtParams {
             mpidrs: &self.mpidrs,
             mem_size: self.mem_size,
@@ -327,6 +352,14 @@ impl Vm {
                 state.memory_bytes >> 20,
                 self.cfg.vcpus,
                 self.mem_size >> 20
+            ))
+            .into());
+        }
+        if state.nics.len() != self.nics.len() {
+            return Err(StateError::Shape(format!(
+                "the saved VM has {} NICs, this one {}",
+                state.nics.len(),
+                self.nics.len()
             ))
             .into());
         }
@@ -359,6 +392,13 @@ impl Vm {
             let mut t = disk.lock().unwrap_or_else(|p| p.into_inner());
             t.device_mut().restore(&st.block).map_err(|e| VmError::Setup(format!("disk {i}: {e}")))?;
             t.restore(&st.transport).map_err(|e| VmError::Setup(format!("disk {i}: {e}")))?;
+        }
+        for (i, (nic, v)) in self.nics.iter().zip(&state.nics).enumerate() {
+            let st: run::NicState =
+                serde_json::from_value(v.clone()).map_err(|e| VmError::Setup(format!("nic {i} state: {e}")))?;
+            let mut t = nic.lock().unwrap_or_else(|p| p.into_inner());
+            t.device_mut().restore(&st.net).map_err(|e| VmError::Setup(format!("nic {i}: {e}")))?;
+            t.restore(&st.transport).map_err(|e| VmError::Setup(format!("nic {i}: {e}")))?;
         }
         Ok(())
     }
@@ -417,7 +457,21 @@ impl Vm {
             .collect();
         Offer {
             host: self.caps.clone(),
-            vm: VmShape { vcpus: self.cfg.vcpus, memory_bytes: self.mem_size, its: self.cfg.its, disks },
+            vm: VmShape {
+                vcpus: self.cfg.vcpus,
+                memory_bytes: self.mem_size,
+                its: self.cfg.its,
+                disks,
+                nics: self.nics.iter().map(|n| net::mac_string(&n.lock().unwrap_or_else(|p| p.into_inner()).device().mac())).collect(),
+            },
+        }
+    }
+
+    /// Tells the network where each NIC now is (a migration's target, once
+    /// the guest runs here).
+    pub fn announce_nics(&self) {
+        for n in &self.nics {
+            n.lock().unwrap_or_else(|p| p.into_inner()).device_mut().announce();
         }
     }
 
@@ -452,6 +506,16 @@ impl Vm {
 
 /// Disk `i`'s virtio-mmio window and SPI.
 fn disk_window(i: usize) -> (u64, u32) {
+    device_window(i)
+}
+
+/// NICs come after every disk slot, so a NIC's window and interrupt do not
+/// depend on how many disks the VM has.
+fn nic_window(i: usize) -> (u64, u32) {
+    device_window(crate::config::MAX_DISKS + i)
+}
+
+fn device_window(i: usize) -> (u64, u32) {
     (layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE, layout::VIRTIO_SPI_BASE + i as u32)
 }
 

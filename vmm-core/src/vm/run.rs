@@ -45,6 +45,13 @@ pub(super) struct DiskState {
     pub block: crate::devices::virtio::block::VirtioBlockState,
 }
 
+/// A NIC's saved state: its transport and the virtio-net device behind it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct NicState {
+    pub transport: crate::devices::virtio::mmio::MmioTransportState,
+    pub net: crate::devices::virtio::net::VirtioNetState,
+}
+
 /// Binds the control socket (nonblocking), replacing a stale one.
 pub(super) fn bind_control(p: &Path) -> Result<UnixListener, VmError> {
     let _ = std::fs::remove_file(p);
@@ -172,6 +179,11 @@ fn disk_token(d: usize, slot: u64) -> u64 {
     ((d as u64 + 1) << 8) | slot
 }
 
+/// NIC `n`'s tokens come after every disk slot's.
+fn nic_token(n: usize, slot: u64) -> u64 {
+    disk_token(crate::config::MAX_DISKS + n, slot)
+}
+
 impl Running<'_> {
     fn event_loop(&mut self, listener: Option<&UnixListener>) -> Result<(), VmError> {
         let ep = Epoll::new().map_err(|e| VmError::Setup(format!("epoll: {e}")))?;
@@ -194,6 +206,23 @@ impl Running<'_> {
             }
             if let Some(fd) = t.backend_fd() {
                 add(fd, disk_token(d, BACKEND_SLOT))?;
+            }
+        }
+        for (n, nic) in self.vm.nics.iter().enumerate() {
+            let t = nic.lock().unwrap_or_else(|p| p.into_inner());
+            for (q, evt) in t.queue_evts().iter().enumerate() {
+                add(evt.as_raw_fd(), nic_token(n, q as u64))?;
+            }
+            if let Some(fd) = t.backend_fd() {
+                // Edge-triggered: the device reads the tap until it is empty
+                // or the guest's receive ring is full; a full ring must not
+                // keep the loop awake. Buffers the guest adds notify the queue.
+                ep.ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, nic_token(n, BACKEND_SLOT)),
+                )
+                .map_err(|e| VmError::Setup(format!("epoll add: {e}")))?;
             }
         }
         let mut events = vec![EpollEvent::default(); 16];
@@ -221,6 +250,17 @@ impl Running<'_> {
                         if let Some(l) = listener {
                             while let Ok((conn, _)) = l.accept() {
                                 serve_one(conn, |cmd, args| self.handle(cmd, args));
+                            }
+                        }
+                    }
+                    token if (token >> 8) as usize > crate::config::MAX_DISKS => {
+                        let (n, slot) = ((token >> 8) as usize - 1 - crate::config::MAX_DISKS, token & 0xff);
+                        if let Some(nic) = self.vm.nics.get(n) {
+                            let mut t = nic.lock().unwrap_or_else(|p| p.into_inner());
+                            if slot == BACKEND_SLOT {
+                                t.handle_backend_event();
+                            } else {
+                                t.handle_queue_event(slot as usize);
                             }
                         }
                     }
@@ -505,6 +545,13 @@ impl Running<'_> {
             let st = DiskState { transport: t.save(), block: t.device().save() };
             virtio.push(serde_json::to_value(st).map_err(|e| e.to_string())?);
         }
+        let mut nics = Vec::new();
+        for nic in &self.vm.nics {
+            let t = nic.lock().unwrap_or_else(|p| p.into_inner());
+            // Frames in flight are a network's ordinary loss: nothing to drain.
+            let st = NicState { transport: t.save(), net: t.device().save() };
+            nics.push(serde_json::to_value(st).map_err(|e| e.to_string())?);
+        }
         // The ITS and the redistributors write their tables into guest
         // memory: before memory is copied.
         let its = match &self.vm.its {
@@ -517,7 +564,7 @@ impl Running<'_> {
         };
         let gic = self.vm.gic.save().map_err(|e| e.to_string())?;
         let serial = self.vm.serial.lock().unwrap_or_else(|p| p.into_inner()).save().map_err(|e| e.to_string())?;
-        Ok(VmState { version: STATE_VERSION, memory_bytes: self.vm.mem_size, vcpus, gic, its, serial, virtio })
+        Ok(VmState { version: STATE_VERSION, memory_bytes: self.vm.mem_size, vcpus, gic, its, serial, virtio, nics })
     }
 
     /// Pauses the VM and writes its whole state and memory to `dir`. The VM
@@ -578,7 +625,16 @@ impl Running<'_> {
                 json!({ "transport": t.counters(), "block": t.device().counters(), "in_flight": t.device().in_flight() })
             })
             .collect();
-        json!({ "vcpus": per_vcpu, "serial_tx_bytes": tx, "disks": disks })
+        let nics: Vec<Value> = self
+            .vm
+            .nics
+            .iter()
+            .map(|n| {
+                let t = n.lock().unwrap_or_else(|p| p.into_inner());
+                json!({ "transport": t.counters(), "net": t.device().counters() })
+            })
+            .collect();
+        json!({ "vcpus": per_vcpu, "serial_tx_bytes": tx, "disks": disks, "nics": nics })
     }
 }
 
