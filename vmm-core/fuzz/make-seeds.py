@@ -64,6 +64,27 @@ m = mem_image(); hdr(m, 0x400, OUT, 0); hdr(m, 0x420, IN, 0)
 a = chain(m, 0, [(0x400,16,0),(0x1000,512,0),(0x410,1,WRITE)])
 avail(m, [a]); seed('read_only_small_queue', [1 | 8 | 32, 0, 0, 0], m)
 
+# virtio-net: header [flags, rounds, bump, frames], frame lengths, memory.
+def net_seed(name, header, lens, m):
+    os.makedirs('corpus/virtio_net_frames', exist_ok=True)
+    body = b''.join(struct.pack('<H', l) for l in lens)
+    open(f'corpus/virtio_net_frames/{name}', 'wb').write(bytes(header) + body + bytes(m).rstrip(b'\0'))
+def ndesc(m, table, i, addr, ln, flags, nxt): put(m, table + 16*i, struct.pack('<QIHH', addr, ln, flags, nxt))
+def navail(m, ring, heads):
+    put(m, ring, struct.pack('<HH', 0, len(heads)))
+    for i,h in enumerate(heads): put(m, ring + 4 + 2*i, struct.pack('<H', h))
+# n1: two receive buffers (merged), one 72-byte frame to send, two frames in.
+m = mem_image(0x6000)
+ndesc(m, 0x0, 0, 0x1000, 1536, WRITE, 0); ndesc(m, 0x0, 1, 0x2000, 1536, WRITE, 0); navail(m, 0x100, [0, 1])
+put(m, 0x3000, bytes(12) + bytes(range(60)))
+ndesc(m, 0x300, 0, 0x3000, 12, NEXT, 1); ndesc(m, 0x300, 1, 0x300c, 60, 0, 0); navail(m, 0x400, [0])
+net_seed('rx_tx', [4, 1, 0, 2], [100, 2000], m)
+# n2: no merged buffers, a frame too big for its chain, a bad TX chain, rounds.
+m = mem_image(0x6000)
+ndesc(m, 0x0, 0, 0x1000, 512, WRITE, 0); navail(m, 0x100, [0])
+ndesc(m, 0x300, 0, 0x3000, 80, WRITE, 0); navail(m, 0x400, [0])
+net_seed('small_chain_bad_tx', [4 | 16 | 32, 3, 1, 1], [1400], m)
+
 # MMIO register sequences: 8-byte ops [op, off_lo, off_hi, width, v0..v3].
 def op(o, off, width, v): return struct.pack('<BHBI', o, off, width, v)
 R, W, MEMW, QEVT, BEVT, SAVE = 0, 1, 2, 3, 4, 5

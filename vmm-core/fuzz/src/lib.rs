@@ -116,3 +116,115 @@ impl Rig {
         self.t = t;
     }
 }
+
+/// virtio-net's rig: the receive ring at [`DESC`]/[`AVAIL`]/[`USED`], the
+/// transmit ring at [`TX_DESC`]/[`TX_AVAIL`]/[`TX_USED`], and a backend that
+/// hands the device the frames it is given and swallows what it sends.
+pub mod net {
+    use std::collections::VecDeque;
+    use std::io::IoSlice;
+    use std::os::fd::RawFd;
+    use std::sync::{Arc, Mutex};
+
+    use basalt_vmm::devices::virtio::{MmioTransport, NetBackend, NetConfig, Offloads, VirtioNet};
+    use basalt_vmm::memory::GuestRam;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+
+    pub const TX_DESC: u64 = 0x300;
+    pub const TX_AVAIL: u64 = 0x400;
+    pub const TX_USED: u64 = 0x500;
+
+    #[derive(Clone, Default)]
+    pub struct Frames {
+        pub inbound: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        pub sent: Arc<Mutex<usize>>,
+    }
+
+    impl NetBackend for Frames {
+        fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+            Ok(self.inbound.lock().expect("lock").pop_front().map(|f| {
+                let n = f.len().min(buf.len());
+                buf[..n].copy_from_slice(&f[..n]);
+                n
+            }))
+        }
+        fn send(&mut self, parts: &[IoSlice<'_>]) -> std::io::Result<()> {
+            let len: usize = parts.iter().map(|p| p.len()).sum();
+            assert!(len <= basalt_vmm::devices::virtio::net::MAX_FRAME, "the device sent {len} bytes");
+            *self.sent.lock().expect("lock") += 1;
+            Ok(())
+        }
+        fn set_offloads(&mut self, _o: Offloads) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn fd(&self) -> Option<RawFd> {
+            None
+        }
+    }
+
+    pub struct NetRig {
+        pub t: MmioTransport<VirtioNet>,
+        pub mem: GuestRam,
+        pub frames: Frames,
+    }
+
+    pub const MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+
+    impl NetRig {
+        pub fn new() -> Self {
+            let frames = Frames::default();
+            let dev =
+                VirtioNet::new(Box::new(frames.clone()), NetConfig { mac: MAC, queue_size: MAX_QUEUE }).expect("device");
+            let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
+            let t = MmioTransport::new(Box::new(dev), mem.clone(), EventFd::new(EFD_NONBLOCK).expect("eventfd"))
+                .expect("transport");
+            NetRig { t, mem, frames }
+        }
+
+        fn w32(&mut self, off: u64, v: u32) {
+            self.t.write(off, &v.to_le_bytes());
+        }
+
+        fn r32(&mut self, off: u64) -> u32 {
+            let mut b = [0u8; 4];
+            self.t.read(off, &mut b);
+            u32::from_le_bytes(b)
+        }
+
+        /// The Linux driver's sequence with both queues; whether it went live.
+        pub fn init(&mut self, drop_features: u64, queue_size: u32) -> bool {
+            self.w32(0x70, 0);
+            self.w32(0x70, S_ACK | S_DRIVER);
+            self.w32(0x14, 0);
+            let lo = self.r32(0x10);
+            self.w32(0x14, 1);
+            let hi = self.r32(0x10);
+            let f = ((u64::from(hi) << 32) | u64::from(lo)) & !drop_features;
+            self.w32(0x24, 0);
+            self.w32(0x20, f as u32);
+            self.w32(0x24, 1);
+            self.w32(0x20, (f >> 32) as u32);
+            self.w32(0x70, S_ACK | S_DRIVER | S_FEATURES_OK);
+            for (q, (d, a, u)) in [(DESC, AVAIL, USED), (TX_DESC, TX_AVAIL, TX_USED)].into_iter().enumerate() {
+                self.w32(0x30, q as u32);
+                self.w32(0x38, queue_size);
+                for (reg, addr) in [(0x80, d), (0x90, a), (0xa0, u)] {
+                    self.w32(reg, addr as u32);
+                    self.w32(reg + 4, 0);
+                }
+                self.w32(0x44, 1);
+            }
+            self.w32(0x70, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+            self.t.is_activated()
+        }
+    }
+
+    impl Default for NetRig {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+}
