@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod cluster;
 mod migration;
+mod network;
 mod objects;
 mod storage_bench;
 mod vm_host;
@@ -66,6 +67,11 @@ enum Command {
     Profile {
         #[command(subcommand)]
         cmd: objects::ProfileCmd,
+    },
+    /// Tenant networks (an IPv4 subnet on a VXLAN segment; IPAM for VM NICs).
+    Network {
+        #[command(subcommand)]
+        cmd: network::NetworkCmd,
     },
     /// Live migrations: list, show, cancel.
     Migration {
@@ -135,6 +141,7 @@ fn main() -> ExitCode {
         Command::Migration { cmd } => return finish(migration::migration(&cli.endpoints, &cmd, json), "migration"),
         Command::Volume { cmd } => return finish(objects::volume(&cli.endpoints, &cmd, json), "volume"),
         Command::Profile { cmd } => return finish(objects::profile(&cli.endpoints, &cmd, json), "profile"),
+        Command::Network { cmd } => return finish(network::network(&cli.endpoints, &cmd, json), "network"),
         Command::Events(a) => return finish(objects::events(&cli.endpoints, &a, json), "events"),
         Command::Controller { cmd } => {
             return finish(cluster::controller(&cli.endpoints, &cmd, cli.output == Output::Json), "controller")

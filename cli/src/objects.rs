@@ -129,6 +129,10 @@ pub struct VmCreate {
     /// that node out of Ceph; needs their [ceph] section).
     #[arg(long)]
     ha: bool,
+    /// A NIC on a network, NETWORK or NETWORK:IP (repeatable, at most 8): the
+    /// controllers give it a MAC and, without IP, a free address.
+    #[arg(long = "nic", value_parser = parse_nic)]
+    nics: Vec<pb::NicSpec>,
     /// Create it stopped.
     #[arg(long)]
     stopped: bool,
@@ -309,6 +313,10 @@ fn vm_json(v: &pb::Vm) -> Value {
         "disks": s.disks.iter().map(|d| json!({"volume": d.volume, "read_only": d.read_only})).collect::<Vec<_>>(),
         "labels": s.labels, "anti_affinity_group": s.anti_affinity_group, "required_labels": s.required_labels,
         "ha": s.ha, "desired_power": power_name(v.desired_power), "node": v.placement,
+        "nics": v.nics.iter().map(|n| json!({
+            "network": n.network, "mac": n.mac, "ip": n.ip, "prefix": n.prefix,
+            "gateway": (!n.gateway.is_empty()).then_some(&n.gateway),
+        })).collect::<Vec<_>>(),
         "observed": {"phase": phase_name(o.phase), "node": o.node, "message": o.message, "at_ms": o.at_ms},
         "generation": v.generation, "unschedulable_reason": v.unschedulable_reason,
         "migration": v.migration.as_ref().map(crate::migration::migration_json),
@@ -362,7 +370,7 @@ fn profile_kind_text(p: &pb::StorageProfile) -> String {
     }
 }
 
-fn written(w: &pb::WriteResult, what: &str, as_json: bool) -> String {
+pub(crate) fn written(w: &pb::WriteResult, what: &str, as_json: bool) -> String {
     if as_json {
         return json!({"revision": w.revision, "generation": w.generation, "deleted_volumes": w.deleted_volumes})
             .to_string();
@@ -541,7 +549,19 @@ fn vm_spec(a: &VmCreate) -> Result<pb::VmSpec, CliError> {
         anti_affinity_group: a.anti_affinity.clone().unwrap_or_default(),
         required_labels: a.require_labels.iter().cloned().collect(),
         ha: a.ha,
+        nics: a.nics.clone(),
     })
+}
+
+fn parse_nic(s: &str) -> Result<pb::NicSpec, String> {
+    let (network, ip) = s.split_once(':').unwrap_or((s, ""));
+    if network.is_empty() {
+        return Err(format!("{s:?}: want NETWORK or NETWORK:IP, e.g. blue or blue:10.10.0.20"));
+    }
+    if !ip.is_empty() && ip.parse::<std::net::Ipv4Addr>().is_err() {
+        return Err(format!("{s:?}: {ip:?} is not an IPv4 address"));
+    }
+    Ok(pb::NicSpec { network: network.into(), ip: ip.into() })
 }
 
 /// Poll until the VM is observed in `phase`, with a spinner on a terminal.

@@ -66,6 +66,7 @@ fn cluster() -> Result<ClusterState, String> {
             anti_affinity_group: None,
             required_labels: Default::default(),
             ha: false,
+            nics: vec![],
         };
         if rng.next(10) == 0 {
             spec.anti_affinity_group = Some(format!("group-{}", rng.next(100)));

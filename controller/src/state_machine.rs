@@ -19,7 +19,7 @@ use crate::model::storage::MAX_STATUS_MESSAGE;
 use crate::model::{
     Event, EventKind, EventLog, EventQuery, ImageRemoval, Migration, MigrationId, MigrationReport, MigrationStats,
     Node, NodeId, NodeRegistration, NodeState, Observed, Power, StorageProfile, StorageState, StorageStatus,
-    StorageSubject, Vm, VmPhase, VmSpec, Volume,
+    StorageSubject, Vm, VmPhase, VmSpec, Volume, Network, NetworkRequest,
 };
 use crate::scheduler::{check_node, NodeView, VmRequirements};
 
@@ -133,6 +133,10 @@ pub enum Command {
         node: Option<NodeId>,
         report: MigrationReport,
     },
+    CreateNetwork(NetworkRequest),
+    DeleteNetwork {
+        name: String,
+    },
     CancelMigration {
         vm: String,
     },
@@ -203,6 +207,11 @@ pub struct ClusterState {
     migrations: BTreeMap<MigrationId, Migration>,
     #[serde(default)]
     migration_stats: MigrationStats,
+    #[serde(default)]
+    networks: BTreeMap<String, Network>,
+    /// How many MACs were ever handed out: the next one's number.
+    #[serde(default)]
+    macs_issued: u32,
     /// Names of the VMs placed on each node: derived from `vms`, so it is not
     /// in snapshots, but it keeps `AssignVm` from scanning every VM.
     #[serde(skip)]
@@ -210,6 +219,10 @@ pub struct ClusterState {
     /// The running migration of each VM that has one (derived from `migrations`).
     #[serde(skip)]
     active_migrations: BTreeMap<String, MigrationId>,
+    /// Every address handed out, by network: which VM and NIC has it
+    /// (derived from the VMs' `nics`).
+    #[serde(skip)]
+    leases: BTreeMap<String, BTreeMap<std::net::Ipv4Addr, (String, usize)>>,
 }
 
 /// What a snapshot holds; the derived index is rebuilt from it.
@@ -235,6 +248,11 @@ struct Snapshot {
     migrations: BTreeMap<MigrationId, Migration>,
     #[serde(default)]
     migration_stats: MigrationStats,
+    // Format 4.
+    #[serde(default)]
+    networks: BTreeMap<String, Network>,
+    #[serde(default)]
+    macs_issued: u32,
 }
 
 impl From<Snapshot> for ClusterState {
@@ -245,6 +263,7 @@ impl From<Snapshot> for ClusterState {
                 by_node.entry(p.clone()).or_default().insert(vm.name.clone());
             }
         }
+        let leases = leases_of(&s.vms);
         ClusterState {
             revision: s.revision,
             nodes: s.nodes,
@@ -262,11 +281,24 @@ impl From<Snapshot> for ClusterState {
                 .filter(|m| m.phase.is_active())
                 .map(|m| (m.vm.clone(), m.id))
                 .collect(),
+            leases,
             migrations: s.migrations,
             migration_stats: s.migration_stats,
+            networks: s.networks,
+            macs_issued: s.macs_issued,
             by_node,
         }
     }
+}
+
+fn leases_of(vms: &BTreeMap<String, Vm>) -> BTreeMap<String, BTreeMap<std::net::Ipv4Addr, (String, usize)>> {
+    let mut l: BTreeMap<String, BTreeMap<_, _>> = BTreeMap::new();
+    for vm in vms.values() {
+        for (i, n) in vm.nics.iter().enumerate() {
+            l.entry(n.network.clone()).or_default().insert(n.ip, (vm.name.clone(), i));
+        }
+    }
+    l
 }
 
 impl Default for ClusterState {
@@ -309,6 +341,9 @@ impl ClusterState {
             image_removals: Vec::new(),
             migrations: BTreeMap::new(),
             migration_stats: MigrationStats::default(),
+            networks: BTreeMap::new(),
+            macs_issued: 0,
+            leases: BTreeMap::new(),
             by_node: BTreeMap::new(),
             active_migrations: BTreeMap::new(),
         }
@@ -529,6 +564,8 @@ impl ClusterState {
             Command::CancelMigration { vm } => {
                 self.cancel_migration(&vm, revision, now_ms, &mut changes, &mut touched)?
             }
+            Command::CreateNetwork(req) => self.create_network(&req, revision, &mut changes)?,
+            Command::DeleteNetwork { name } => self.delete_network(&name, &mut changes)?,
         };
         self.revision = revision;
         let placed_after = assignment_vm.as_deref().and_then(|n| self.vms.get(n)).and_then(|v| v.placement.clone());
@@ -868,6 +905,7 @@ impl ClusterState {
             return Err(CommandError::AlreadyExists(format!("vm {name} already exists")));
         }
         self.check_attachments(&name, &spec)?;
+        let nics = self.allocate_nics(&name, &spec.nics)?;
         let msg = format!("{} vCPUs, {} MiB, desired {:?}", spec.vcpus, spec.memory_mib, power);
         let vm = Vm {
             name: name.clone(),
@@ -878,8 +916,10 @@ impl ClusterState {
             generation: 1,
             created_revision: rev,
             updated_revision: rev,
+            nics: Vec::new(),
         };
         self.vms.insert(name.clone(), vm);
+        self.give_nics(&name, nics, ch);
         ch.push((EventKind::VmCreated, format!("vm/{name}"), msg));
         Ok(Outcome::VmGeneration(1))
     }
@@ -906,6 +946,11 @@ impl ClusterState {
         let vm = self.vm_at(name, expected)?;
         self.not_migrating(name)?;
         spec.validate(name)?;
+        if spec.nics != vm.spec.nics {
+            return Err(precondition(format!(
+                "vm {name}: its NICs are set when it is created and cannot be changed yet; create a new vm for other networks"
+            )));
+        }
         self.check_attachments(name, &spec)?;
         // A placed VM keeps its node, so the new spec must still fit there.
         if let Some(node_id) = &vm.placement {
@@ -989,6 +1034,7 @@ impl ClusterState {
                 }
             }
         }
+        self.take_nics(name, ch);
         if let Some(node) = self.vms.remove(name).and_then(|vm| vm.placement) {
             self.unindex(&node, name);
         }
@@ -1222,7 +1268,8 @@ impl ClusterState {
 /// 2 added storage statuses, pending image removals and their event kinds;
 /// a format 1 snapshot reads as having none (every field has a default).
 /// 3 added migrations and their counters (absent: none).
-pub const SNAPSHOT_FORMAT: u32 = 3;
+/// 4 added networks, the VMs' NICs and their addresses (absent: none).
+pub const SNAPSHOT_FORMAT: u32 = 4;
 /// The oldest format this controller still reads.
 pub const OLDEST_SNAPSHOT_FORMAT: u32 = 1;
 
@@ -1257,5 +1304,6 @@ fn view(n: &Node) -> NodeView {
 }
 
 mod migrations;
+mod networks;
 #[cfg(test)]
 mod tests;

@@ -90,7 +90,7 @@ impl AgentService for AgentApi {
                         // Its VMs, and those migrating to it (their `migration` says so).
                         let all = || st.cluster.vms_on(&node).chain(st.cluster.incoming_to(&node));
                         let vms: Vec<pb::Vm> =
-                            all().map(|v| convert::vm(v, None, st.cluster.active_migration(&v.name))).collect();
+                            all().map(|v| convert::vm(v, None, st.cluster.active_migration(&v.name), |n| st.cluster.network(n).cloned())).collect();
                         let names: std::collections::BTreeSet<&str> = all().flat_map(|v| v.spec.volumes()).collect();
                         let volumes = names
                             .into_iter()

@@ -198,7 +198,9 @@ impl ClusterService for ClusterApi {
         let r = req.into_inner();
         self.read(r.allow_stale, |st| {
             let vm = st.cluster.vm(&r.name).ok_or_else(|| not_found("vm", &r.name))?;
-            Ok(Response::new(convert::vm(vm, unschedulable_reason(st, vm), st.cluster.active_migration(&vm.name))))
+            Ok(Response::new(convert::vm(vm, unschedulable_reason(st, vm), st.cluster.active_migration(&vm.name), |n| {
+                st.cluster.network(n).cloned()
+            })))
         })
         .await
     }
@@ -212,7 +214,11 @@ impl ClusterService for ClusterApi {
                 .vms()
                 .filter(|v| matches(&v.spec.labels, &r.label_selector))
                 .filter(|v| r.node.is_empty() || v.placement.as_deref() == Some(r.node.as_str()))
-                .map(|v| convert::vm(v, unschedulable_reason(st, v), st.cluster.active_migration(&v.name)))
+                .map(|v| {
+                    convert::vm(v, unschedulable_reason(st, v), st.cluster.active_migration(&v.name), |n| {
+                        st.cluster.network(n).cloned()
+                    })
+                })
                 .collect();
             Ok(Response::new(pb::ListVmsResponse { vms, revision: st.cluster.revision() }))
         })
@@ -306,6 +312,53 @@ impl ClusterService for ClusterApi {
     async fn delete_profile(&self, req: Request<pb::NameRef>) -> Result<Response<pb::WriteResult>, Status> {
         let _t = self.ctl.metrics.rpc("DeleteProfile");
         self.commit(Command::DeleteProfile { name: req.into_inner().name }).await
+    }
+
+    async fn create_network(
+        &self,
+        req: Request<pb::CreateNetworkRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        let _t = self.ctl.metrics.rpc("CreateNetwork");
+        self.commit(Command::CreateNetwork(convert::network_request(req.into_inner()))).await
+    }
+
+    async fn get_network(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Network>, Status> {
+        let _t = self.ctl.metrics.rpc("GetNetwork");
+        let r = req.into_inner();
+        self.read(r.allow_stale, |st| {
+            let n = st.cluster.network(&r.name).ok_or_else(|| not_found("network", &r.name))?;
+            let leases: Vec<pb::NetworkLease> = st
+                .cluster
+                .network_leases(&n.name)
+                .map(|(ip, vm, nic)| pb::NetworkLease {
+                    ip: ip.to_string(),
+                    vm: vm.to_string(),
+                    nic: nic as u32,
+                    mac: st.cluster.vm(vm).and_then(|v| v.nics.get(nic)).map(|a| a.mac.clone()).unwrap_or_default(),
+                })
+                .collect();
+            let used = leases.len();
+            Ok(Response::new(convert::network(n, Some(leases), used)))
+        })
+        .await
+    }
+
+    async fn list_networks(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListNetworksResponse>, Status> {
+        let _t = self.ctl.metrics.rpc("ListNetworks");
+        self.read(req.get_ref().allow_stale, |st| {
+            let networks = st
+                .cluster
+                .networks()
+                .map(|n| convert::network(n, None, st.cluster.network_leases(&n.name).count()))
+                .collect();
+            Ok(Response::new(pb::ListNetworksResponse { networks, revision: st.cluster.revision() }))
+        })
+        .await
+    }
+
+    async fn delete_network(&self, req: Request<pb::NameRef>) -> Result<Response<pb::WriteResult>, Status> {
+        let _t = self.ctl.metrics.rpc("DeleteNetwork");
+        self.commit(Command::DeleteNetwork { name: req.into_inner().name }).await
     }
 
     async fn migrate_vm(&self, req: Request<pb::MigrateVmRequest>) -> Result<Response<pb::MigrateVmResponse>, Status> {

@@ -8,8 +8,8 @@ use basalt_proto::v1 as pb;
 
 use crate::error::CommandError;
 use crate::model::{
-    Boot, Capacity, Disk, Event, EventKind, Migration, MigrationPhase, MigrationReport, Node, NodeRegistration,
-    NodeState, Power, ProfileKind, StorageProfile, StorageState, StorageStatus, Vm, VmPhase, VmSpec, Volume,
+    Boot, Capacity, Disk, Event, EventKind, Migration, MigrationPhase, MigrationReport, Network, NetworkRequest,
+    NicSpec, Node, NodeRegistration, NodeState, Power, ProfileKind, StorageProfile, StorageState, StorageStatus, Vm, VmPhase, VmSpec, Volume,
 };
 use crate::scheduler::NodeView;
 
@@ -121,6 +121,11 @@ pub fn vm_spec(s: &VmSpec) -> pb::VmSpec {
         anti_affinity_group: s.anti_affinity_group.clone().unwrap_or_default(),
         required_labels: s.required_labels.clone().into_iter().collect(),
         ha: s.ha,
+        nics: s
+            .nics
+            .iter()
+            .map(|n| pb::NicSpec { network: n.network.clone(), ip: n.ip.map(|i| i.to_string()).unwrap_or_default() })
+            .collect(),
     }
 }
 
@@ -142,10 +147,27 @@ pub fn vm_spec_from(s: Option<pb::VmSpec>) -> Result<VmSpec, CommandError> {
         anti_affinity_group: opt(s.anti_affinity_group),
         required_labels: labels(s.required_labels),
         ha: s.ha,
+        nics: s
+            .nics
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let ip = match n.ip.as_str() {
+                    "" => None,
+                    a => Some(a.parse().map_err(|_| invalid(format!("nic {i}: {a:?} is not an IPv4 address")))?),
+                };
+                Ok(NicSpec { network: n.network, ip })
+            })
+            .collect::<Result<_, CommandError>>()?,
     })
 }
 
-pub fn vm(v: &Vm, unschedulable_reason: Option<String>, migrating: Option<&Migration>) -> pb::Vm {
+pub fn vm(
+    v: &Vm,
+    unschedulable_reason: Option<String>,
+    migrating: Option<&Migration>,
+    network: impl Fn(&str) -> Option<Network>,
+) -> pb::Vm {
     pb::Vm {
         name: v.name.clone(),
         spec: Some(vm_spec(&v.spec)),
@@ -162,6 +184,46 @@ pub fn vm(v: &Vm, unschedulable_reason: Option<String>, migrating: Option<&Migra
         updated_revision: v.updated_revision,
         unschedulable_reason: unschedulable_reason.unwrap_or_default(),
         migration: migrating.map(migration),
+        nics: v
+            .nics
+            .iter()
+            .map(|a| {
+                let n = network(&a.network);
+                pb::NicAddress {
+                    network: a.network.clone(),
+                    mac: a.mac.clone(),
+                    ip: a.ip.to_string(),
+                    prefix: n.as_ref().map_or(0, |n| u32::from(n.prefix)),
+                    gateway: n.and_then(|n| n.gateway).map(|g| g.to_string()).unwrap_or_default(),
+                }
+            })
+            .collect(),
+    }
+}
+
+pub fn network(n: &Network, leases: Option<Vec<pb::NetworkLease>>, used: usize) -> pb::Network {
+    pb::Network {
+        name: n.name.clone(),
+        cidr: n.cidr(),
+        vni: n.vni,
+        gateway: n.gateway.map(|g| g.to_string()).unwrap_or_default(),
+        created_revision: n.created_revision,
+        leases: leases.unwrap_or_default(),
+        used: used as u32,
+        size: n.hosts().filter(|h| n.gateway != Some(*h)).count() as u32,
+    }
+}
+
+pub fn network_request(r: pb::CreateNetworkRequest) -> NetworkRequest {
+    NetworkRequest {
+        name: r.name,
+        cidr: r.cidr,
+        vni: (r.vni != 0).then_some(r.vni),
+        gateway: match r.gateway.as_str() {
+            "" => None,
+            "none" => Some(None),
+            g => Some(Some(g.to_string())),
+        },
     }
 }
 

@@ -42,6 +42,8 @@ pub enum EventKind {
     MigrationCompleted,
     MigrationFailed,
     MigrationCancelled,
+    NetworkCreated,
+    NetworkDeleted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

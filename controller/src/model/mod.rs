@@ -5,6 +5,7 @@
 pub mod events;
 pub mod migrations;
 pub mod names;
+pub mod networks;
 pub mod nodes;
 pub mod profiles;
 pub mod storage;
@@ -13,6 +14,7 @@ pub mod volumes;
 
 pub use events::{Event, EventKind, EventLog, EventQuery};
 pub use migrations::{Migration, MigrationId, MigrationPhase, MigrationReport, MigrationStats};
+pub use networks::{Network, NetworkRequest, NicAddress, NicSpec};
 pub use nodes::{Capacity, Node, NodeId, NodeRegistration, NodeState};
 pub use profiles::{ProfileKind, StorageProfile};
 pub use storage::{ImageRemoval, StorageState, StorageStatus, StorageSubject};

@@ -92,6 +92,9 @@ pub struct VmSpec {
     /// Restart elsewhere when its node is fenced.
     #[serde(default)]
     pub ha: bool,
+    /// Network interfaces, in the order the guest sees them.
+    #[serde(default)]
+    pub nics: Vec<super::NicSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +111,9 @@ pub struct Vm {
     /// Revision of the last command that changed it, so an agent's watch can
     /// resume from a revision.
     pub updated_revision: u64,
+    /// What each of `spec.nics` was given (IPAM), in the same order.
+    #[serde(default)]
+    pub nics: Vec<super::NicAddress>,
 }
 
 impl VmSpec {

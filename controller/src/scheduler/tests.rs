@@ -142,6 +142,7 @@ fn spec(vcpus: u32, memory_mib: u64) -> VmSpec {
         anti_affinity_group: None,
         required_labels: BTreeMap::new(),
         ha: false,
+        nics: vec![],
     }
 }
 
