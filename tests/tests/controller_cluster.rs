@@ -646,6 +646,33 @@ async fn basaltctl_manages_profiles_volumes_vms_and_nodes() {
     fails(&["vm", "create", "x", "--kernel", "/k", "--new-disk", "nd-data:1g"], 2, "VOLUME:SIZE:PROFILE");
     ok(&["vm", "delete", "nd", "--delete-disks"]);
 
+    // Networks and the addresses of VM NICs (IPAM in the replicated state).
+    ok(&["network", "create", "blue", "--cidr", "10.10.0.0/24"]);
+    ok(&["network", "create", "green", "--cidr", "10.20.0.0/29", "--vni", "42", "--gateway", "none"]);
+    fails(&["network", "create", "wide", "--cidr", "10.10.0.0/16"], 1, "overlaps network blue");
+    fails(&["network", "create", "dup", "--cidr", "10.30.0.0/24", "--vni", "42"], 1, "VNI 42");
+    fails(&["network", "create", "bad", "--cidr", "10.30.0.7/24"], 1, "host bits");
+    ok(&["vm", "create", "n1", "--kernel", "/k", "--nic", "blue", "--nic", "green:10.20.0.5", "--stopped"]);
+    let n1: serde_json::Value = serde_json::from_str(&ok(&["-o", "json", "vm", "show", "n1"])).expect("json");
+    let nics = &n1["nics"];
+    assert_eq!((nics[0]["ip"].as_str(), nics[0]["prefix"].as_u64()), (Some("10.10.0.2"), Some(24)), "{n1}");
+    assert_eq!(nics[0]["gateway"], "10.10.0.1", "{n1}");
+    assert!(nics[0]["mac"].as_str().is_some_and(|m| m.starts_with("02:ba:5a:")), "{n1}");
+    assert_eq!((nics[1]["ip"].as_str(), &nics[1]["gateway"]), (Some("10.20.0.5"), &serde_json::Value::Null), "{n1}");
+    assert_ne!(nics[0]["mac"], nics[1]["mac"]);
+    fails(&["vm", "create", "n2", "--kernel", "/k", "--nic", "green:10.20.0.5"], 1, "taken by vm n1 nic 1");
+    fails(&["vm", "create", "n2", "--kernel", "/k", "--nic", "blue:10.10.9.1"], 1, "outside");
+    fails(&["vm", "create", "n2", "--kernel", "/k", "--nic", "blue:x"], 2, "not an IPv4 address");
+    fails(&["vm", "create", "n2", "--kernel", "/k", "--nic", "red"], 1, "network red does not exist");
+    let table = ok(&["network", "list"]);
+    assert!(table.lines().any(|l| l.starts_with("blue") && l.contains("1000") && l.contains("1/253")), "{table}");
+    let blue: serde_json::Value = serde_json::from_str(&ok(&["-o", "json", "network", "show", "blue"])).expect("json");
+    assert_eq!((blue["leases"][0]["vm"].as_str(), blue["leases"][0]["ip"].as_str()), (Some("n1"), Some("10.10.0.2")));
+    fails(&["network", "delete", "blue"], 1, "in use by vm n1 nic 0");
+    ok(&["vm", "delete", "n1"]);
+    ok(&["network", "delete", "blue"]);
+    fails(&["network", "show", "blue"], 1, "not found");
+
     let events = ok(&["events", "--subject", "vm/web-1"]);
     assert!(events.contains("VmCreated") && events.contains("VmPowerChanged"), "{events}");
     let out = ok(&["vm", "delete", "web-1", "--delete-disks"]);

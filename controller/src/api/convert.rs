@@ -11,6 +11,7 @@ use crate::model::{
     Boot, Capacity, Disk, Event, EventKind, Migration, MigrationPhase, MigrationReport, Network, NetworkRequest,
     NicSpec, Node, NodeRegistration, NodeState, Power, ProfileKind, StorageProfile, StorageState, StorageStatus, Vm, VmPhase, VmSpec, Volume,
 };
+use crate::model::networks::Gateway;
 use crate::scheduler::NodeView;
 
 fn invalid(msg: impl Into<String>) -> CommandError {
@@ -220,9 +221,9 @@ pub fn network_request(r: pb::CreateNetworkRequest) -> NetworkRequest {
         cidr: r.cidr,
         vni: (r.vni != 0).then_some(r.vni),
         gateway: match r.gateway.as_str() {
-            "" => None,
-            "none" => Some(None),
-            g => Some(Some(g.to_string())),
+            "" => Gateway::First,
+            "none" => Gateway::None,
+            g => Gateway::At(g.to_string()),
         },
     }
 }

@@ -43,8 +43,16 @@ pub struct NetworkRequest {
     pub cidr: String,
     /// None: the lowest free VNI from [`FIRST_AUTO_VNI`].
     pub vni: Option<u32>,
-    /// None: the subnet's first address. `Some(None)`: no gateway.
-    pub gateway: Option<Option<String>>,
+    pub gateway: Gateway,
+}
+
+/// Which address a network reserves for its router.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Gateway {
+    /// The subnet's first host address.
+    First,
+    None,
+    At(String),
 }
 
 /// A NIC as a VM spec asks for it.
@@ -150,9 +158,9 @@ impl NetworkRequest {
         }
         let mut n = Network { name: self.name.clone(), address, prefix, vni, gateway: None, created_revision: rev };
         n.gateway = match &self.gateway {
-            None => n.hosts().next(),
-            Some(None) => None,
-            Some(Some(g)) => {
+            Gateway::First => n.hosts().next(),
+            Gateway::None => None,
+            Gateway::At(g) => {
                 let ip: Ipv4Addr =
                     g.parse().map_err(|_| invalid(format!("{what}: gateway {g:?} is not an IPv4 address")))?;
                 if let Some(why) = n.refuse_host(ip) {
@@ -176,12 +184,12 @@ mod tests {
     use super::*;
 
     fn req(cidr: &str, gateway: Option<Option<&str>>) -> NetworkRequest {
-        NetworkRequest {
-            name: "blue".into(),
-            cidr: cidr.into(),
-            vni: None,
-            gateway: gateway.map(|g| g.map(String::from)),
-        }
+        let gateway = match gateway {
+            None => Gateway::First,
+            Some(None) => Gateway::None,
+            Some(Some(g)) => Gateway::At(g.into()),
+        };
+        NetworkRequest { name: "blue".into(), cidr: cidr.into(), vni: None, gateway }
     }
 
     #[test]
@@ -194,7 +202,7 @@ mod tests {
         assert!(n.refuse_host(Ipv4Addr::new(10, 10, 0, 255)).is_some_and(|w| w.contains("broadcast")));
         assert!(n.refuse_host(Ipv4Addr::new(10, 10, 1, 5)).is_some_and(|w| w.contains("outside")));
         assert_eq!(n.refuse_host(Ipv4Addr::new(10, 10, 0, 7)), None);
-        let wide = req("10.0.0.0/16", Some(None)).build(1001, 1).expect("network");
+        let wide = req("10.10.0.0/16", Some(None)).build(1001, 1).expect("network");
         assert!(wide.overlaps(&n) && n.overlaps(&wide) && wide.gateway.is_none());
         let other = req("10.10.1.0/24", Some(Some("10.10.1.254"))).build(1002, 1).expect("network");
         assert!(!other.overlaps(&n));
@@ -212,6 +220,12 @@ mod tests {
         let e = req("10.10.0.0/24", Some(Some("10.10.1.1"))).build(1000, 1).expect_err("gateway outside");
         assert!(e.message().contains("gateway 10.10.1.1 is outside"), "{e}");
         assert!(req("10.10.0.0/24", None).build(0, 1).is_err() && req("10.10.0.0/24", None).build(MAX_VNI + 1, 1).is_err());
+        // Requests travel through Raft as JSON: every gateway choice survives it.
+        for g in [None, Some(None), Some(Some("10.10.0.9"))] {
+            let r = req("10.10.0.0/24", g);
+            let back: NetworkRequest = serde_json::from_slice(&serde_json::to_vec(&r).expect("json")).expect("json");
+            assert_eq!(back, r);
+        }
         assert_eq!(mac(0), "02:ba:5a:00:00:00");
         assert_eq!(mac(0x01_0203), "02:ba:5a:01:02:03");
     }

@@ -164,6 +164,9 @@ impl ClusterState {
         for n in std::mem::take(&mut v.nics) {
             if let Some(l) = self.leases.get_mut(&n.network) {
                 l.remove(&n.ip);
+                if l.is_empty() {
+                    self.leases.remove(&n.network);
+                }
             }
             ch.push((EventKind::VmDeleted, format!("vm/{vm}"), format!("released {} on network {}", n.ip, n.network)));
         }

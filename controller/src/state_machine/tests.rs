@@ -60,6 +60,7 @@ fn ok(st: &mut ClusterState, cmd: Command) -> Response {
     let rebuilt = ClusterState::restore(&st.snapshot().expect("snapshot")).expect("restore");
     assert_eq!(st.by_node, rebuilt.by_node, "after {dbg}");
     assert_eq!(st.active_migrations, rebuilt.active_migrations, "after {dbg}");
+    assert_eq!(st.leases, rebuilt.leases, "after {dbg}");
     r
 }
 
@@ -852,3 +853,4 @@ fn same_commands_same_state() {
 }
 
 mod migrations;
+mod networks;
