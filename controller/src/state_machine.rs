@@ -471,6 +471,19 @@ impl ClusterState {
         let revision = self.revision + 1;
         let assignment_vm = cmd.assignment_vm().map(str::to_string);
         let placed_before = assignment_vm.as_deref().and_then(|n| self.vms.get(n)).and_then(|v| v.placement.clone());
+        // The nodes on a VM's networks before the command: a VM with NICs
+        // that leaves a node (or the cluster) changes their VXLAN peers.
+        let migrating_vm = match &cmd {
+            Command::ReportMigration { vm, .. } | Command::StartMigration { vm, .. } | Command::CancelMigration { vm } => {
+                Some(vm.clone())
+            }
+            _ => None,
+        };
+        let neighbours_before: Vec<NodeId> = assignment_vm
+            .iter()
+            .chain(&migrating_vm)
+            .flat_map(|vm| self.network_neighbours(vm))
+            .collect();
         let mut changes = Changes::new();
         // Nodes whose agents must hear of a migration's change.
         let mut touched: Vec<NodeId> = Vec::new();
@@ -569,7 +582,14 @@ impl ClusterState {
         };
         self.revision = revision;
         let placed_after = assignment_vm.as_deref().and_then(|n| self.vms.get(n)).and_then(|v| v.placement.clone());
-        for node in placed_before.into_iter().chain(placed_after).chain(touched) {
+        let neighbours: Vec<NodeId> = if placed_before != placed_after || migrating_vm.is_some() {
+            let after: Vec<NodeId> =
+                assignment_vm.iter().chain(&migrating_vm).flat_map(|vm| self.network_neighbours(vm)).collect();
+            neighbours_before.into_iter().chain(after).collect()
+        } else {
+            Vec::new()
+        };
+        for node in placed_before.into_iter().chain(placed_after).chain(touched).chain(neighbours) {
             self.node_revisions.insert(node, revision);
         }
         for (kind, subject, message) in changes {

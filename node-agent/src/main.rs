@@ -14,6 +14,7 @@ mod config;
 mod controllers;
 mod cpu;
 mod metrics;
+mod network;
 mod node_service;
 mod reporter;
 mod supervisor;

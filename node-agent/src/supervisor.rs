@@ -18,6 +18,7 @@
 //! exits 4. Which host runs the guest is the VMMs' decision (the RBD lock
 //! hand-over); the agents only report it.
 
+use crate::network::{tap_name, HostNetworks, Iproute2, Segment};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -129,6 +130,19 @@ pub struct Supervisor {
     reports: mpsc::UnboundedSender<ReporterMsg>,
     metrics: Arc<Metrics>,
     next_token: u64,
+    /// The networks the assigned VMs have NICs on, by name.
+    networks: HashMap<String, pb::NetworkAttachment>,
+    host_net: HostNetworks<Iproute2>,
+    /// Whether this agent has built any network device: until then, a host
+    /// without NICs is not asked about its links at all.
+    net_used: bool,
+    /// The last sync left something undone: when to try again.
+    net_retry: Option<Instant>,
+}
+
+/// This host's underlay address: the host part of its node address.
+fn cfg_host(cfg: &Config) -> String {
+    cfg.address_host().to_string()
 }
 
 impl Supervisor {
@@ -138,6 +152,7 @@ impl Supervisor {
         reports: mpsc::UnboundedSender<ReporterMsg>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let local = cfg_host(&cfg);
         Supervisor {
             cfg,
             slots: BTreeMap::new(),
@@ -147,7 +162,37 @@ impl Supervisor {
             reports,
             metrics,
             next_token: 1,
+            networks: HashMap::new(),
+            host_net: HostNetworks::new(Iproute2, local),
+            net_used: false,
+            net_retry: None,
         }
+    }
+
+    /// Makes the host carry the networks and taps of the VMs assigned here
+    /// (and migrating here).
+    fn sync_networks(&mut self) {
+        let mut segments: BTreeMap<u32, Segment> = BTreeMap::new();
+        let mut taps: BTreeMap<String, u32> = BTreeMap::new();
+        for (name, slot) in &self.slots {
+            let Some(vm) = &slot.vm else { continue };
+            for (i, nic) in vm.nics.iter().enumerate() {
+                let Some(n) = self.networks.get(&nic.network) else { continue };
+                segments
+                    .entry(n.vni)
+                    .or_insert_with(|| Segment { vni: n.vni, peers: n.peers.iter().cloned().collect() });
+                taps.insert(tap_name(name, i), n.vni);
+            }
+        }
+        if segments.is_empty() && taps.is_empty() && !self.net_used {
+            return;
+        }
+        self.net_used = true;
+        let errors = self.host_net.apply(&segments, &taps);
+        for e in &errors {
+            warn!("network: {e}");
+        }
+        self.net_retry = (!errors.is_empty()).then(|| Instant::now() + Duration::from_secs(5));
     }
 
     pub async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
@@ -266,6 +311,8 @@ impl Supervisor {
                 for slot in self.slots.values_mut().filter(|s| s.vm.is_none()) {
                     slot.part = None;
                 }
+                self.networks = a.networks.into_iter().map(|n| (n.name.clone(), n)).collect();
+                self.sync_networks();
                 info!(
                     revision = a.revision,
                     vms = self.slots.values().filter(|s| s.vm.is_some()).count(),
@@ -329,7 +376,11 @@ impl Supervisor {
                     ));
                 }
             }
-            Event::Tick => {}
+            Event::Tick => {
+                if self.net_retry.is_some_and(|t| Instant::now() >= t) {
+                    self.sync_networks();
+                }
+            }
         }
     }
 
@@ -580,6 +631,15 @@ impl Supervisor {
             Ok(c) => c,
             Err(e) => return fail(slot, &self.reports, format!("cannot run on {}: {e}", cfg.host_id)),
         };
+        // A tap the network code could not build would be created by the
+        // VMM itself, on no bridge: a VM cut off without a word. Refuse instead.
+        if let Some(n) = vmcfg.nics.iter().find(|n| !Path::new("/sys/class/net").join(&n.tap).exists()) {
+            let why = format!("tap {} for NIC {} is not ready on {} (see the agent's network errors)", n.tap, n.mac, cfg.host_id);
+            warn!(vm = %name, "{why}");
+            slot.start_after = Some(Instant::now() + Duration::from_secs(5));
+            set_phase(&self.reports, name, slot, VmPhase::Starting, why);
+            return;
+        }
         let prepared = (|| -> std::io::Result<std::fs::File> {
             std::fs::create_dir_all(&dir.0)?;
             let json = serde_json::to_vec_pretty(&vmcfg).map_err(std::io::Error::other)?;
@@ -918,7 +978,7 @@ mod tests {
     }
 
     async fn assign(r: &Rig, vms: Vec<pb::Vm>) {
-        r.events.send(Event::Assigned(pb::Assignments { revision: 1, vms, volumes: vec![] })).await.expect("send");
+        r.events.send(Event::Assigned(pb::Assignments { revision: 1, vms, volumes: vec![], networks: vec![] })).await.expect("send");
     }
 
     /// The next status report (power-off notices are collected aside).

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
 use basalt_proto::v1 as pb;
-use basalt_vmm::config::{ConsoleConfig, DiskBackend, DiskConfig, RbdClient, VmConfig};
+use basalt_vmm::config::{ConsoleConfig, DiskBackend, DiskConfig, NicConfig, RbdClient, VmConfig};
 
 use crate::config::CephConfig;
 
@@ -34,6 +34,17 @@ impl VmDir {
     pub fn pid_file(&self) -> PathBuf {
         self.0.join("vmm.pid")
     }
+}
+
+/// The kernel's `ip=` for the first NIC (`ip=CLIENT::GATEWAY:NETMASK::eth0:off`),
+/// which the kernel and initramfs-tools alike configure the guest from,
+/// unless the VM's own command line already says how.
+fn with_ip_argument(cmdline: &str, nic: Option<&pb::NicAddress>) -> String {
+    let Some(n) = nic.filter(|_| !cmdline.split_whitespace().any(|w| w.starts_with("ip="))) else {
+        return cmdline.to_string();
+    };
+    let mask = std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - n.prefix.min(32)).unwrap_or(0));
+    format!("{cmdline} ip={}::{}:{mask}::eth0:off", n.ip, n.gateway).trim_start().to_string()
 }
 
 /// The VMM config for an assigned VM. Errors say what in the spec cannot be run here.
@@ -73,10 +84,18 @@ pub fn vm_config(
         memory_mib: spec.memory_mib,
         kernel: kernel.kernel.clone().into(),
         initrd: (!kernel.initrd.is_empty()).then(|| kernel.initrd.clone().into()),
-        cmdline: kernel.cmdline.clone(),
+        cmdline: with_ip_argument(&kernel.cmdline, vm.nics.first()),
         disks,
-        // Tenant networks (the agent's bridges and taps) are not built yet.
-        nics: vec![],
+        nics: vm
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NicConfig {
+                tap: crate::network::tap_name(&vm.name, i),
+                mac: n.mac.clone(),
+                mtu: Some(crate::network::OVERLAY_MTU),
+            })
+            .collect(),
         console: ConsoleConfig::File { path: dir.console() },
         its: false,
     };

@@ -30,6 +30,30 @@ use tonic::transport::Channel;
 /// run count, then powers off) or a ticker (writes a counter every second).
 const GUEST: &str = r#"
 case "$(cat /proc/cmdline)" in
+*basalt.role=net*)
+    # Addressed as initramfs-tools would: from the ip= the agent adds.
+    cfg=$(sed -n 's/.* ip=\([^ ]*\).*/\1/p' /proc/cmdline)
+    ifconfig eth0 "$(echo "$cfg" | cut -d: -f1)" netmask "$(echo "$cfg" | cut -d: -f4)" up
+    echo "NET-UP $(echo "$cfg" | cut -d: -f1) mtu=$(cat /sys/class/net/eth0/mtu)"
+    peer=$(sed -n 's/.*basalt.peer=\([0-9.]*\).*/\1/p' /proc/cmdline)
+    case "$(cat /proc/cmdline)" in
+    *basalt.net=send*)
+        i=0; until ping -c 1 -W 1 "$peer" >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 300 ] && break; done
+        ping -c 3 "$peer" | grep -q ' 0% packet loss' && echo "NET-PING-OK"
+        i=0
+        until seq 1 10000000 | head -c 67108864 | nc -w 5 "$peer" 5000; do
+            i=$((i+1)); [ $i -gt 60 ] && break; sleep 1
+        done
+        echo "NET-SENT" ;;
+    *basalt.net=recv*)
+        echo "NET-RECV $(nc -l -p 5000 | md5sum | cut -c1-32)" ;;
+    *basalt.net=probe*)
+        # An address in the other network's subnet: only a leak between
+        # the two segments could answer it.
+        ip addr add 10.60.0.99/24 dev eth0
+        if ping -c 3 -W 1 "$peer" >/dev/null 2>&1; then echo "NET-LEAK"; else echo "NET-ISOLATED"; fi ;;
+    esac
+    while true; do sleep 60; done ;;
 *basalt.role=ticker*)
     # Counts on from what the disk holds, tagged with this boot's id: a
     # restarted VM shows a new tag, a second writer would show two.
@@ -123,14 +147,30 @@ fn vm_spec(memory_mib: u64, volume: Option<&str>, role: &str, group: &str) -> pb
     }
 }
 
+/// What VM networks need of the host kernel (the base initramfs loads only
+/// what booting needs), in dependency order.
+const HOST_MODULES: [(&str, &str); 7] = [
+    ("llc", "net/llc/llc.ko"),
+    ("stp", "net/802/stp.ko"),
+    ("bridge", "net/bridge/bridge.ko"),
+    ("tun", "drivers/net/tun.ko"),
+    ("udp_tunnel", "net/ipv4/udp_tunnel.ko"),
+    ("ip6_udp_tunnel", "net/ipv6/ip6_udp_tunnel.ko"),
+    ("vxlan", "drivers/net/vxlan/vxlan.ko"),
+];
+
 fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, controllers: &str) -> Arm64Host {
     let id = format!("host-{octet}");
+    let modules: Vec<&str> = HOST_MODULES.iter().map(|(n, _)| *n).collect();
+    let modules = modules.join(" ");
     // A connection to port 7300 restarts the agent (SIGTERM, then a new one;
     // after a kill, just a new one): its running VMs must be adopted, not
     // lost or started twice. One to port 7301 kills it (SIGKILL), leaving its
     // VMMs running: a host the controllers lose while its VMs still write.
     let script = format!(
         "set -e\nmkdir -p /etc/ceph\ncp /basalt/ceph/ceph.conf /basalt/ceph/vm.keyring /etc/ceph/\n\
+         for m in {modules}; do insmod /basalt/mod/$m.ko || echo \"HOST: insmod $m failed\"; done\n\
+         export PATH=/sysroot/opt/iproute2/bin:$PATH\n\
          start_agent() {{ NO_COLOR=1 basalt-agent --host-id {id} --address 10.77.0.{octet}:7200 {controllers} \
          --vmm /basalt/bin/basalt-vmm --state-dir /tmp/agent --ceph-conf /etc/ceph/ceph.conf --ceph-id vm \
          --ceph-keyring /etc/ceph/vm.keyring --vcpus 4 --memory-mib 600 --label host={id} \
@@ -145,9 +185,12 @@ fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, con
          done\n"
     );
     let conf = ceph.host_conf("/etc/ceph/vm.keyring").expect("host ceph.conf");
+    let mut host = Arm64Host::new(&id);
+    for (name, path) in HOST_MODULES {
+        host = host.file(&format!("mod/{name}.ko"), guest::module(arts, path).expect("module"), 0o644);
+    }
     let keyring = std::fs::read(ceph.vm_keyring()).expect("vm keyring");
-    Arm64Host::new(&id)
-        .smp(1)
+    host.smp(1)
         .memory_mib(1536)
         .timeout(Duration::from_secs(1500))
         .nic(ns.add_host_nic(octet).expect("tap"))
@@ -636,6 +679,75 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     let stopped_at = ticks();
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(ticks(), stopped_at, "the stopped VM no longer writes: {vm:?}");
+
+    // Networks: two VMs on different hosts on one network get the addresses
+    // the controllers gave them (from the kernel's ip=), reach each other
+    // over the hosts' VXLAN and move 64 MiB intact; a VM on another network
+    // cannot reach them even from an address in their subnet; deleting the
+    // VMs removes their taps and, once unused, the network's devices.
+    let netctl = |args: &[&str]| {
+        let (rc, out, err) = basaltctl(args);
+        assert_eq!(rc, Some(0), "basaltctl {args:?}: {out} {err}");
+        out
+    };
+    netctl(&["network", "create", "e2e-a", "--cidr", "10.60.0.0/24"]);
+    netctl(&["network", "create", "e2e-b", "--cidr", "10.61.0.0/24"]);
+    let net_vm = |name: &str, net: &str, ip: &str, role: &str, group: &str, memory: u64| {
+        let mut spec = vm_spec(memory, None, &format!("net {role}"), group);
+        spec.nics = vec![pb::NicSpec { network: net.into(), ip: ip.into() }];
+        create(name, spec).unwrap_or_else(|e| panic!("create {name}: {e}"));
+    };
+    net_vm("nb", "e2e-a", "10.60.0.11", "basalt.net=recv", "e2e-net", 192);
+    net_vm("na", "e2e-a", "10.60.0.10", "basalt.net=send basalt.peer=10.60.0.11", "e2e-net", 192);
+    for n in ["na", "nb"] {
+        api.wait_phase(n, pb::VmPhase::Running, Duration::from_secs(400));
+    }
+    let (ha_, hb_) = (host_of("na"), host_of("nb"));
+    assert_ne!(ha_, hb_, "the two VMs run on different hosts");
+    let console = |vm: &str| basaltctl(&["vm", "console", vm, "--tail", "20000"]).1;
+    let t = Instant::now();
+    let recv = api.eventually("nb received the stream", Duration::from_secs(400), |_| {
+        console("nb").lines().find_map(|l| l.trim().strip_prefix("NET-RECV ").map(|m| m.trim().to_string()))
+    });
+    eprintln!("[e2e] 64 MiB between {ha_} and {hb_} over VXLAN in {:.1?}", t.elapsed());
+    let want = std::process::Command::new("sh")
+        .args(["-c", "seq 1 10000000 | head -c 67108864 | md5sum | cut -c1-32"])
+        .output()
+        .expect("md5 of the stream");
+    assert_eq!(recv, String::from_utf8_lossy(&want.stdout).trim(), "the stream arrived intact");
+    let na_out = console("na");
+    assert!(na_out.contains("NET-UP 10.60.0.10 mtu=1450") && na_out.contains("NET-PING-OK"), "{na_out}");
+    assert!(console("nb").contains("NET-UP 10.60.0.11 mtu=1450"));
+    let shown: serde_json::Value = serde_json::from_str(&netctl(&["-o", "json", "vm", "show", "na"])).expect("json");
+    assert!(shown["nics"][0]["mac"].as_str().is_some_and(|m| m.starts_with("02:ba:5a:")), "{shown}");
+    net_vm("nc", "e2e-b", "10.61.0.10", "basalt.net=probe basalt.peer=10.60.0.10", "", 128);
+    let verdict = api.eventually("nc's probe", Duration::from_secs(400), |_| {
+        let out = console("nc");
+        ["NET-ISOLATED", "NET-LEAK"].into_iter().find(|v| out.contains(v))
+    });
+    assert_eq!(verdict, "NET-ISOLATED", "a VM on another network cannot reach e2e-a");
+    let (rc, _, err) = basaltctl(&["network", "delete", "e2e-a"]);
+    assert!(rc == Some(1) && err.contains("in use by vm"), "{err}");
+    let vni_a = serde_json::from_str::<serde_json::Value>(&netctl(&["-o", "json", "network", "show", "e2e-a"]))
+        .expect("json")["vni"]
+        .as_u64()
+        .expect("vni");
+    for n in ["na", "nb", "nc"] {
+        api.rt
+            .block_on(c.delete_vm(pb::DeleteVmRequest { name: n.into(), delete_disks: false }))
+            .unwrap_or_else(|e| panic!("delete {n}: {e}"));
+    }
+    for (ix, host) in [(0usize, "host-11"), (1, "host-12")] {
+        assert!(
+            hosts.0[ix].wait_for_console(&format!("removed: no longer used on this host device=bsn{vni_a}"), Duration::from_secs(60)),
+            "{host} removed the network's bridge"
+        );
+    }
+    api.eventually("e2e-a deletable", Duration::from_secs(30), |a| {
+        let mut c = a.client.clone();
+        a.rt.block_on(c.delete_network(pb::NameRef { name: "e2e-a".into() })).ok()
+    });
+    netctl(&["network", "delete", "e2e-b"]);
 
     // Failover: the agent of an HA VM's host dies, its VMM writes on. After
     // the lease the node is Unreachable, after fence_after it is fenced out

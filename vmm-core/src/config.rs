@@ -49,6 +49,9 @@ pub struct NicConfig {
     pub tap: String,
     /// `52:54:00:12:34:56`: unicast, as the guest will see it.
     pub mac: String,
+    /// Offered to the guest (an overlay's, e.g. 1450 on VXLAN); none: 1500.
+    #[serde(default)]
+    pub mtu: Option<u16>,
 }
 
 /// A MAC in colon notation, unicast.
@@ -156,6 +159,9 @@ impl VmConfig {
         for (i, n) in self.nics.iter().enumerate() {
             crate::devices::tap::check_name(&n.tap).map_err(|e| ConfigError(format!("nic {i}: {e}")))?;
             parse_mac(&n.mac).map_err(|e| ConfigError(format!("nic {i}: {e}")))?;
+            if let Some(m) = n.mtu.filter(|m| *m < crate::devices::virtio::net::MIN_MTU) {
+                return bad(format!("nic {i}: MTU {m} is below {}", crate::devices::virtio::net::MIN_MTU));
+            }
             if let Some(j) = self.nics[..i].iter().position(|o| o.tap == n.tap || o.mac.eq_ignore_ascii_case(&n.mac)) {
                 return bad(format!("nic {i}: tap {} or MAC {} is nic {j}'s too", n.tap, n.mac));
             }

@@ -141,7 +141,7 @@ fn build_config(a: &Args) -> Result<VmConfig, String> {
     }
     for n in &a.nic {
         let (tap, mac) = n.split_once(',').ok_or_else(|| format!("--nic {n:?}: want TAP,MAC"))?;
-        cfg.nics.push(basalt_vmm::config::NicConfig { tap: tap.into(), mac: mac.into() });
+        cfg.nics.push(basalt_vmm::config::NicConfig { tap: tap.into(), mac: mac.into(), mtu: None });
     }
     if let Some(c) = &a.console {
         cfg.console = match c.as_str() {

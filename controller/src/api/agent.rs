@@ -97,7 +97,30 @@ impl AgentService for AgentApi {
                             .filter_map(|n| st.cluster.volume(n))
                             .map(|v| convert::volume(v, &st.cluster.volume_status(&v.name)))
                             .collect();
-                        Some(pb::Assignments { revision: rev, vms, volumes })
+                        let nets: std::collections::BTreeSet<&str> =
+                            all().flat_map(|v| v.nics.iter().map(|n| n.network.as_str())).collect();
+                        let networks = nets
+                            .into_iter()
+                            .filter_map(|n| st.cluster.network(n))
+                            .map(|n| {
+                                let peers = st
+                                    .cluster
+                                    .nodes_on_network(&n.name)
+                                    .into_iter()
+                                    .filter(|p| *p != node)
+                                    .filter_map(|p| st.cluster.node(p))
+                                    .filter_map(|p| p.address_host().map(String::from))
+                                    .collect();
+                                pb::NetworkAttachment {
+                                    name: n.name.clone(),
+                                    vni: n.vni,
+                                    cidr: n.cidr(),
+                                    gateway: n.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                                    peers,
+                                }
+                            })
+                            .collect();
+                        Some(pb::Assignments { revision: rev, vms, volumes, networks })
                     } else {
                         None
                     }

@@ -81,6 +81,13 @@ pub struct Node {
 }
 
 impl Node {
+    /// The host part of `address` (`10.0.0.11` of `10.0.0.11:7200`; an
+    /// IPv6 address without its brackets).
+    pub fn address_host(&self) -> Option<&str> {
+        let (h, _) = self.address.rsplit_once(':')?;
+        Some(h.trim_start_matches('[').trim_end_matches(']'))
+    }
+
     /// The features of `from` this node lacks: a guest started on `from` may
     /// use them, so it cannot be moved here.
     pub fn missing_cpu_features(&self, from: &Node) -> Vec<String> {

@@ -22,6 +22,31 @@ impl ClusterState {
         self.leases.get(network).into_iter().flatten().map(|(ip, (vm, i))| (*ip, vm.as_str(), *i))
     }
 
+    /// Nodes with a VM on `network` (placed there, or migrating there).
+    pub fn nodes_on_network(&self, network: &str) -> std::collections::BTreeSet<&str> {
+        let mut out = std::collections::BTreeSet::new();
+        for (vm, _) in self.leases.get(network).into_iter().flat_map(|l| l.values()) {
+            if let Some(p) = self.vms.get(vm).and_then(|v| v.placement.as_deref()) {
+                out.insert(p);
+            }
+            if let Some(m) = self.active_migration(vm) {
+                out.insert(m.target.as_str());
+            }
+        }
+        out
+    }
+
+    /// Nodes sharing a network with `vm`: their VXLAN peers change when it
+    /// arrives on or leaves a node.
+    pub(super) fn network_neighbours(&self, vm: &str) -> Vec<String> {
+        let Some(v) = self.vms.get(vm) else { return Vec::new() };
+        let mut out: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        for n in &v.nics {
+            out.extend(self.nodes_on_network(&n.network).into_iter().map(String::from));
+        }
+        out.into_iter().collect()
+    }
+
     pub(super) fn create_network(
         &mut self,
         req: &NetworkRequest,

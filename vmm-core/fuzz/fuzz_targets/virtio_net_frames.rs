@@ -70,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
             if flags & 32 != 0 {
                 let state = rig.t.save();
                 let net_state = rig.t.device().save();
-                let mut dev = VirtioNet::new(Box::new(rig.frames.clone()), NetConfig { mac: MAC, queue_size: MAX_QUEUE })
+                let mut dev = VirtioNet::new(Box::new(rig.frames.clone()), NetConfig { mac: MAC, queue_size: MAX_QUEUE, mtu: None })
                     .expect("device");
                 dev.restore(&net_state).expect("same NIC");
                 let mut t = MmioTransport::new(Box::new(dev), rig.mem.clone(), EventFd::new(EFD_NONBLOCK).expect("eventfd"))

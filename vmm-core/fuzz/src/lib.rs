@@ -177,7 +177,7 @@ pub mod net {
         pub fn new() -> Self {
             let frames = Frames::default();
             let dev =
-                VirtioNet::new(Box::new(frames.clone()), NetConfig { mac: MAC, queue_size: MAX_QUEUE }).expect("device");
+                VirtioNet::new(Box::new(frames.clone()), NetConfig { mac: MAC, queue_size: MAX_QUEUE, mtu: None }).expect("device");
             let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
             let t = MmioTransport::new(Box::new(dev), mem.clone(), EventFd::new(EFD_NONBLOCK).expect("eventfd"))
                 .expect("transport");

@@ -32,7 +32,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -49,8 +49,10 @@ pub const MAX_FRAME: usize = HDR_LEN + 65_550;
 const MIN_ETHERNET: usize = 14;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub const STATE_VERSION: u32 = 1;
-/// `mac`, `status`, `max_virtqueue_pairs`.
-const CONFIG_LEN: usize = 10;
+/// `mac`, `status`, `max_virtqueue_pairs`, `mtu`.
+const CONFIG_LEN: usize = 12;
+/// IPv4's minimum.
+pub const MIN_MTU: u16 = 68;
 const RX: usize = 0;
 const TX: usize = 1;
 /// Offset of `num_buffers` in the header.
@@ -81,6 +83,9 @@ pub trait NetBackend: Send {
 pub struct NetConfig {
     pub mac: [u8; 6],
     pub queue_size: u16,
+    /// Offered to the driver (VIRTIO_NET_F_MTU): below 1500 on an overlay
+    /// such as VXLAN, whose headers must fit in the hosts' MTU.
+    pub mtu: Option<u16>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -89,6 +94,8 @@ pub enum NetDeviceError {
     MulticastMac(String),
     #[error("queue size {0} is not a power of two between 4 and 32768")]
     QueueSize(u16),
+    #[error("MTU {0} is below {MIN_MTU}")]
+    Mtu(u16),
     #[error("state version {0} is not supported (expected {STATE_VERSION})")]
     StateVersion(u32),
     #[error("saved MAC {saved} differs from this NIC's {actual}")]
@@ -164,7 +171,10 @@ impl VirtioNet {
         if !qs.is_power_of_two() || !(4..=32768).contains(&qs) {
             return Err(NetDeviceError::QueueSize(qs));
         }
-        let features = [
+        if let Some(m) = cfg.mtu.filter(|m| *m < MIN_MTU) {
+            return Err(NetDeviceError::Mtu(m));
+        }
+        let mut features = [
             VIRTIO_F_VERSION_1,
             VIRTIO_RING_F_EVENT_IDX,
             VIRTIO_RING_F_INDIRECT_DESC,
@@ -182,10 +192,14 @@ impl VirtioNet {
         ]
         .iter()
         .fold(0u64, |f, b| f | (1u64 << b));
+        if cfg.mtu.is_some() {
+            features |= 1 << VIRTIO_NET_F_MTU;
+        }
         let mut config = [0u8; CONFIG_LEN];
         config[..6].copy_from_slice(&cfg.mac);
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[10..12].copy_from_slice(&cfg.mtu.unwrap_or(1500).to_le_bytes());
         Ok(VirtioNet {
             backend,
             mac: cfg.mac,

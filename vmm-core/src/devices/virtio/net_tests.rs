@@ -68,7 +68,8 @@ struct H {
 
 fn harness() -> H {
     let fake = Fake::default();
-    let dev = VirtioNet::new(Box::new(fake.clone()), NetConfig { mac: MAC, queue_size: QSIZE }).expect("device");
+    let dev =
+        VirtioNet::new(Box::new(fake.clone()), NetConfig { mac: MAC, queue_size: QSIZE, mtu: Some(1450) }).expect("device");
     let mem = GuestRam::from_ranges(&[(GuestAddress(MEM_BASE), MEM_SIZE)]).expect("mem");
     let t = MmioTransport::new(Box::new(dev), mem.clone(), EventFd::new(EFD_NONBLOCK).expect("eventfd"))
         .expect("transport");
@@ -184,7 +185,7 @@ fn the_driver_sees_the_mac_the_link_and_its_offloads_reach_the_tap() {
         assert_ne!(offered & bit(f), 0, "feature {f} offered");
     }
     // Config space is read a byte or a word at a time, as drivers do.
-    let mut cfg = [0u8; 10];
+    let mut cfg = [0u8; 12];
     for (i, b) in cfg.iter_mut().enumerate() {
         let mut one = [0u8; 1];
         h.t.read(0x100 + i as u64, &mut one);
@@ -192,6 +193,8 @@ fn the_driver_sees_the_mac_the_link_and_its_offloads_reach_the_tap() {
     }
     assert_eq!(&cfg[..6], &MAC);
     assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), VIRTIO_NET_S_LINK_UP as u16);
+    assert_ne!(offered & bit(VIRTIO_NET_F_MTU), 0, "an MTU is offered");
+    assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 1450, "the overlay's MTU");
     let all = Offloads { csum: true, tso4: true, tso6: true, ecn: true };
     assert_eq!(h.fake.offloads.lock().expect("lock").last(), Some(&all));
     // A driver that takes no receive offloads gets none; a reset clears them.
@@ -316,9 +319,9 @@ fn the_nic_announces_itself_and_its_state_names_its_mac() {
     assert_eq!(e.len(), 60);
     assert_eq!((&e[..6], &e[6..12], &e[12..14]), (&[0xff; 6][..], &MAC[..], &[0x80, 0x35][..]), "a RARP from the MAC");
     let s = h.t.device().save();
-    let other = VirtioNet::new(Box::new(Fake::default()), NetConfig { mac: [2, 0, 0, 0, 0, 1], queue_size: QSIZE });
+    let other = VirtioNet::new(Box::new(Fake::default()), NetConfig { mac: [2, 0, 0, 0, 0, 1], queue_size: QSIZE, mtu: None });
     let err = other.expect("device").restore(&s).expect_err("another MAC");
     assert!(matches!(err, NetDeviceError::MacMismatch { .. }), "{err}");
-    let multicast = VirtioNet::new(Box::new(Fake::default()), NetConfig { mac: [1, 0, 0, 0, 0, 1], queue_size: QSIZE });
+    let multicast = VirtioNet::new(Box::new(Fake::default()), NetConfig { mac: [1, 0, 0, 0, 0, 1], queue_size: QSIZE, mtu: None });
     assert!(matches!(multicast.err(), Some(NetDeviceError::MulticastMac(_))));
 }
