@@ -736,12 +736,7 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Some(start) = usize::try_from(offset).ok().filter(|&o| o < CONFIG_LEN) else {
-            return;
-        };
-        let n = (CONFIG_LEN - start).min(data.len());
-        data[..n].copy_from_slice(&self.config[start..start + n]);
+        super::read_config_space(&self.config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

@@ -167,6 +167,17 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// Reads a device's configuration space `config` at `offset`: bytes past
+/// its end read as zero, as the transport promises the driver.
+pub(crate) fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(start) = usize::try_from(offset).ok().filter(|&o| o < config.len()) else {
+        return;
+    };
+    let n = (config.len() - start).min(data.len());
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
 /// Logs the first occurrence of a guest-triggered problem at warn level and
 /// the rest at debug: a hostile guest must not be able to flood the log.
 pub(crate) fn log_guest_error(count: u64, what: std::fmt::Arguments<'_>) {
