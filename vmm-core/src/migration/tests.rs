@@ -290,15 +290,16 @@ fn a_guest_faster_than_the_link_is_throttled_or_given_up_on() {
     let mut vm = FakeVm { mem, paused, events: events.clone(), fail_stop: false };
     let mut p = params(&addr);
     p.bandwidth = Some(1 << 20);
-    // Round 0 alone takes the dirtied half of RAM, 8 s at 1 MiB/s (paced a
-    // quarter second at a time): long enough for later rounds to throttle.
-    p.timeout = Duration::from_secs(12);
+    // Rounds 0 and 1 each send the dirtied half of RAM, 8 s at 1 MiB/s
+    // (paced a quarter second at a time); auto-converge decides after round
+    // 1, so the limit leaves room for it, however busy the machine is.
+    p.timeout = Duration::from_secs(20);
     let st = StatusCell::default();
     let t0 = Instant::now();
     let e = send::run(&mut vm, &offer(SIZE as u64), &p, &st, &AtomicBool::new(false)).expect_err("gives up");
     stop.store(true, Ordering::SeqCst);
-    assert!(e.contains("did not converge within 12s"), "{e}");
-    assert!(t0.elapsed() < Duration::from_secs(20), "gave up in time: {:?}", t0.elapsed());
+    assert!(e.contains("did not converge within 20s"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "gave up in time: {:?}", t0.elapsed());
     let ev = events.lock().expect("events").clone();
     assert!(ev.iter().any(|e| e == "throttle 20"), "auto-converge stepped in: {ev:?}");
     assert_eq!(ev.last().map(String::as_str), Some("throttle 0"), "the throttle is lifted when giving up: {ev:?}");
