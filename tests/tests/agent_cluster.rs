@@ -711,14 +711,20 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     assert_ne!(ha_, hb_, "the two VMs run on different hosts");
     let console = |vm: &str| basaltctl(&["vm", "console", vm, "--tail", "20000"]).1;
     let t = Instant::now();
-    let recv = api.eventually("nb received the stream", Duration::from_secs(400), |_| {
-        console("nb").lines().find_map(|l| l.trim().strip_prefix("NET-RECV ").map(|m| m.trim().to_string()))
-    });
+    // A whole checksum: the console may be read in the middle of its line.
+    let md5 = |out: &str, tag: &str| {
+        out.lines()
+            .filter_map(|l| l.trim().strip_prefix(tag))
+            .map(str::trim)
+            .find(|m| m.len() == 32 && m.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(String::from)
+    };
+    let recv = api.eventually("nb received the stream", Duration::from_secs(600), |_| md5(&console("nb"), "NET-RECV "));
     eprintln!("[e2e] 64 MiB between {ha_} and {hb_} over VXLAN in {:.1?}", t.elapsed());
     let na_out = console("na");
-    let sent = na_out.lines().find_map(|l| l.trim().strip_prefix("NET-SENT-MD5 ")).expect("sender's checksum");
+    let sent = md5(&na_out, "NET-SENT-MD5 ").expect("sender's checksum");
     eprintln!("[e2e] {}", na_out.lines().find(|l| l.contains("NET-SENT in")).unwrap_or("no NET-SENT line").trim());
-    assert_eq!(recv, sent.trim(), "the stream arrived intact");
+    assert_eq!(recv, sent, "the stream arrived intact");
     assert!(na_out.contains("NET-UP 10.60.0.10 mtu=1450") && na_out.contains("NET-PING-OK"), "{na_out}");
     assert!(console("nb").contains("NET-UP 10.60.0.11 mtu=1450"));
     let shown: serde_json::Value = serde_json::from_str(&netctl(&["-o", "json", "vm", "show", "na"])).expect("json");
