@@ -191,6 +191,25 @@ mod tests {
     }
 
     #[test]
+    fn the_first_nic_is_addressed_through_the_kernel_ip_argument() {
+        let nic = pb::NicAddress {
+            network: "blue".into(),
+            mac: "02:ba:5a:00:00:01".into(),
+            ip: "10.10.0.2".into(),
+            prefix: 24,
+            gateway: "10.10.0.1".into(),
+        };
+        assert_eq!(
+            with_ip_argument("console=ttyS0", Some(&nic)),
+            "console=ttyS0 ip=10.10.0.2::10.10.0.1:255.255.255.0::eth0:off"
+        );
+        let no_gw = pb::NicAddress { gateway: String::new(), prefix: 29, ..nic.clone() };
+        assert_eq!(with_ip_argument("", Some(&no_gw)), "ip=10.10.0.2:::255.255.255.248::eth0:off");
+        assert_eq!(with_ip_argument("console=ttyS0 ip=dhcp", Some(&nic)), "console=ttyS0 ip=dhcp", "the VM's own wins");
+        assert_eq!(with_ip_argument("console=ttyS0", None), "console=ttyS0");
+    }
+
+    #[test]
     fn an_assignment_becomes_a_vmm_config_with_rbd_disks() {
         let dir = tempfile::tempdir().expect("tmp");
         let kernel = dir.path().join("Image");

@@ -212,6 +212,35 @@ mod tests {
     }
 
     #[test]
+    fn nics_are_checked_before_anything_is_built() {
+        let k = tempfile::NamedTempFile::new().expect("tmp");
+        let nic = |tap: &str, mac: &str, mtu: Option<u16>| NicConfig { tap: tap.into(), mac: mac.into(), mtu };
+        let mut c = base(k.path());
+        c.nics = vec![nic("tap0", "52:54:00:12:34:56", Some(1450)), nic("tap1", "02:ba:5a:00:00:01", None)];
+        assert!(c.validate().is_ok());
+        for (n, needle) in [
+            (nic("tap0", "52:54:00:12:34", None), "six hex bytes"),
+            (nic("tap0", "52:54:00:12:34:zz", None), "six hex bytes"),
+            (nic("tap0", "01:00:5e:00:00:01", None), "multicast"),
+            (nic("tap0", "00:00:00:00:00:00", None), "not an address"),
+            (nic("a/b", "52:54:00:12:34:56", None), "tap name"),
+            (nic("sixteen-bytes-xx", "52:54:00:12:34:56", None), "tap name"),
+            (nic("tap0", "52:54:00:12:34:56", Some(60)), "MTU 60"),
+        ] {
+            let mut c = base(k.path());
+            c.nics = vec![n];
+            let e = c.validate().expect_err(needle).0;
+            assert!(e.contains("nic 0") && e.contains(needle), "{e}");
+        }
+        let mut c = base(k.path());
+        c.nics = vec![nic("tap0", "52:54:00:12:34:56", None), nic("tap0", "52:54:00:12:34:57", None)];
+        assert!(c.validate().expect_err("same tap").0.contains("nic 1"));
+        let mut c = base(k.path());
+        c.nics = (0..=MAX_NICS).map(|i| nic(&format!("tap{i}"), &format!("52:54:00:00:00:{i:02x}"), None)).collect();
+        assert!(c.validate().expect_err("too many").0.contains("at most 8"));
+    }
+
+    #[test]
     fn json_configs_parse_and_bad_ones_are_refused() {
         let k = tempfile::NamedTempFile::new().expect("tmp");
         let json = format!(
