@@ -297,6 +297,19 @@ fn node_json(n: &pb::Node) -> Value {
         "used": {"vcpus": used.vcpus, "memory_mib": used.memory_mib},
         "labels": n.labels, "vms": n.vms, "cpu_features": n.cpu_features,
         "last_heartbeat_age_ms": (n.last_heartbeat_age_ms >= 0).then_some(n.last_heartbeat_age_ms),
+        "nic_profile": (!n.nic_profile.is_empty()).then_some(&n.nic_profile),
+        "nics": n.nics.iter().map(|h| json!({
+            "name": h.name, "driver": h.driver,
+            "speed_mbps": (h.speed_mbps >= 0).then_some(h.speed_mbps),
+            "rx_queues": h.rx_queues, "tx_queues": h.tx_queues,
+            "timestamping": h.timestamping,
+            "ptp_clock": (h.ptp_clock >= 0).then(|| format!("/dev/ptp{}", h.ptp_clock)),
+            "tuned": h.settings.iter().map(|s| if s.error.is_empty() {
+                json!({"knob": s.knob, "cpus": s.cpus})
+            } else {
+                json!({"knob": s.knob, "cpus": s.cpus, "error": s.error})
+            }).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
     })
 }
 

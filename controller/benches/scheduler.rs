@@ -46,6 +46,8 @@ fn cluster() -> Result<ClusterState, String> {
             },
             labels: [("rack".to_string(), format!("r{}", i % 20)), ("zone".to_string(), format!("z{}", i % 3))].into(),
             cpu_features: Default::default(),
+            nics: Default::default(),
+            nic_profile: Default::default(),
         };
         apply(&mut st, Command::RegisterNode(reg))?;
         if rng.next(50) == 0 {

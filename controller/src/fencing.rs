@@ -161,6 +161,8 @@ mod tests {
             labels: Default::default(),
             state: NodeState::Unreachable,
             cpu_features: Default::default(),
+            nics: Default::default(),
+            nic_profile: Default::default(),
         }
     }
 

@@ -615,6 +615,8 @@ impl ClusterState {
                 n.capacity = reg.capacity;
                 n.labels = reg.labels;
                 n.cpu_features = reg.cpu_features;
+                n.nics = reg.nics;
+                n.nic_profile = reg.nic_profile;
                 let msg = format!("re-registered at {} with {} vCPUs, {} MiB; state {}", n.address, c.vcpus, c.memory_mib, n.state);
                 ch.push((EventKind::NodeUpdated, subject, msg));
             }
@@ -628,6 +630,8 @@ impl ClusterState {
                     labels: reg.labels,
                     state: NodeState::Ready,
                     cpu_features: reg.cpu_features,
+                    nics: reg.nics,
+                    nic_profile: reg.nic_profile,
                 };
                 self.nodes.insert(reg.id, node);
                 ch.push((EventKind::NodeRegistered, subject, msg));

@@ -19,12 +19,17 @@ pub struct Agent {
     cfg: Arc<Config>,
     ctl: Arc<Controllers>,
     metrics: Arc<Metrics>,
+    /// The host's NICs and what the profile set on them (once, at start).
+    nics: Vec<pb::HostNic>,
 }
 
 impl Agent {
     pub fn new(cfg: Config) -> Self {
         let ctl = Arc::new(Controllers::new(cfg.controllers.clone()));
-        Agent { cfg: Arc::new(cfg), ctl, metrics: Arc::new(Metrics::new()) }
+        let root = crate::nic::Root("/".into());
+        let mut nics = crate::nic::discover(&root);
+        crate::nic::apply(&root, &cfg.nic_profile, &mut nics, crate::nic::host_cpus());
+        Agent { cfg: Arc::new(cfg), ctl, metrics: Arc::new(Metrics::new()), nics }
     }
 
     /// Runs until `shutdown` resolves. VMs are left running: they belong to
@@ -94,6 +99,8 @@ impl Agent {
             capacity: Some(pb::Capacity { vcpus: cfg.vcpus, memory_mib: cfg.memory_mib }),
             labels: cfg.labels.clone().into_iter().collect(),
             cpu_features: crate::cpu::host_features(),
+            nics: self.nics.clone(),
+            nic_profile: cfg.nic_profile.name.clone(),
         };
         let features = req.cpu_features.len();
         let r = client.register(req).await?.into_inner();

@@ -10,6 +10,8 @@ use std::time::Duration;
 use basalt_proto::names::{is_dns_label, is_host_port};
 use serde::Deserialize;
 
+use crate::nic::{Profile, ProfileConfig};
+
 /// What the file may say; every field can also come from a flag.
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +36,11 @@ pub struct FileConfig {
     pub ceph: CephConfig,
     #[serde(default)]
     pub timing: TimingConfig,
+    /// The NIC tuning profile to apply at start: `none` (the default),
+    /// `spread`, or one of `nic_profiles`.
+    pub nic_profile: Option<String>,
+    #[serde(default)]
+    pub nic_profiles: BTreeMap<String, ProfileConfig>,
 }
 
 /// How the VMs' RBD disks reach Ceph: a restricted cephx client
@@ -91,6 +98,7 @@ pub struct Flags {
     pub ceph_conf: Option<PathBuf>,
     pub ceph_id: Option<String>,
     pub ceph_keyring: Option<PathBuf>,
+    pub nic_profile: Option<String>,
 }
 
 /// The validated configuration.
@@ -114,6 +122,8 @@ pub struct Config {
     pub migration_ports: std::ops::RangeInclusive<u16>,
     pub ceph: CephConfig,
     pub timing: Timing,
+    /// Applied to the host's NICs at start, and to each VM tap.
+    pub nic_profile: Profile,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -225,7 +235,11 @@ impl Config {
         if ceph.id.as_deref() == Some("admin") {
             return invalid("ceph.id: VMs must not use the admin key; give the agent a `profile rbd` client");
         }
+        let name = flags.nic_profile.or(file.nic_profile).unwrap_or_else(|| "none".into());
+        let nic_profile = Profile::resolve(&name, &file.nic_profiles, crate::nic::host_cpus())
+            .map_err(|e| ConfigError::Invalid(format!("{e} (--nic-profile, nic_profiles)")))?;
         Ok(Config {
+            nic_profile,
             host_id,
             address,
             controllers,

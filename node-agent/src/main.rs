@@ -15,6 +15,7 @@ mod controllers;
 mod cpu;
 mod metrics;
 mod network;
+mod nic;
 mod node_service;
 mod reporter;
 mod supervisor;
@@ -66,6 +67,10 @@ struct Args {
     /// Keyring of that cephx id.
     #[arg(long)]
     ceph_keyring: Option<PathBuf>,
+    /// NIC tuning profile applied at start: `none` (default), `spread`, or
+    /// one the config file defines under `nic_profiles`.
+    #[arg(long)]
+    nic_profile: Option<String>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "info", env = "BASALT_LOG")]
     log: String,
@@ -111,6 +116,7 @@ fn main() -> ExitCode {
         ceph_conf: args.ceph_conf,
         ceph_id: args.ceph_id,
         ceph_keyring: args.ceph_keyring,
+        nic_profile: args.nic_profile,
     };
     let cfg = match config::Config::resolve(file, flags) {
         Ok(c) => c,

@@ -74,11 +74,18 @@ pub struct HostNetworks<R: Runner> {
     runner: R,
     /// This host's address on the underlay (the VXLAN devices' source).
     local: String,
+    /// RPS for new taps (the NIC profile's `tap_rps_cpus`), in this sysfs.
+    tap_tuning: Option<(crate::nic::Root, crate::nic::Profile)>,
 }
 
 impl<R: Runner> HostNetworks<R> {
     pub fn new(runner: R, local: String) -> Self {
-        HostNetworks { runner, local }
+        HostNetworks { runner, local, tap_tuning: None }
+    }
+
+    pub fn with_tap_tuning(mut self, root: crate::nic::Root, profile: crate::nic::Profile) -> Self {
+        self.tap_tuning = Some((root, profile));
+        self
     }
 
     fn run(&mut self, args: &[&str]) -> Result<String, String> {
@@ -179,7 +186,15 @@ impl<R: Runner> HostNetworks<R> {
                 vec!["ip", "link", "set", tap, "up"],
             ];
             match steps.iter().try_for_each(|s| self.runner.run(s).map(|_| ())) {
-                Ok(()) => info!(tap = %tap, bridge = %br, "tap ready"),
+                Ok(()) => {
+                    info!(tap = %tap, bridge = %br, "tap ready");
+                    if let Some((root, profile)) = &self.tap_tuning {
+                        if let Err(e) = crate::nic::tune_tap(root, profile, tap) {
+                            // The tap works untuned; said, not fatal.
+                            warn!(tap = %tap, "tap RPS not set: {e}");
+                        }
+                    }
+                }
                 Err(e) => errors.push(e),
             }
         }

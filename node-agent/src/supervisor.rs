@@ -153,6 +153,7 @@ impl Supervisor {
         metrics: Arc<Metrics>,
     ) -> Self {
         let local = cfg_host(&cfg);
+        let host_net = HostNetworks::new(Iproute2, local).with_tap_tuning(crate::nic::Root("/".into()), cfg.nic_profile.clone());
         Supervisor {
             cfg,
             slots: BTreeMap::new(),
@@ -163,7 +164,7 @@ impl Supervisor {
             metrics,
             next_token: 1,
             networks: HashMap::new(),
-            host_net: HostNetworks::new(Iproute2, local),
+            host_net,
             net_used: false,
             net_retry: None,
         }

@@ -7,6 +7,7 @@ use std::process::ExitStatus;
 
 use basalt_proto::v1 as pb;
 use basalt_vmm::config::{ConsoleConfig, DiskBackend, DiskConfig, NicConfig, RbdClient, VmConfig};
+use basalt_vmm::devices::dhcp::{self, Lease};
 
 use crate::config::CephConfig;
 
@@ -45,6 +46,25 @@ fn with_ip_argument(cmdline: &str, nic: Option<&pb::NicAddress>) -> String {
     };
     let mask = std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - n.prefix.min(32)).unwrap_or(0));
     format!("{cmdline} ip={}::{}:{mask}::eth0:off", n.ip, n.gateway).trim_start().to_string()
+}
+
+/// What the VMM answers the NIC's DHCP with: the IPAM's address, the
+/// network's prefix and gateway, and the VM's name as hostname where it is
+/// a DNS label. `None` when the controllers sent no usable address.
+fn lease(vm: &str, n: &pb::NicAddress) -> Option<Lease> {
+    let lease = Lease {
+        address: n.ip.parse().ok()?,
+        prefix: u8::try_from(n.prefix).ok()?,
+        gateway: n.gateway.parse().ok(),
+        hostname: dhcp::valid_hostname(vm).then(|| vm.to_string()),
+    };
+    match lease.validate() {
+        Ok(()) => Some(lease),
+        Err(e) => {
+            tracing::warn!("VM {vm}: no DHCP for NIC {}: {e}", n.mac);
+            None
+        }
+    }
 }
 
 /// The VMM config for an assigned VM. Errors say what in the spec cannot be run here.
@@ -94,6 +114,7 @@ pub fn vm_config(
                 tap: crate::network::tap_name(&vm.name, i),
                 mac: n.mac.clone(),
                 mtu: Some(crate::network::OVERLAY_MTU),
+                dhcp: lease(&vm.name, n),
             })
             .collect(),
         console: ConsoleConfig::File { path: dir.console() },
@@ -207,6 +228,27 @@ mod tests {
         assert_eq!(with_ip_argument("", Some(&no_gw)), "ip=10.10.0.2:::255.255.255.248::eth0:off");
         assert_eq!(with_ip_argument("console=ttyS0 ip=dhcp", Some(&nic)), "console=ttyS0 ip=dhcp", "the VM's own wins");
         assert_eq!(with_ip_argument("console=ttyS0", None), "console=ttyS0");
+    }
+
+    #[test]
+    fn each_nic_gets_its_ipam_address_as_a_dhcp_lease() {
+        let nic = pb::NicAddress {
+            network: "blue".into(),
+            mac: "02:ba:5a:00:00:01".into(),
+            ip: "10.10.0.2".into(),
+            prefix: 24,
+            gateway: "10.10.0.1".into(),
+        };
+        let l = lease("web-1", &nic).expect("lease");
+        assert_eq!((l.address.to_string(), l.prefix, l.gateway.map(|g| g.to_string())), ("10.10.0.2".into(), 24, Some("10.10.0.1".into())));
+        assert_eq!(l.hostname.as_deref(), Some("web-1"));
+        // A name that is no DNS label is not offered; no gateway is none.
+        let l = lease("web_1.x", &pb::NicAddress { gateway: String::new(), ..nic.clone() }).expect("lease");
+        assert_eq!((l.hostname, l.gateway), (None, None));
+        // Nothing usable from the controllers: no DHCP, rather than a wrong lease.
+        assert_eq!(lease("web", &pb::NicAddress { ip: String::new(), ..nic.clone() }), None);
+        assert_eq!(lease("web", &pb::NicAddress { prefix: 40, ..nic.clone() }), None);
+        assert_eq!(lease("web", &pb::NicAddress { ip: "10.10.0.0".into(), ..nic }), None);
     }
 
     #[test]

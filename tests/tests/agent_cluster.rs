@@ -31,10 +31,14 @@ use tonic::transport::Channel;
 const GUEST: &str = r#"
 case "$(cat /proc/cmdline)" in
 *basalt.role=net*)
-    # Addressed as initramfs-tools would: from the ip= the agent adds.
-    cfg=$(sed -n 's/.* ip=\([^ ]*\).*/\1/p' /proc/cmdline)
-    ifconfig eth0 "$(echo "$cfg" | cut -d: -f1)" netmask "$(echo "$cfg" | cut -d: -f4)" up
-    echo "NET-UP $(echo "$cfg" | cut -d: -f1) mtu=$(cat /sys/class/net/eth0/mtu)"
+    # Addressed by DHCP, which the VMM answers with the controllers' lease
+    # (the ip= the agent also adds is shown beside it, unused).
+    printf '#!/bin/sh\n[ "$1" = bound ] && ifconfig "$interface" "$ip" netmask "$subnet" up && echo "DHCP-BOUND $ip/$subnet router=$router host=$hostname"\nexit 0\n' > /tmp/dhcp.sh
+    chmod +x /tmp/dhcp.sh
+    ifconfig eth0 up
+    udhcpc -i eth0 -s /tmp/dhcp.sh -q -n -t 10 -T 2 2>/dev/null || echo "DHCP-FAILED"
+    arg=$(sed -n 's/.* ip=\([^ :]*\).*/\1/p' /proc/cmdline)
+    echo "NET-UP $(ip -4 addr show eth0 | sed -n 's/.*inet \([0-9.]*\).*/\1/p') mtu=$(cat /sys/class/net/eth0/mtu) ip-arg=$arg"
     peer=$(sed -n 's/.*basalt.peer=\([0-9.]*\).*/\1/p' /proc/cmdline)
     case "$(cat /proc/cmdline)" in
     *basalt.net=send*)
@@ -45,8 +49,13 @@ case "$(cat /proc/cmdline)" in
         dd if=/dev/urandom of=/tmp/blk bs=1M count=8 2>/dev/null
         stream() { for k in 1 2 3 4 5 6 7 8; do cat /tmp/blk; done; }
         echo "NET-SENT-MD5 $(stream | md5sum | cut -c1-32)"
+        # Paced (basalt.pace seconds between blocks), so that a migration
+        # of the receiver happens while the stream flows.
+        pace=$(sed -n 's/.*basalt.pace=\([0-9]*\).*/\1/p' /proc/cmdline)
+        paced() { for k in 1 2 3 4 5 6 7 8; do cat /tmp/blk; sleep "${pace:-0}"; done; }
+        echo "NET-SENDING"
         i=0; t0=$(date +%s)
-        until stream | nc -w 3 "$peer" 5000; do
+        until paced | nc -w 3 "$peer" 5000; do
             i=$((i+1)); [ $i -gt 60 ] && break; sleep 1
         done
         echo "NET-SENT in $(( $(date +%s) - t0 )) s" ;;
@@ -179,10 +188,15 @@ fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, con
          start_agent() {{ NO_COLOR=1 basalt-agent --host-id {id} --address 10.77.0.{octet}:7200 {controllers} \
          --vmm /basalt/bin/basalt-vmm --state-dir /tmp/agent --ceph-conf /etc/ceph/ceph.conf --ceph-id vm \
          --ceph-keyring /etc/ceph/vm.keyring --vcpus 4 --memory-mib 600 --label host={id} \
-         --metrics-listen 0.0.0.0:9110 & echo $! > /tmp/agent.pid; }}\n\
+         --metrics-listen 0.0.0.0:9110 --nic-profile spread & echo $! > /tmp/agent.pid; }}\n\
          start_agent\n\
          ( while true; do nc -l -p 7301 </dev/null >/dev/null 2>&1 || {{ sleep 1; continue; }}; \
            kill -KILL $(cat /tmp/agent.pid); echo AGENT-KILLED; done ) &\n\
+         ( while true; do nc -l -p 7302 </dev/null >/dev/null 2>&1 || {{ sleep 1; continue; }}; \
+           d=$(basename $(readlink -f /sys/class/net/eth0/device)); \
+           irq=$(awk -v d=$d '$NF == d {{ sub(\":\", \"\", $1); print $1 }}' /proc/interrupts); \
+           echo \"TUNING irq=$irq affinity=$(cat /proc/irq/$irq/smp_affinity_list) \
+           rps=$(cat /sys/class/net/eth0/queues/rx-0/rps_cpus)\"; done ) &\n\
          while true; do\n\
            nc -l -p 7300 </dev/null >/dev/null 2>&1 || {{ sleep 1; continue; }}\n\
            p=$(cat /tmp/agent.pid); kill -TERM $p 2>/dev/null || true; while kill -0 $p 2>/dev/null; do sleep 0.1; done\n\
@@ -195,7 +209,8 @@ fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, con
         host = host.file(&format!("mod/{name}.ko"), guest::module(arts, path).expect("module"), 0o644);
     }
     let keyring = std::fs::read(ceph.vm_keyring()).expect("vm keyring");
-    host.smp(1)
+    // Two CPUs: NIC tuning then has a choice to make.
+    host.smp(2)
         .memory_mib(1536)
         .timeout(Duration::from_secs(1500))
         .nic(ns.add_host_nic(octet).expect("tap"))
@@ -302,6 +317,42 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     });
     eprintln!("[e2e] agents registered after {:.0?}", t0.elapsed());
 
+    let endpoints: Vec<String> = ctl.ids().iter().map(|id| ctl.addr(*id)).collect();
+    let basaltctl = |args: &[&str]| {
+        let out = std::process::Command::new(host_bin("basaltctl"))
+            .arg("--endpoints")
+            .arg(endpoints.join(","))
+            .args(args)
+            .output()
+            .expect("run basaltctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // NIC tuning: each agent found its host's NIC and applied `spread`;
+    // the kernel's own files, read in the host, say so too.
+    for (ix, octet) in [11u8, 12].into_iter().enumerate() {
+        let id = format!("host-{octet}");
+        let (rc, out, err) = basaltctl(&["-o", "json", "node", "show", &id]);
+        assert_eq!(rc, Some(0), "{err}");
+        let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(j["nic_profile"], "spread", "{j}");
+        let nic = &j["nics"][0];
+        assert_eq!((nic["name"].as_str(), nic["driver"].as_str()), (Some("eth0"), Some("virtio_net")), "{j}");
+        assert!(nic["timestamping"].as_array().is_some_and(|t| t.iter().any(|c| c == "software-receive")), "{j}");
+        let tuned = nic["tuned"].as_array().expect("tuned");
+        assert!(tuned.iter().any(|t| t["knob"] == "rx-0 rps" && t["cpus"] == "0-1" && t.get("error").is_none()), "{j}");
+        assert!(!tuned.iter().any(|t| t["knob"] == "tx-0 xps"), "one transmit queue: no XPS: {j}");
+        assert!(tuned.iter().any(|t| t["knob"].as_str().is_some_and(|k| k.starts_with("irq ")) && t["cpus"] == "0"), "{j}");
+        std::net::TcpStream::connect(format!("10.77.0.{octet}:7302")).expect("ask the host for its tuning");
+        assert!(hosts.0[ix].wait_for_console("TUNING ", Duration::from_secs(30)), "{id} read its tuning back");
+        let console = hosts.0[ix].console();
+        let line = console.lines().find(|l| l.contains("TUNING ")).expect("line");
+        assert!(line.contains("affinity=0 rps=3"), "{id}: {line}");
+    }
+
     // Storage: the profile and the volume become real in Ceph.
     let mut c = api.client.clone();
     let profile = pb::StorageProfile {
@@ -403,20 +454,6 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     api.eventually("the ticker ticks", Duration::from_secs(120), |_| (ticks() > 0).then_some(()));
 
     // What only the host knows, through basaltctl and the agent's node service.
-    let endpoints: Vec<String> = ctl.ids().iter().map(|id| ctl.addr(*id)).collect();
-    let basaltctl = |args: &[&str]| {
-        let out = std::process::Command::new(host_bin("basaltctl"))
-            .arg("--endpoints")
-            .arg(endpoints.join(","))
-            .args(args)
-            .output()
-            .expect("run basaltctl");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
     let (rc, out, err) = basaltctl(&["-o", "json", "vm", "stats", "ticker"]);
     assert_eq!(rc, Some(0), "vm stats: {err}");
     let stats: serde_json::Value = serde_json::from_str(&out).expect("stats JSON");
@@ -686,10 +723,11 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     assert_eq!(ticks(), stopped_at, "the stopped VM no longer writes: {vm:?}");
 
     // Networks: two VMs on different hosts on one network get the addresses
-    // the controllers gave them (from the kernel's ip=), reach each other
-    // over the hosts' VXLAN and move 64 MiB intact; a VM on another network
-    // cannot reach them even from an address in their subnet; deleting the
-    // VMs removes their taps and, once unused, the network's devices.
+    // the controllers gave them (by DHCP, from their VMMs), reach each other
+    // over the hosts' VXLAN and move 64 MiB intact while the receiver
+    // live-migrates to the sender's host; a VM on another network cannot
+    // reach them even from an address in their subnet; deleting the VMs
+    // removes their taps and, once unused, the network's devices.
     let netctl = |args: &[&str]| {
         let (rc, out, err) = basaltctl(args);
         assert_eq!(rc, Some(0), "basaltctl {args:?}: {out} {err}");
@@ -697,20 +735,37 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     };
     netctl(&["network", "create", "e2e-a", "--cidr", "10.60.0.0/24"]);
     netctl(&["network", "create", "e2e-b", "--cidr", "10.61.0.0/24"]);
-    let net_vm = |name: &str, net: &str, ip: &str, role: &str, group: &str, memory: u64| {
-        let mut spec = vm_spec(memory, None, &format!("net {role}"), group);
+    // No anti-affinity group: nb must be free to move next to na. The label
+    // puts na on the other host.
+    let net_vm = |name: &str, net: &str, ip: &str, role: &str, on: Option<&str>, memory: u64| {
+        let mut spec = vm_spec(memory, None, &format!("net {role}"), "");
         spec.nics = vec![pb::NicSpec { network: net.into(), ip: ip.into() }];
+        spec.required_labels = on.map(|h| ("host".to_string(), h.to_string())).into_iter().collect();
         create(name, spec).unwrap_or_else(|e| panic!("create {name}: {e}"));
     };
-    net_vm("nb", "e2e-a", "10.60.0.11", "basalt.net=recv", "e2e-net", 192);
-    net_vm("na", "e2e-a", "10.60.0.10", "basalt.net=send basalt.peer=10.60.0.11", "e2e-net", 192);
-    for n in ["na", "nb"] {
-        api.wait_phase(n, pb::VmPhase::Running, Duration::from_secs(400));
-    }
-    let (ha_, hb_) = (host_of("na"), host_of("nb"));
+    net_vm("nb", "e2e-a", "10.60.0.11", "basalt.net=recv", None, 192);
+    api.wait_phase("nb", pb::VmPhase::Running, Duration::from_secs(400));
+    let hb_ = host_of("nb");
+    net_vm("na", "e2e-a", "10.60.0.10", "basalt.net=send basalt.pace=5 basalt.peer=10.60.0.11", Some(&other(&hb_)), 192);
+    api.wait_phase("na", pb::VmPhase::Running, Duration::from_secs(400));
+    let ha_ = host_of("na");
     assert_ne!(ha_, hb_, "the two VMs run on different hosts");
     let console = |vm: &str| basaltctl(&["vm", "console", vm, "--tail", "20000"]).1;
+    for (vm, ip) in [("na", "10.60.0.10"), ("nb", "10.60.0.11")] {
+        let out = api.eventually(&format!("{vm} addressed"), Duration::from_secs(300), |_| {
+            Some(console(vm)).filter(|o| o.contains("NET-UP ") || o.contains("DHCP-FAILED"))
+        });
+        assert!(out.contains(&format!("DHCP-BOUND {ip}/255.255.255.0 router=10.60.0.1 host={vm}")), "{vm}: {out}");
+        assert!(out.contains(&format!("NET-UP {ip} mtu=1450 ip-arg={ip}")), "{vm}: {out}");
+    }
+    // The receiver moves to the sender's host while the stream flows.
+    api.eventually("na sends", Duration::from_secs(300), |_| Some(()).filter(|_| console("na").contains("NET-SENDING")));
     let t = Instant::now();
+    let (rc, out, err) = basaltctl(&["vm", "migrate", "nb", "--to", &ha_, "--wait"]);
+    assert_eq!(rc, Some(0), "nb migrates during the transfer: {out} {err}");
+    eprintln!("[e2e] nb migrated to {ha_} in {:.1?} during the transfer", t.elapsed());
+    assert_eq!(host_of("nb"), ha_);
+    assert!(!console("na").contains("NET-SENT in"), "the stream was still flowing when the migration ended");
     // A whole checksum: the console may be read in the middle of its line.
     let md5 = |out: &str, tag: &str| {
         out.lines()
@@ -720,16 +775,15 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
             .map(String::from)
     };
     let recv = api.eventually("nb received the stream", Duration::from_secs(600), |_| md5(&console("nb"), "NET-RECV "));
-    eprintln!("[e2e] 64 MiB between {ha_} and {hb_} over VXLAN in {:.1?}", t.elapsed());
+    eprintln!("[e2e] 64 MiB from {ha_}, to {hb_} then {ha_}, received {:.1?} after the migration began", t.elapsed());
     let na_out = console("na");
     let sent = md5(&na_out, "NET-SENT-MD5 ").expect("sender's checksum");
     eprintln!("[e2e] {}", na_out.lines().find(|l| l.contains("NET-SENT in")).unwrap_or("no NET-SENT line").trim());
     assert_eq!(recv, sent, "the stream arrived intact");
-    assert!(na_out.contains("NET-UP 10.60.0.10 mtu=1450") && na_out.contains("NET-PING-OK"), "{na_out}");
-    assert!(console("nb").contains("NET-UP 10.60.0.11 mtu=1450"));
+    assert!(na_out.contains("NET-PING-OK"), "{na_out}");
     let shown: serde_json::Value = serde_json::from_str(&netctl(&["-o", "json", "vm", "show", "na"])).expect("json");
     assert!(shown["nics"][0]["mac"].as_str().is_some_and(|m| m.starts_with("02:ba:5a:")), "{shown}");
-    net_vm("nc", "e2e-b", "10.61.0.10", "basalt.net=probe basalt.peer=10.60.0.10", "", 128);
+    net_vm("nc", "e2e-b", "10.61.0.10", "basalt.net=probe basalt.peer=10.60.0.10", None, 128);
     let verdict = api.eventually("nc's probe", Duration::from_secs(400), |_| {
         let out = console("nc");
         ["NET-ISOLATED", "NET-LEAK"].into_iter().find(|v| out.contains(v))

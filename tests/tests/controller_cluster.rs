@@ -311,6 +311,8 @@ async fn stopping_and_restarting_every_controller_keeps_the_state() {
             capacity: Some(pb::Capacity { vcpus: 8, memory_mib: 16384 }),
             labels: Default::default(),
             cpu_features: vec![],
+            nics: vec![],
+            nic_profile: String::new(),
         })
         .await
         .expect("register");
@@ -451,6 +453,8 @@ async fn agents_register_heartbeat_and_watch_their_assignments() {
         capacity: Some(pb::Capacity { vcpus, memory_mib: 4096 }),
         labels: Default::default(),
         cpu_features: vec![],
+        nics: vec![],
+        nic_profile: String::new(),
     };
     let r = agent.register(reg("a", 4)).await.expect("register a").into_inner();
     assert!(r.heartbeat_interval_ms > 0);

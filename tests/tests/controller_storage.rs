@@ -556,6 +556,8 @@ async fn a_controller_that_cannot_reach_ceph_stops_on_sigterm() {
         capacity: Some(pb::Capacity { vcpus: 2, memory_mib: 2048 }),
         labels: Default::default(),
         cpu_features: vec![],
+        nics: vec![],
+        nic_profile: String::new(),
     };
     agent.register(reg).await.expect("register");
     let mut watches = BTreeMap::new();

@@ -3,17 +3,27 @@
 //! bridge in the host. The guests see the MACs they were given, ping each
 //! other, and one sends 16 MiB of random bytes to the other over TCP (the
 //! guests' checksum and segmentation offloads on, through the taps' virtio-
-//! net headers); the receiver's checksum matches the sender's. The host
-//! reads both VMMs' NIC counters.
+//! net headers); the receiver's checksum matches the sender's. The receiver
+//! gets its address by DHCP from its own VMM (`--nic ...,ip=`). The host
+//! reads the sender's NIC counters.
 
 use basalt_tests::rig::{guest, Artifacts};
 
 /// Two roles from the kernel command line: `a` sends, `b` receives.
 const GUEST: &str = r#"
 role=$(sed -n 's/.*basalt.role=\([a-z]*\).*/\1/p' /proc/cmdline)
-ip=$(sed -n 's/.*basalt.ip=\([0-9./]*\).*/\1/p' /proc/cmdline)
+ip=$(sed -n 's/.*basalt.ip=\([0-9a-z./]*\).*/\1/p' /proc/cmdline)
 ip link set lo up
-ip link set eth0 up && ip addr add "$ip" dev eth0
+ip link set eth0 up
+if [ "$ip" = dhcp ] || [ -z "$ip" ]; then
+    # B asks its VMM, which answers with the lease its --nic flag gives.
+    printf '#!/bin/sh\n[ "$1" = bound ] && ifconfig "$interface" "$ip" netmask "$subnet" up && echo "DHCP-BOUND $ip/$subnet router=$router host=$hostname"\nexit 0\n' > /tmp/dhcp.sh
+    chmod +x /tmp/dhcp.sh
+    udhcpc -i eth0 -s /tmp/dhcp.sh -q -n -t 10 -T 2 2>/dev/null || echo "DHCP-FAILED"
+    ip=$(ip -4 addr show eth0 | sed -n 's/.*inet \([0-9./]*\).*/\1/p')
+else
+    ip addr add "$ip" dev eth0
+fi
 echo "NIC $role mac=$(cat /sys/class/net/eth0/address) ip=$ip"
 if [ "$role" = a ]; then
     i=0
@@ -46,7 +56,7 @@ run() {
         --cmdline "console=ttyS0 panic=-1 quiet basalt.role=$1 basalt.ip=$2" \
         --nic "$3,$4" --console "file:/tmp/$1.log" --control-socket /tmp/$1.sock &
 }
-run b 10.9.0.3/24 tb 52:54:00:00:0b:02; pb=$!
+run b dhcp tb 52:54:00:00:0b:02,ip=10.9.0.3/24,gw=10.9.0.1,hostname=vm-b; pb=$!
 run a 10.9.0.2/24 ta 52:54:00:00:0a:01; pa=$!
 # The counters, read while the VMs still run (B waits for A's transfer).
 i=0; while [ $i -lt 3000 ] && ! grep -q SENT-DONE /tmp/a.log 2>/dev/null; do sleep 0.3; i=$((i+1)); done
@@ -73,7 +83,8 @@ fn two_guests_on_taps_and_a_bridge_ping_and_move_16_mib_intact() {
     let text = out.command_output();
     assert!(!text.contains("HOST: insmod"), "host modules load: {text}");
     assert!(text.contains("NIC a mac=52:54:00:00:0a:01 ip=10.9.0.2/24"), "the guest sees its MAC: {text}");
-    assert!(text.contains("NIC b mac=52:54:00:00:0b:02"), "{text}");
+    assert!(text.contains("DHCP-BOUND 10.9.0.3/255.255.255.0 router=10.9.0.1 host=vm-b"), "B's VMM answered its DHCP: {text}");
+    assert!(text.contains("NIC b mac=52:54:00:00:0b:02 ip=10.9.0.3/24"), "{text}");
     assert!(text.contains("PING-OK"), "the guests reach each other: {text}");
     let sent = text.lines().find_map(|l| l.strip_prefix("SENT-MD5 ")).map(str::trim).expect("sender's checksum");
     let recv = text.lines().find_map(|l| l.strip_prefix("RECV-MD5 ")).expect("receiver's checksum");
@@ -86,4 +97,5 @@ fn two_guests_on_taps_and_a_bridge_ping_and_move_16_mib_intact() {
     assert!(net["tx_bytes"].as_u64().is_some_and(|b| b >= 16 << 20), "A sent the bytes through its NIC: {net}");
     assert!(net["rx_frames"].as_u64().is_some_and(|n| n > 0), "{net}");
     assert_eq!(net["tx_bad_chains"], 0, "{net}");
+    assert_eq!(net["dhcp_replies"], 0, "A has no lease to give: {net}");
 }

@@ -118,3 +118,17 @@ seed2('probe_then_save_restore', linux_init() + req + op(QEVT, 0, 0, 0) + op(SAV
 seed2('probe_bad_queue_size', linux_init(qs=12) + op(W, 0x70, W4, 0) + linux_init())
 seed2('odd_widths', b''.join(op(o, off, w, 0xffffffff) for o in (R, W) for off in (0x0, 0x2, 0x70, 0x101) for w in (0, 1, 3)))
 seed2('status_out_of_order', op(W, 0x70, W4, 2) + op(W, 0x70, W4, 8) + op(W, 0x70, W4, 4) + op(W, 0x70, W4, 0x40) + op(W, 0x70, W4, 0x80) + op(W, 0x70, W4, 1) + op(W, 0x20, W4, 1) + op(W, 0x30, W4, 7) + op(R, 0x34, W4, 0))
+
+# DHCP: udhcpc's DISCOVER and a REQUEST for the offered address, as Ethernet frames.
+def dhcp_frame(kind, mac, extra=b''):
+    b = bytearray(236); b[0:3] = bytes([1, 1, 6]); b[4:8] = b'\xde\xad\xbe\xef'; b[28:34] = mac
+    b += bytes([99, 130, 83, 99, 53, 1, kind]) + extra + b'\xff'
+    udp = struct.pack('>HHHH', 68, 67, 8 + len(b), 0) + b
+    ip = struct.pack('>BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, bytes(4), b'\xff' * 4)
+    return b'\xff' * 6 + mac + b'\x08\x00' + ip + udp
+def seed3(name, b):
+    os.makedirs('corpus/dhcp_messages', exist_ok=True)
+    open(f'corpus/dhcp_messages/{name}', 'wb').write(b)
+fmac = bytes([0x52, 0x54, 0, 0, 0, 1])
+seed3('discover', dhcp_frame(1, fmac, bytes([55, 4, 1, 3, 26, 12])))
+seed3('request', dhcp_frame(3, fmac, bytes([50, 4, 10, 10, 0, 7, 54, 4, 10, 10, 0, 1])))

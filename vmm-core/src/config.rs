@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::aarch64::layout;
+use crate::devices::dhcp::Lease;
 
 /// Largest guest the layout allows: RAM must fit below the 48-bit IPA limit
 /// KVM gives every arm64 host; 256 GiB is far more than Basalt's hosts offer.
@@ -52,6 +53,46 @@ pub struct NicConfig {
     /// Offered to the guest (an overlay's, e.g. 1450 on VXLAN); none: 1500.
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// Answer the guest's DHCP with this address (from the IPAM); none:
+    /// the guest's DHCP goes to the network.
+    #[serde(default)]
+    pub dhcp: Option<Lease>,
+}
+
+impl NicConfig {
+    /// `--nic TAP,MAC[,mtu=N][,ip=ADDR/PREFIX[,gw=GATEWAY][,hostname=NAME]]`:
+    /// with `ip`, the VMM answers the guest's DHCP with that address.
+    pub fn from_flag(flag: &str) -> Result<NicConfig, String> {
+        let bad = |why: String| format!("--nic {flag:?}: {why}");
+        let mut parts = flag.split(',');
+        let (Some(tap), Some(mac)) = (parts.next(), parts.next()) else {
+            return Err(bad("want TAP,MAC[,mtu=N][,ip=ADDR/PREFIX[,gw=GATEWAY][,hostname=NAME]]".into()));
+        };
+        let mut nic = NicConfig { tap: tap.into(), mac: mac.into(), mtu: None, dhcp: None };
+        let (mut ip, mut gateway, mut hostname) = (None, None, None);
+        for p in parts {
+            let Some((k, v)) = p.split_once('=') else { return Err(bad(format!("{p:?} is not KEY=VALUE"))) };
+            match k {
+                "mtu" => nic.mtu = Some(v.parse().map_err(|_| bad(format!("mtu {v:?} is not a number")))?),
+                "ip" => {
+                    let (a, p) = v.split_once('/').ok_or_else(|| bad(format!("ip {v:?} wants ADDR/PREFIX")))?;
+                    let a = a.parse().map_err(|_| bad(format!("{a:?} is not an IPv4 address")))?;
+                    ip = Some((a, p.parse().map_err(|_| bad(format!("prefix {p:?} is not a number")))?));
+                }
+                "gw" => gateway = Some(v.parse().map_err(|_| bad(format!("gw {v:?} is not an IPv4 address")))?),
+                "hostname" => hostname = Some(v.to_string()),
+                _ => return Err(bad(format!("unknown key {k:?} (mtu, ip, gw, hostname)"))),
+            }
+        }
+        match ip {
+            Some((address, prefix)) => nic.dhcp = Some(Lease { address, prefix, gateway, hostname }),
+            None if gateway.is_some() || hostname.is_some() => {
+                return Err(bad("gw and hostname go with ip=ADDR/PREFIX".into()))
+            }
+            None => {}
+        }
+        Ok(nic)
+    }
 }
 
 /// A MAC in colon notation, unicast.
@@ -162,6 +203,9 @@ impl VmConfig {
             if let Some(m) = n.mtu.filter(|m| *m < crate::devices::virtio::net::MIN_MTU) {
                 return bad(format!("nic {i}: MTU {m} is below {}", crate::devices::virtio::net::MIN_MTU));
             }
+            if let Some(l) = &n.dhcp {
+                l.validate().map_err(|e| ConfigError(format!("nic {i}: {e}")))?;
+            }
             if let Some(j) = self.nics[..i].iter().position(|o| o.tap == n.tap || o.mac.eq_ignore_ascii_case(&n.mac)) {
                 return bad(format!("nic {i}: tap {} or MAC {} is nic {j}'s too", n.tap, n.mac));
             }
@@ -214,7 +258,7 @@ mod tests {
     #[test]
     fn nics_are_checked_before_anything_is_built() {
         let k = tempfile::NamedTempFile::new().expect("tmp");
-        let nic = |tap: &str, mac: &str, mtu: Option<u16>| NicConfig { tap: tap.into(), mac: mac.into(), mtu };
+        let nic = |tap: &str, mac: &str, mtu: Option<u16>| NicConfig { tap: tap.into(), mac: mac.into(), mtu, dhcp: None };
         let mut c = base(k.path());
         c.nics = vec![nic("tap0", "52:54:00:12:34:56", Some(1450)), nic("tap1", "02:ba:5a:00:00:01", None)];
         assert!(c.validate().is_ok());
@@ -238,6 +282,35 @@ mod tests {
         let mut c = base(k.path());
         c.nics = (0..=MAX_NICS).map(|i| nic(&format!("tap{i}"), &format!("52:54:00:00:00:{i:02x}"), None)).collect();
         assert!(c.validate().expect_err("too many").0.contains("at most 8"));
+        // A lease the guest could not use is refused with the NIC's number.
+        let mut c = base(k.path());
+        let mut n = NicConfig::from_flag("tap0,52:54:00:12:34:56,ip=10.0.0.0/24").expect("flag");
+        c.nics = vec![n.clone()];
+        assert!(c.validate().expect_err("network address").0.contains("nic 0: DHCP address"));
+        n.dhcp = Some(Lease { address: "10.0.0.5".parse().expect("ip"), prefix: 24, gateway: None, hostname: None });
+        c.nics = vec![n];
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn nic_flags_parse_with_their_lease() {
+        let n = NicConfig::from_flag("tap0,52:54:00:12:34:56,mtu=1450,ip=10.0.0.5/24,gw=10.0.0.1,hostname=web").expect("flag");
+        assert_eq!((n.tap.as_str(), n.mac.as_str(), n.mtu), ("tap0", "52:54:00:12:34:56", Some(1450)));
+        let l = n.dhcp.expect("lease");
+        assert_eq!((l.address.to_string(), l.prefix, l.gateway.map(|g| g.to_string())), ("10.0.0.5".into(), 24, Some("10.0.0.1".into())));
+        assert_eq!(l.hostname.as_deref(), Some("web"));
+        assert_eq!(NicConfig::from_flag("tap0,52:54:00:12:34:56").expect("plain").dhcp, None);
+        for (flag, needle) in [
+            ("tap0", "want TAP,MAC"),
+            ("tap0,52:54:00:12:34:56,ip=10.0.0.5", "ADDR/PREFIX"),
+            ("tap0,52:54:00:12:34:56,ip=10.0.0/24", "not an IPv4"),
+            ("tap0,52:54:00:12:34:56,gw=10.0.0.1", "go with ip"),
+            ("tap0,52:54:00:12:34:56,speed=10", "unknown key"),
+            ("tap0,52:54:00:12:34:56,mtu", "KEY=VALUE"),
+        ] {
+            let e = NicConfig::from_flag(flag).expect_err(needle);
+            assert!(e.contains(needle), "{e}");
+        }
     }
 
     #[test]

@@ -40,8 +40,10 @@ struct Args {
     /// A raw disk image file, `PATH` or `PATH,ro` (repeatable).
     #[arg(long)]
     disk: Vec<String>,
-    /// A virtio-net NIC on a host tap: `TAP,MAC` (e.g. `tap0,52:54:00:12:34:56`);
-    /// repeat for more. The tap is created if it does not exist.
+    /// A virtio-net NIC on a host tap: `TAP,MAC[,mtu=N][,ip=ADDR/PREFIX[,gw=IP][,hostname=NAME]]`
+    /// (e.g. `tap0,52:54:00:12:34:56,ip=10.0.0.5/24,gw=10.0.0.1`); repeat for
+    /// more. The tap is created if it does not exist. With `ip`, the VMM
+    /// answers the guest's DHCP with that address itself.
     #[arg(long)]
     nic: Vec<String>,
     /// Give the guest a GICv3 ITS (MSI translation).
@@ -140,8 +142,7 @@ fn build_config(a: &Args) -> Result<VmConfig, String> {
         cfg.disks.push(DiskConfig { backend: DiskBackend::File { path: path.into() }, read_only: ro, serial: None });
     }
     for n in &a.nic {
-        let (tap, mac) = n.split_once(',').ok_or_else(|| format!("--nic {n:?}: want TAP,MAC"))?;
-        cfg.nics.push(basalt_vmm::config::NicConfig { tap: tap.into(), mac: mac.into(), mtu: None });
+        cfg.nics.push(basalt_vmm::config::NicConfig::from_flag(n)?);
     }
     if let Some(c) = &a.console {
         cfg.console = match c.as_str() {

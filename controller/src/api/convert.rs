@@ -9,7 +9,7 @@ use basalt_proto::v1 as pb;
 use crate::error::CommandError;
 use crate::model::{
     Boot, Capacity, Disk, Event, EventKind, Migration, MigrationPhase, MigrationReport, Network, NetworkRequest,
-    NicSpec, Node, NodeRegistration, NodeState, Power, ProfileKind, StorageProfile, StorageState, StorageStatus, Vm, VmPhase, VmSpec, Volume,
+    HostNic, NicSetting, NicSpec, Node, NodeRegistration, NodeState, Power, ProfileKind, StorageProfile, StorageState, StorageStatus, Vm, VmPhase, VmSpec, Volume,
 };
 use crate::model::networks::Gateway;
 use crate::scheduler::NodeView;
@@ -51,6 +51,25 @@ pub fn node(n: &Node, view: Option<&NodeView>, vms: Vec<String>, heartbeat_age_m
         vms,
         last_heartbeat_age_ms: heartbeat_age_ms.map(|a| a as i64).unwrap_or(-1),
         cpu_features: n.cpu_features.iter().cloned().collect(),
+        nics: n
+            .nics
+            .iter()
+            .map(|h| pb::HostNic {
+                name: h.name.clone(),
+                driver: h.driver.clone(),
+                speed_mbps: h.speed_mbps,
+                rx_queues: h.rx_queues,
+                tx_queues: h.tx_queues,
+                timestamping: h.timestamping.clone(),
+                ptp_clock: h.ptp_clock,
+                settings: h
+                    .settings
+                    .iter()
+                    .map(|s| pb::NicSetting { knob: s.knob.clone(), cpus: s.cpus.clone(), error: s.error.clone() })
+                    .collect(),
+            })
+            .collect(),
+        nic_profile: n.nic_profile.clone(),
     }
 }
 
@@ -63,6 +82,21 @@ pub fn registration(r: pb::RegisterRequest) -> NodeRegistration {
         capacity: Capacity { vcpus: c.vcpus, memory_mib: c.memory_mib },
         labels: labels(r.labels),
         cpu_features: r.cpu_features.into_iter().collect(),
+        nics: r
+            .nics
+            .into_iter()
+            .map(|h| HostNic {
+                name: h.name,
+                driver: h.driver,
+                speed_mbps: h.speed_mbps,
+                rx_queues: h.rx_queues,
+                tx_queues: h.tx_queues,
+                timestamping: h.timestamping,
+                ptp_clock: h.ptp_clock,
+                settings: h.settings.into_iter().map(|s| NicSetting { knob: s.knob, cpus: s.cpus, error: s.error }).collect(),
+            })
+            .collect(),
+        nic_profile: r.nic_profile,
     }
 }
 

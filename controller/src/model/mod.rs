@@ -15,7 +15,7 @@ pub mod volumes;
 pub use events::{Event, EventKind, EventLog, EventQuery};
 pub use migrations::{Migration, MigrationId, MigrationPhase, MigrationReport, MigrationStats};
 pub use networks::{Network, NetworkRequest, NicAddress, NicSpec};
-pub use nodes::{Capacity, Node, NodeId, NodeRegistration, NodeState};
+pub use nodes::{Capacity, HostNic, NicSetting, Node, NodeId, NodeRegistration, NodeState};
 pub use profiles::{ProfileKind, StorageProfile};
 pub use storage::{ImageRemoval, StorageState, StorageStatus, StorageSubject};
 pub use vms::{Boot, Disk, Observed, Power, Vm, VmPhase, VmSpec};

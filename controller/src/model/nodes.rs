@@ -78,7 +78,41 @@ pub struct Node {
     /// empty from an agent that does not report them.
     #[serde(default)]
     pub cpu_features: BTreeSet<String>,
+    #[serde(default)]
+    pub nics: Vec<HostNic>,
+    /// The NIC tuning profile its agent applied; empty from an agent that
+    /// does not report it.
+    #[serde(default)]
+    pub nic_profile: String,
 }
+
+/// A host network interface as its agent reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostNic {
+    pub name: String,
+    pub driver: String,
+    /// -1: not known.
+    pub speed_mbps: i32,
+    pub rx_queues: u32,
+    pub tx_queues: u32,
+    pub timestamping: Vec<String>,
+    /// -1: none.
+    pub ptp_clock: i32,
+    pub settings: Vec<NicSetting>,
+}
+
+/// A tuned interrupt or queue: its CPUs as read back, or why it failed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSetting {
+    pub knob: String,
+    pub cpus: String,
+    pub error: String,
+}
+
+/// Bounds on what an agent may report of its NICs.
+pub const MAX_HOST_NICS: usize = 64;
+const MAX_NIC_SETTINGS: usize = 1024;
+const MAX_NIC_TEXT: usize = 256;
 
 impl Node {
     /// The host part of `address` (`10.0.0.11` of `10.0.0.11:7200`; an
@@ -109,6 +143,10 @@ pub struct NodeRegistration {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub cpu_features: BTreeSet<String>,
+    #[serde(default)]
+    pub nics: Vec<HostNic>,
+    #[serde(default)]
+    pub nic_profile: String,
 }
 
 /// Bounds on what an agent may report of its CPU.
@@ -155,6 +193,26 @@ impl NodeRegistration {
             return Err(invalid(format!(
                 "{what}: CPU feature {f:?} must be 1 to {MAX_CPU_FEATURE_LEN} of a-z, 0-9 and _"
             )));
+        }
+        if self.nics.len() > MAX_HOST_NICS {
+            return Err(invalid(format!("{what}: {} NICs reported, at most {MAX_HOST_NICS}", self.nics.len())));
+        }
+        let long = |t: &str| t.len() > MAX_NIC_TEXT;
+        for n in &self.nics {
+            if n.settings.len() > MAX_NIC_SETTINGS || n.timestamping.len() > MAX_NIC_SETTINGS {
+                return Err(invalid(format!("{what}: NIC {:?} reports more than {MAX_NIC_SETTINGS} settings", n.name)));
+            }
+            let texts = [&n.name, &n.driver].into_iter().chain(&n.timestamping);
+            let texts = texts.chain(n.settings.iter().flat_map(|s| [&s.knob, &s.cpus, &s.error]));
+            if n.name.is_empty() || texts.into_iter().any(|t| long(t)) {
+                return Err(invalid(format!(
+                    "{what}: NIC {:?}: a name is needed, and no field may pass {MAX_NIC_TEXT} bytes",
+                    n.name
+                )));
+            }
+        }
+        if long(&self.nic_profile) {
+            return Err(invalid(format!("{what}: NIC profile name longer than {MAX_NIC_TEXT} bytes")));
         }
         validate_labels(&what, &self.labels)
     }

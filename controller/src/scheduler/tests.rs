@@ -162,6 +162,8 @@ fn register(st: &mut ClusterState, id: &str, vcpus: u32, memory_mib: u64, labels
         capacity: Capacity { vcpus, memory_mib },
         labels,
         cpu_features: Default::default(),
+        nics: Default::default(),
+        nic_profile: Default::default(),
     };
     apply(st, Command::RegisterNode(reg));
 }

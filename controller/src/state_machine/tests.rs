@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::error::Code;
-use crate::model::{Boot, Capacity, Disk, ImageRemoval, ProfileKind, StorageState, StorageStatus, StorageSubject};
+use crate::model::{Boot, Capacity, Disk, HostNic, ImageRemoval, NicSetting, ProfileKind, StorageState, StorageStatus, StorageSubject};
 
 const T: u64 = 1_700_000_000_000;
 
@@ -14,6 +14,8 @@ fn reg(id: &str, vcpus: u32, memory_mib: u64, labels: &[(&str, &str)]) -> Comman
         capacity: Capacity { vcpus, memory_mib },
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         cpu_features: ["fp", "asimd", "aes"].map(String::from).into(),
+        nics: vec![],
+        nic_profile: String::new(),
     })
 }
 
@@ -109,7 +111,29 @@ fn register_node_is_validated() {
     r.address = "nohost".into();
     refused(&mut st, Command::RegisterNode(r.clone()), Code::InvalidArgument, "host:port");
     r.address = "h:99999".into();
-    refused(&mut st, Command::RegisterNode(r), Code::InvalidArgument, "host:port");
+    refused(&mut st, Command::RegisterNode(r.clone()), Code::InvalidArgument, "host:port");
+    r.address = "n1.example:7100".into();
+    r.nics = vec![HostNic { name: String::new(), ..Default::default() }];
+    refused(&mut st, Command::RegisterNode(r.clone()), Code::InvalidArgument, "a name is needed");
+    r.nics = vec![HostNic { name: "eth0".into(), driver: "x".repeat(300), ..Default::default() }];
+    refused(&mut st, Command::RegisterNode(r.clone()), Code::InvalidArgument, "256 bytes");
+    r.nics = vec![HostNic::default(); 65];
+    refused(&mut st, Command::RegisterNode(r.clone()), Code::InvalidArgument, "at most 64");
+    // What the agent found and tuned is kept with the node.
+    r.nics = vec![HostNic {
+        name: "eth0".into(),
+        driver: "virtio_net".into(),
+        speed_mbps: -1,
+        rx_queues: 1,
+        tx_queues: 1,
+        timestamping: vec!["software-receive".into()],
+        ptp_clock: -1,
+        settings: vec![NicSetting { knob: "rx-0 rps".into(), cpus: "0-1".into(), error: String::new() }],
+    }];
+    r.nic_profile = "spread".into();
+    ok(&mut st, Command::RegisterNode(r.clone()));
+    let n = st.node("n1").expect("n1");
+    assert_eq!((n.nics.clone(), n.nic_profile.as_str()), (r.nics.clone(), "spread"));
 
     ok(&mut st, reg("n1", 8, 1024, &[]));
     assert_eq!(st.node("n1").map(|n| n.state), Some(NodeState::Ready));

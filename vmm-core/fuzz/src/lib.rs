@@ -126,6 +126,7 @@ pub mod net {
     use std::os::fd::RawFd;
     use std::sync::{Arc, Mutex};
 
+    use basalt_vmm::devices::dhcp::Lease;
     use basalt_vmm::devices::virtio::{MmioTransport, NetBackend, NetConfig, Offloads, VirtioNet};
     use basalt_vmm::memory::GuestRam;
     use vm_memory::GuestAddress;
@@ -173,11 +174,18 @@ pub mod net {
 
     pub const MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
 
+    /// The NIC under test: its own DHCP server on, so every transmitted
+    /// frame also passes through it.
+    pub fn config() -> NetConfig {
+        let dhcp = Lease { address: [10, 10, 0, 7].into(), prefix: 24, gateway: Some([10, 10, 0, 1].into()), hostname: None };
+        NetConfig { mac: MAC, queue_size: MAX_QUEUE, mtu: Some(1450), dhcp: Some(dhcp) }
+    }
+
     impl NetRig {
         pub fn new() -> Self {
             let frames = Frames::default();
             let dev =
-                VirtioNet::new(Box::new(frames.clone()), NetConfig { mac: MAC, queue_size: MAX_QUEUE, mtu: None }).expect("device");
+                VirtioNet::new(Box::new(frames.clone()), config()).expect("device");
             let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
             let t = MmioTransport::new(Box::new(dev), mem.clone(), EventFd::new(EFD_NONBLOCK).expect("eventfd"))
                 .expect("transport");

@@ -281,7 +281,7 @@ impl Vm {
             let setup = |e: String| VmError::Setup(format!("nic {i}: {e}"));
             let mac = crate::config::parse_mac(&n.mac).map_err(setup)?;
             let tap = crate::devices::tap::Tap::open(&n.tap).map_err(|e| setup(e.to_string()))?;
-            let dev = VirtioNet::new(Box::new(tap), NetConfig { mac, queue_size: net::DEFAULT_QUEUE_SIZE, mtu: n.mtu })
+            let dev = VirtioNet::new(Box::new(tap), NetConfig { mac, queue_size: net::DEFAULT_QUEUE_SIZE, mtu: n.mtu, dhcp: n.dhcp.clone() })
                 .map_err(|e| setup(e.to_string()))?;
             let (base, spi) = nic_window(i);
             let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;

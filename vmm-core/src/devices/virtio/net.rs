@@ -17,14 +17,21 @@
 //! that are too short, too long, writable or outside guest memory are
 //! returned unsent and counted, never a reason to stop the queue.
 //!
+//! DHCP: a NIC given a lease answers its guest's DHCP itself (see
+//! [`crate::devices::dhcp`]); those frames never reach the backend, the
+//! answers go into the receive ring ahead of the backend's frames, and
+//! DHCP server replies from the backend are dropped.
+//!
 //! The backend fd is meant for an edge-triggered poll: the device reads
 //! until the backend is empty or the ring is full, and a guest that adds
 //! buffers notifies the queue, which picks up where it stopped.
 
+use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use crate::devices::dhcp::{self, Lease};
 use crate::memory::GuestRam;
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -57,6 +64,9 @@ const RX: usize = 0;
 const TX: usize = 1;
 /// Offset of `num_buffers` in the header.
 const NUM_BUFFERS: usize = 10;
+/// DHCP answers waiting for receive buffers; a guest that asks faster than
+/// it reads loses the rest, as it would on a wire.
+const MAX_REPLIES: usize = 8;
 
 /// What the guest may receive with its offloads (TUNSETOFFLOAD's TUN_F_*).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -86,6 +96,9 @@ pub struct NetConfig {
     /// Offered to the driver (VIRTIO_NET_F_MTU): below 1500 on an overlay
     /// such as VXLAN, whose headers must fit in the hosts' MTU.
     pub mtu: Option<u16>,
+    /// Answer the guest's DHCP with this lease (see [`crate::devices::dhcp`]);
+    /// none: its DHCP goes to the network like any frame.
+    pub dhcp: Option<Lease>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -100,6 +113,8 @@ pub enum NetDeviceError {
     StateVersion(u32),
     #[error("saved MAC {saved} differs from this NIC's {actual}")]
     MacMismatch { saved: String, actual: String },
+    #[error("{0}")]
+    Lease(String),
 }
 
 /// Saved with the transport's state: the guest has seen the MAC.
@@ -133,6 +148,11 @@ pub struct NetCounters {
     pub interrupts: u64,
     /// Frames the VMM sent on its own (announcements after a migration).
     pub announcements: u64,
+    /// DHCP answers the VMM gave the guest.
+    pub dhcp_replies: u64,
+    /// DHCP the VMM dropped: from the guest (unanswerable, or a server's
+    /// reply), or from the network (a server other than the VMM's).
+    pub dhcp_dropped: u64,
 }
 
 struct Active {
@@ -150,8 +170,11 @@ pub struct VirtioNet {
     acked_features: u64,
     config: [u8; CONFIG_LEN],
     active: Option<Active>,
-    /// A frame read from the backend that waits for receive buffers.
+    /// A frame in `rx_buf` that waits for receive buffers.
     pending: Option<usize>,
+    dhcp: Option<dhcp::Server>,
+    /// Frames from the VMM to the guest (DHCP answers), before the backend's.
+    replies: VecDeque<Vec<u8>>,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
     broken: [bool; 2],
@@ -173,6 +196,9 @@ impl VirtioNet {
         }
         if let Some(m) = cfg.mtu.filter(|m| *m < MIN_MTU) {
             return Err(NetDeviceError::Mtu(m));
+        }
+        if let Some(l) = &cfg.dhcp {
+            l.validate().map_err(NetDeviceError::Lease)?;
         }
         let mut features = [
             VIRTIO_F_VERSION_1,
@@ -209,6 +235,8 @@ impl VirtioNet {
             config,
             active: None,
             pending: None,
+            dhcp: cfg.dhcp.map(|l| dhcp::Server::new(l, cfg.mac, cfg.mtu)),
+            replies: VecDeque::new(),
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: Vec::with_capacity(MAX_FRAME),
             broken: [false; 2],
@@ -309,6 +337,7 @@ impl VirtioNet {
                 popped += 1;
                 let head = chain.head_index();
                 match buffers(chain, active.queues[TX].size(), &mem).and_then(|b| self.frame_to_send(&mem, &b)) {
+                    Ok(()) if self.answered_here() => {}
                     Ok(()) => {
                         let parts = [IoSlice::new(&self.tx_buf)];
                         match self.backend.send(&parts) {
@@ -355,6 +384,36 @@ impl VirtioNet {
         if used {
             self.signal(active, TX);
         }
+        if !self.replies.is_empty() {
+            self.process_rx(active);
+        }
+    }
+
+    /// Whether the frame in `tx_buf` is DHCP, which the VMM answers (or
+    /// drops) itself instead of sending it.
+    fn answered_here(&mut self) -> bool {
+        let Some(server) = &self.dhcp else { return false };
+        // A GSO frame is a TCP or UDP stream's, never a DHCP message.
+        if self.tx_buf[1] != 0 {
+            return false;
+        }
+        match server.handle(&self.tx_buf[HDR_LEN..]) {
+            dhcp::Verdict::Forward => false,
+            dhcp::Verdict::Reply(f) => {
+                if self.replies.len() < MAX_REPLIES {
+                    self.counters.dhcp_replies += 1;
+                    self.replies.push_back(f);
+                } else {
+                    self.counters.dhcp_dropped += 1;
+                }
+                true
+            }
+            dhcp::Verdict::Drop(why) => {
+                self.counters.dhcp_dropped += 1;
+                log_guest_error(self.counters.dhcp_dropped, format_args!("virtio-net: DHCP dropped: {why}"));
+                true
+            }
+        }
     }
 
     /// Copies a transmit chain's frame into `tx_buf`.
@@ -383,7 +442,27 @@ impl VirtioNet {
         loop {
             let len = match self.pending.take() {
                 Some(l) => l,
+                None if !self.replies.is_empty() => {
+                    let f = self.replies.pop_front().unwrap_or_default();
+                    // No offloads: the answer is whole and its checksums set.
+                    self.rx_buf[..HDR_LEN].fill(0);
+                    self.rx_buf[HDR_LEN..HDR_LEN + f.len()].copy_from_slice(&f);
+                    HDR_LEN + f.len()
+                }
                 None => match self.backend.recv(&mut self.rx_buf) {
+                    Ok(Some(l))
+                        if l >= HDR_LEN + MIN_ETHERNET
+                            && l <= MAX_FRAME
+                            && self.dhcp.is_some()
+                            && dhcp::is_server_reply(&self.rx_buf[HDR_LEN..l]) =>
+                    {
+                        self.counters.dhcp_dropped += 1;
+                        log_guest_error(
+                            self.counters.dhcp_dropped,
+                            format_args!("virtio-net: a DHCP server's reply from the network dropped"),
+                        );
+                        continue;
+                    }
                     Ok(Some(l)) if l >= HDR_LEN + MIN_ETHERNET && l <= MAX_FRAME => l,
                     Ok(Some(_)) => {
                         self.counters.rx_dropped += 1;
@@ -566,6 +645,7 @@ impl VirtioDevice for VirtioNet {
         self.active = None;
         self.acked_features = 0;
         self.pending = None;
+        self.replies.clear();
         self.broken = [false; 2];
         let _ = self.backend.set_offloads(Offloads::default());
     }

@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::MmioTransport;
+use crate::devices::dhcp::{self, Lease};
 use super::net::{NetBackend, NetConfig, NetDeviceError, Offloads, VirtioNet, HDR_LEN, MAX_FRAME};
 
 const MEM_BASE: u64 = 0x4000_0000;
@@ -67,9 +68,13 @@ struct H {
 }
 
 fn harness() -> H {
+    harness_with(None)
+}
+
+fn harness_with(dhcp: Option<Lease>) -> H {
     let fake = Fake::default();
-    let dev =
-        VirtioNet::new(Box::new(fake.clone()), NetConfig { mac: MAC, queue_size: QSIZE, mtu: Some(1450) }).expect("device");
+    let dev = VirtioNet::new(Box::new(fake.clone()), NetConfig { mac: MAC, queue_size: QSIZE, mtu: Some(1450), dhcp })
+        .expect("device");
     let mem = GuestRam::from_ranges(&[(GuestAddress(MEM_BASE), MEM_SIZE)]).expect("mem");
     let t = MmioTransport::new(Box::new(dev), mem.clone(), EventFd::new(EFD_NONBLOCK).expect("eventfd"))
         .expect("transport");
@@ -319,9 +324,62 @@ fn the_nic_announces_itself_and_its_state_names_its_mac() {
     assert_eq!(e.len(), 60);
     assert_eq!((&e[..6], &e[6..12], &e[12..14]), (&[0xff; 6][..], &MAC[..], &[0x80, 0x35][..]), "a RARP from the MAC");
     let s = h.t.device().save();
-    let other = VirtioNet::new(Box::new(Fake::default()), NetConfig { mac: [2, 0, 0, 0, 0, 1], queue_size: QSIZE, mtu: None });
+    let other = VirtioNet::new(Box::new(Fake::default()), NetConfig { mac: [2, 0, 0, 0, 0, 1], queue_size: QSIZE, mtu: None, dhcp: None });
     let err = other.expect("device").restore(&s).expect_err("another MAC");
     assert!(matches!(err, NetDeviceError::MacMismatch { .. }), "{err}");
-    let multicast = VirtioNet::new(Box::new(Fake::default()), NetConfig { mac: [1, 0, 0, 0, 0, 1], queue_size: QSIZE, mtu: None });
+    let multicast = VirtioNet::new(Box::new(Fake::default()), NetConfig { mac: [1, 0, 0, 0, 0, 1], queue_size: QSIZE, mtu: None, dhcp: None });
     assert!(matches!(multicast.err(), Some(NetDeviceError::MulticastMac(_))));
+}
+
+#[test]
+fn the_guests_dhcp_is_answered_by_the_vmm_and_never_reaches_the_network() {
+    let lease = Lease { address: "10.10.0.7".parse().expect("ip"), prefix: 24, gateway: None, hostname: None };
+    let mut h = harness_with(Some(lease));
+    h.init(0);
+    let with_hdr = |f: Vec<u8>| [vec![0u8; HDR_LEN], f].concat();
+    let discover = with_hdr(dhcp::request(dhcp::DISCOVER, MAC, &[]));
+    h.mem.write_slice(&discover, GuestAddress(BUF)).expect("frame");
+    // The answer waits for a receive buffer, then lands in it.
+    h.offer(TX, &[(BUF, discover.len() as u32, false)]);
+    h.kick(TX);
+    assert!(h.fake.sent.lock().expect("lock").is_empty(), "DHCP stays in the VMM");
+    let r = h.offer(RX, &[(BUF + 0x1000, 1536, true)]);
+    h.kick(RX);
+    let used = h.used(RX);
+    assert_eq!(used.len(), 1);
+    assert_eq!(used[0].0, u32::from(r));
+    let mut got = vec![0u8; used[0].1 as usize];
+    h.mem.read_slice(&mut got, GuestAddress(BUF + 0x1000)).expect("read");
+    let e = &got[HDR_LEN..];
+    assert_eq!((&e[..6], &e[6..12]), (&MAC[..], &dhcp::SERVER_MAC[..]), "to the guest from the VMM's server");
+    assert!(dhcp::is_server_reply(e));
+    // yiaddr: the lease's address.
+    assert_eq!(&e[14 + 20 + 8 + 16..14 + 20 + 8 + 20], &[10, 10, 0, 7]);
+    // Other frames still go out; a server's reply from the network is dropped
+    // and the frame after it delivered.
+    let other = frame(HDR_LEN + 60, 5);
+    h.mem.write_slice(&other, GuestAddress(BUF)).expect("frame");
+    h.offer(TX, &[(BUF, other.len() as u32, false)]);
+    h.kick(TX);
+    assert_eq!(h.fake.sent.lock().expect("lock").len(), 1);
+    let mut rogue = dhcp::request(dhcp::DISCOVER, [2, 0, 0, 0, 0, 9], &[]);
+    rogue[34..38].copy_from_slice(&[0, 67, 0, 68]);
+    h.incoming(with_hdr(rogue));
+    h.incoming(frame(100, 6));
+    let r = h.offer(RX, &[(BUF + 0x1000, 1536, true)]);
+    h.t.handle_backend_event();
+    assert_eq!(h.used(RX), [(u32::from(r), 100)]);
+    let c = h.t.device().counters();
+    assert_eq!((c.dhcp_replies, c.dhcp_dropped, c.tx_frames), (1, 1, 1));
+}
+
+#[test]
+fn without_a_lease_dhcp_is_an_ordinary_frame() {
+    let mut h = harness();
+    h.init(0);
+    let discover = [vec![0u8; HDR_LEN], dhcp::request(dhcp::DISCOVER, MAC, &[])].concat();
+    h.mem.write_slice(&discover, GuestAddress(BUF)).expect("frame");
+    h.offer(TX, &[(BUF, discover.len() as u32, false)]);
+    h.kick(TX);
+    assert_eq!(h.fake.sent.lock().expect("lock").as_slice(), [discover]);
 }
