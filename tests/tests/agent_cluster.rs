@@ -369,10 +369,10 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
         profile: PROFILE.into(),
         ..Default::default()
     };
-    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ticker2-disk", "ha-disk", "ha2-disk"] {
+    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ticker2-disk", "ha-disk", "ha2-disk", "nb-disk"] {
         api.rt.block_on(c.create_volume(vol(v))).unwrap_or_else(|e| panic!("create volume {v}: {e}"));
     }
-    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ticker2-disk", "ha-disk", "ha2-disk"] {
+    for v in ["writer-disk", "aa1-disk", "aa2-disk", "ticker-disk", "ticker2-disk", "ha-disk", "ha2-disk", "nb-disk"] {
         api.eventually(&format!("volume {v} READY"), Duration::from_secs(120), |a| {
             a.volume(v).filter(|x| x.state == pb::StorageState::Ready as i32)
         });
@@ -736,17 +736,19 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     netctl(&["network", "create", "e2e-a", "--cidr", "10.60.0.0/24"]);
     netctl(&["network", "create", "e2e-b", "--cidr", "10.61.0.0/24"]);
     // No anti-affinity group: nb must be free to move next to na. The label
-    // puts na on the other host.
+    // puts na on the other host. nb has a disk: its RBD lock is what decides
+    // a migration's outcome, so only VMs with one can move.
     let net_vm = |name: &str, net: &str, ip: &str, role: &str, on: Option<&str>, memory: u64| {
-        let mut spec = vm_spec(memory, None, &format!("net {role}"), "");
+        let disk = (name == "nb").then_some("nb-disk");
+        let mut spec = vm_spec(memory, disk, &format!("net {role}"), "");
         spec.nics = vec![pb::NicSpec { network: net.into(), ip: ip.into() }];
         spec.required_labels = on.map(|h| ("host".to_string(), h.to_string())).into_iter().collect();
         create(name, spec).unwrap_or_else(|e| panic!("create {name}: {e}"));
     };
-    net_vm("nb", "e2e-a", "10.60.0.11", "basalt.net=recv", None, 192);
+    net_vm("nb", "e2e-a", "10.60.0.11", "basalt.net=recv", None, 128);
     api.wait_phase("nb", pb::VmPhase::Running, Duration::from_secs(400));
     let hb_ = host_of("nb");
-    net_vm("na", "e2e-a", "10.60.0.10", "basalt.net=send basalt.pace=5 basalt.peer=10.60.0.11", Some(&other(&hb_)), 192);
+    net_vm("na", "e2e-a", "10.60.0.10", "basalt.net=send basalt.pace=2 basalt.peer=10.60.0.11", Some(&other(&hb_)), 192);
     api.wait_phase("na", pb::VmPhase::Running, Duration::from_secs(400));
     let ha_ = host_of("na");
     assert_ne!(ha_, hb_, "the two VMs run on different hosts");

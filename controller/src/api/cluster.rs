@@ -379,8 +379,10 @@ impl ClusterService for ClusterApi {
         };
         let resp = self.ctl.write(cmd).await?;
         let migration = match resp.outcome {
+            // A follower forwarded the write: it applies it a moment after
+            // the leader answered, so read once it has caught up.
             crate::state_machine::Outcome::Migration(id) => {
-                self.ctl.shared.read().cluster.migration(id).map(convert::migration)
+                self.read(false, |st| Ok(st.cluster.migration(id).map(convert::migration))).await?
             }
             _ => None,
         };
