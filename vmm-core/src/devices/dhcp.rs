@@ -200,8 +200,8 @@ impl Server {
         {
             return Verdict::Drop("not a DHCP request over Ethernet");
         }
-        if msg[28..34] != self.client {
-            return Verdict::Drop("a request for another MAC than this NIC's");
+        if msg[28..34] != self.client || frame[6..12] != self.client {
+            return Verdict::Drop("a request from or for another MAC than this NIC's");
         }
         let Some(opts) = options(msg) else { return Verdict::Drop("an option runs past the message") };
         let opt = |c: u8| opts.iter().find(|(k, _)| *k == c).map(|(_, v)| *v);
@@ -427,6 +427,10 @@ mod tests {
         assert_eq!(s.handle(&[0u8; 60]), Verdict::Forward, "not IPv4");
         let other_mac = [0x52, 0x54, 0, 0, 0, 9];
         assert!(matches!(s.handle(&request(DISCOVER, other_mac, &[])), Verdict::Drop(_)));
+        // This NIC's chaddr from another source MAC: not this NIC's client.
+        let mut spoofed = request(DISCOVER, MAC, &[]);
+        spoofed[6..12].copy_from_slice(&other_mac);
+        assert!(matches!(s.handle(&spoofed), Verdict::Drop(_)));
         let mut rogue = request(DISCOVER, MAC, &[]);
         rogue[ETH + 20..ETH + 24].copy_from_slice(&[0, 67, 0, 68]);
         assert!(matches!(s.handle(&rogue), Verdict::Drop(_)));
