@@ -211,15 +211,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_first_nic_is_addressed_through_the_kernel_ip_argument() {
-        let nic = pb::NicAddress {
+    fn blue_nic() -> pb::NicAddress {
+        pb::NicAddress {
             network: "blue".into(),
             mac: "02:ba:5a:00:00:01".into(),
             ip: "10.10.0.2".into(),
             prefix: 24,
             gateway: "10.10.0.1".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn the_first_nic_is_addressed_through_the_kernel_ip_argument() {
+        let nic = blue_nic();
         assert_eq!(
             with_ip_argument("console=ttyS0", Some(&nic)),
             "console=ttyS0 ip=10.10.0.2::10.10.0.1:255.255.255.0::eth0:off"
@@ -232,13 +236,7 @@ mod tests {
 
     #[test]
     fn each_nic_gets_its_ipam_address_as_a_dhcp_lease() {
-        let nic = pb::NicAddress {
-            network: "blue".into(),
-            mac: "02:ba:5a:00:00:01".into(),
-            ip: "10.10.0.2".into(),
-            prefix: 24,
-            gateway: "10.10.0.1".into(),
-        };
+        let nic = blue_nic();
         let l = lease("web-1", &nic).expect("lease");
         assert_eq!((l.address.to_string(), l.prefix, l.gateway.map(|g| g.to_string())), ("10.10.0.2".into(), 24, Some("10.10.0.1".into())));
         assert_eq!(l.hostname.as_deref(), Some("web-1"));

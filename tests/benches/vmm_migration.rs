@@ -28,11 +28,10 @@
 //! which `stop_ms` is pausing and saving the state on A and `last=` the
 //! last round's pages and time.
 
-use std::path::Path;
 use std::time::Duration;
 
 mod common;
-use common::median;
+use common::{alternating, comparison_row, env_u32, field, median, qemu_disk};
 
 use basalt_tests::rig::{guest, netns::BRIDGE_ADDR, Arm64Host, Artifacts, Netns};
 
@@ -147,11 +146,10 @@ struct Round {
 }
 
 fn main() {
-    let rounds: u32 = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
-    let rate: u32 = std::env::var("BENCH_DIRTY_MIB_S").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let rounds = env_u32("BENCH_ROUNDS", 3);
+    let rate = env_u32("BENCH_DIRTY_MIB_S", 16);
     let arts = Artifacts::locate().expect("rig artifacts");
-    let qemu_disk = arts.kernel.parent().unwrap_or(Path::new(".")).join("qemu.img");
-    assert!(qemu_disk.is_file(), "{} is missing: run deploy/arm64-host/build-qemudisk", qemu_disk.display());
+    let qemu_disk = qemu_disk(&arts);
     let load = std::fs::read(arts.arm64_bin("basalt-guest-load").expect("basalt-guest-load")).expect("read it");
     let idle =
         guest::initramfs(&arts, "echo BENCH-GUEST-READY\nwhile true; do sleep 1; echo tick; done").expect("initrd");
@@ -161,16 +159,8 @@ fn main() {
         &[("bin/basalt-guest-load", load)],
     )
     .expect("initrd");
-    // The same order of rounds on both hosts, alternating who goes first.
-    let mut plan = Vec::new();
-    for r in 1..=rounds {
-        for g in ["idle", "dirty"] {
-            let order = if r % 2 == 1 { ["basalt", "qemu"] } else { ["qemu", "basalt"] };
-            for v in order {
-                plan.push(format!("{v} {g} {r}"));
-            }
-        }
-    }
+    // The same order of rounds on both hosts.
+    let plan: Vec<String> = alternating(rounds, &["idle", "dirty"]).iter().map(|(v, g, r)| format!("{v} {g} {r}")).collect();
     let mut ns = Netns::create("basalt-mbench").expect("network namespace");
     let started = std::time::Instant::now();
     let mut running = Vec::new();
@@ -196,9 +186,7 @@ fn main() {
     let mut all = Vec::new();
     for line in a.lines() {
         let Some(r) = line.split("BENCH-ROUND ").nth(1) else { continue };
-        let kv = |k: &str| {
-            r.split_whitespace().find_map(|f| f.strip_prefix(k)?.strip_prefix('=')).unwrap_or("-").to_string()
-        };
+        let kv = |k: &str| field(r, k);
         all.push(Round {
             vmm: kv("vmm"),
             guest: kv("guest"),
@@ -224,13 +212,7 @@ fn main() {
             [("downtime", |r| r.downtime_ms), ("total time", |r| r.total_ms)];
         for (name, f) in metrics {
             let med = |v: &str| median(all.iter().filter(|r| r.vmm == v && r.guest == g).filter_map(f).collect());
-            let (bv, qv) = (med("basalt"), med("qemu"));
-            let show = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{x:.0}"));
-            let ratio = match (bv, qv) {
-                (Some(b), Some(q)) if q > 0.0 => format!("{:.2}", b / q),
-                _ => "—".into(),
-            };
-            println!("| {g} | {name} | {} | {} | {ratio} |", show(bv), show(qv));
+            println!("{}", comparison_row(&[g, name], med("basalt"), med("qemu"), 0));
         }
     }
     println!("\nGoal: downtime <= 0.5 x QEMU's, total time <= QEMU's. The dirtying guest writes {rate} MiB/s.");

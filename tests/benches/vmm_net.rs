@@ -23,11 +23,10 @@
 //! Rounds alternate which VMM goes first. Both VMs of a round run on the
 //! same VMM.
 
-use std::path::Path;
 use std::time::Duration;
 
 mod common;
-use common::median;
+use common::{alternating, comparison_row, env_u32, field, median, qemu_disk};
 
 use basalt_tests::rig::{guest, Arm64Host, Artifacts, Netns};
 
@@ -115,28 +114,19 @@ struct Round {
 }
 
 fn main() {
-    let rounds: u32 = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
-    let mib: u32 = std::env::var("BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64).max(1);
+    let rounds = env_u32("BENCH_ROUNDS", 3);
+    let mib = env_u32("BENCH_MIB", 64);
     let arts = Artifacts::locate().expect("rig artifacts");
-    let qemu_disk = arts.kernel.parent().unwrap_or(Path::new(".")).join("qemu.img");
-    assert!(qemu_disk.is_file(), "{} is missing: run deploy/arm64-host/build-qemudisk", qemu_disk.display());
+    let qemu_disk = qemu_disk(&arts);
     let initrd = guest::initramfs(&arts, GUEST).expect("initrd");
-    let mut plan = Vec::new();
-    for r in 1..=rounds {
-        for p in ["cross", "same"] {
-            let order = if r % 2 == 1 { ["basalt", "qemu"] } else { ["qemu", "basalt"] };
-            for v in order {
-                plan.push(format!("{p} {v} {r}"));
-            }
-        }
-    }
+    let plan: Vec<String> = alternating(rounds, &["cross", "same"]).iter().map(|(v, p, r)| format!("{p} {v} {r}")).collect();
     let mut ns = Netns::create("basalt-nbench").expect("network namespace");
     let started = std::time::Instant::now();
     let mut running = Vec::new();
     for (me, body) in [(11u8, HOST_A), (12, HOST_B)] {
         let steps: String = plan.iter().map(|p| format!("send {p}\n")).collect();
         let script = format!("{COMMON}\n{body}\n{steps}umount /qemu 2>/dev/null\n").replace("MIB", &mib.to_string());
-        let mut host = Arm64Host::new(&format!("nbench{me}"))
+        let host = Arm64Host::new(&format!("nbench{me}"))
             .memory_mib(2048)
             .timeout(Duration::from_secs(900 + 600 * u64::from(rounds)))
             .nic(ns.add_host_nic(me).expect("tap"))
@@ -146,14 +136,7 @@ fn main() {
             .file("guest/initrd", initrd.clone(), 0o644)
             .read_only_disk(&qemu_disk)
             .script(&script);
-        for (name, path) in [
-            ("llc", "net/llc/llc.ko"),
-            ("stp", "net/802/stp.ko"),
-            ("bridge", "net/bridge/bridge.ko"),
-            ("tun", "drivers/net/tun.ko"),
-        ] {
-            host = host.file(&format!("mod/{name}.ko"), guest::module(&arts, path).expect("module"), 0o644);
-        }
+        let host = guest::with_modules(host, &arts, &guest::BRIDGE_MODULES).expect("modules");
         running.push(host.spawn().expect("spawn host"));
     }
     let outs: Vec<_> = running.into_iter().map(|r| r.wait().expect("host runs")).collect();
@@ -161,9 +144,7 @@ fn main() {
     let mut all = Vec::new();
     for line in a.lines() {
         let Some(r) = line.split("BENCH-ROUND ").nth(1) else { continue };
-        let kv = |k: &str| {
-            r.split_whitespace().find_map(|f| f.strip_prefix(k)?.strip_prefix('=')).unwrap_or("-").to_string()
-        };
+        let kv = |k: &str| field(r, k);
         let secs: Option<f64> = kv("secs").parse().ok().filter(|s: &f64| *s > 0.0);
         let ok = kv("tries") == "0";
         all.push(Round {
@@ -188,14 +169,8 @@ fn main() {
             [("TCP throughput, MiB/s", |r| r.mib_s), ("ping round trip, ms", |r| r.rtt_ms)];
         for (name, f) in metrics {
             let med = |v: &str| median(all.iter().filter(|r| r.vmm == v && r.placement == p).filter_map(f).collect());
-            let (bv, qv) = (med("basalt"), med("qemu"));
-            let show = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{x:.2}"));
-            let ratio = match (bv, qv) {
-                (Some(b), Some(q)) if q > 0.0 => format!("{:.2}", b / q),
-                _ => "—".into(),
-            };
             let place = if p == "cross" { "two hosts" } else { "one host" };
-            println!("| {place} | {name} | {} | {} | {ratio} |", show(bv), show(qv));
+            println!("{}", comparison_row(&[place, name], med("basalt"), med("qemu"), 2));
         }
     }
     println!("\nGoal: throughput >= 1.0x QEMU's, round trip <= 1.0x.");

@@ -204,10 +204,7 @@ fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, con
          done\n"
     );
     let conf = ceph.host_conf("/etc/ceph/vm.keyring").expect("host ceph.conf");
-    let mut host = Arm64Host::new(&id);
-    for (name, path) in HOST_MODULES {
-        host = host.file(&format!("mod/{name}.ko"), guest::module(arts, path).expect("module"), 0o644);
-    }
+    let host = guest::with_modules(Arm64Host::new(&id), arts, &HOST_MODULES).expect("modules");
     let keyring = std::fs::read(ceph.vm_keyring()).expect("vm keyring");
     // Two CPUs: NIC tuning then has a choice to make.
     host.smp(2)

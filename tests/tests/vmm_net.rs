@@ -69,15 +69,8 @@ echo "VMM-EXIT a=$ra b=$rb"
 #[test]
 fn two_guests_on_taps_and_a_bridge_ping_and_move_16_mib_intact() {
     let arts = Artifacts::locate().expect("rig artifacts");
-    let mut host = guest::vmm_host(&arts, "vmm-net", GUEST).expect("VMM host").script(HOST);
-    for (name, path) in [
-        ("llc", "net/llc/llc.ko"),
-        ("stp", "net/802/stp.ko"),
-        ("bridge", "net/bridge/bridge.ko"),
-        ("tun", "drivers/net/tun.ko"),
-    ] {
-        host = host.file(&format!("mod/{name}.ko"), guest::module(&arts, path).expect("module"), 0o644);
-    }
+    let host = guest::vmm_host(&arts, "vmm-net", GUEST).expect("VMM host").script(HOST);
+    let host = guest::with_modules(host, &arts, &guest::BRIDGE_MODULES).expect("modules");
     let out = host.run().expect("host runs");
     out.assert_success();
     let text = out.command_output();
