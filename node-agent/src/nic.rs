@@ -121,12 +121,24 @@ pub struct Profile {
 
 impl Profile {
     pub fn none() -> Profile {
-        Profile { name: "none".into(), irq: vec![], rps: vec![], xps: vec![], tap_rps: None, nics: vec![], spread: false }
+        Profile {
+            name: "none".into(),
+            irq: vec![],
+            rps: vec![],
+            xps: vec![],
+            tap_rps: None,
+            nics: vec![],
+            spread: false,
+        }
     }
 
     /// `name` from the built-in ones (`none`, `spread`) or `defined`;
     /// every CPU list must name CPUs this host has.
-    pub fn resolve(name: &str, defined: &std::collections::BTreeMap<String, ProfileConfig>, cpus: u32) -> Result<Profile, String> {
+    pub fn resolve(
+        name: &str,
+        defined: &std::collections::BTreeMap<String, ProfileConfig>,
+        cpus: u32,
+    ) -> Result<Profile, String> {
         match (name, defined.get(name)) {
             (_, Some(c)) => {
                 let lists = |what: &str, l: &[String]| {
@@ -161,7 +173,8 @@ impl Profile {
                 spread: true,
             }),
             _ => {
-                let known: Vec<&str> = ["none", "spread"].into_iter().chain(defined.keys().map(String::as_str)).collect();
+                let known: Vec<&str> =
+                    ["none", "spread"].into_iter().chain(defined.keys().map(String::as_str)).collect();
                 Err(format!("NIC profile {name:?} is not defined (known: {})", known.join(", ")))
             }
         }
@@ -202,7 +215,8 @@ fn irqs(root: &Root, name: &str) -> Vec<u32> {
         .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
         .unwrap_or_default();
     if v.is_empty() {
-        let devname = std::fs::canonicalize(&dev).ok().and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()));
+        let devname =
+            std::fs::canonicalize(&dev).ok().and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()));
         let interrupts = root.read("proc/interrupts").unwrap_or_default();
         v = interrupts
             .lines()
@@ -235,7 +249,10 @@ pub fn discover(root: &Root) -> Vec<pb::HostNic> {
                 .ok()
                 .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
                 .unwrap_or_default();
-            let speed = root.read(&format!("sys/class/net/{name}/speed")).and_then(|s| s.parse::<i32>().ok()).filter(|s| *s > 0);
+            let speed = root
+                .read(&format!("sys/class/net/{name}/speed"))
+                .and_then(|s| s.parse::<i32>().ok())
+                .filter(|s| *s > 0);
             let (timestamping, ptp_clock) = timestamping(&name).unwrap_or((vec![], -1));
             pb::HostNic {
                 driver,
@@ -267,7 +284,13 @@ pub fn apply(root: &Root, profile: &Profile, nics: &mut [pb::HostNic], cpus: u32
         let name = nic.name.clone();
         for (i, irq) in irqs(root, &name).into_iter().enumerate() {
             if let Some(c) = profile.pick(&profile.irq, i, cpus) {
-                nic.settings.push(set(root, format!("irq {irq}"), &format!("proc/irq/{irq}/smp_affinity_list"), c.to_list(), false));
+                nic.settings.push(set(
+                    root,
+                    format!("irq {irq}"),
+                    &format!("proc/irq/{irq}/smp_affinity_list"),
+                    c.to_list(),
+                    false,
+                ));
             }
         }
         for q in 0..nic.rx_queues as usize {
@@ -287,7 +310,8 @@ pub fn apply(root: &Root, profile: &Profile, nics: &mut [pb::HostNic], cpus: u32
         for s in nic.settings.iter().filter(|s| !s.error.is_empty()) {
             tracing::warn!(nic = %name, knob = %s.knob, error = %s.error, "NIC tuning not applied");
         }
-        let applied: Vec<String> = nic.settings.iter().filter(|s| s.error.is_empty()).map(|s| format!("{}={}", s.knob, s.cpus)).collect();
+        let applied: Vec<String> =
+            nic.settings.iter().filter(|s| s.error.is_empty()).map(|s| format!("{}={}", s.knob, s.cpus)).collect();
         tracing::info!(nic = %name, profile = %profile.name, settings = %applied.join(" "), "NIC tuned");
     }
 }
@@ -374,7 +398,9 @@ mod tests {
         assert_eq!((c.to_list(), c.to_mask()), ("0-3,6".to_string(), "0000004f".to_string()));
         assert_eq!(CpuSet::from_mask("00000001,00000003").expect("mask").to_list(), "0-1,32");
         assert_eq!(CpuSet::parse("33", 40).expect("list").to_mask(), "00000002,00000000");
-        for (bad, needle) in [("8", "does not exist"), ("3-1", "N or N-M"), ("x", "N or N-M"), ("", "N or N-M"), ("0,,1", "N or N-M")] {
+        for (bad, needle) in
+            [("8", "does not exist"), ("3-1", "N or N-M"), ("x", "N or N-M"), ("", "N or N-M"), ("0,,1", "N or N-M")]
+        {
             let e = CpuSet::parse(bad, 8).expect_err(bad);
             assert!(e.contains(needle), "{bad}: {e}");
         }
@@ -404,19 +430,26 @@ mod tests {
             std::fs::write(p, v).expect("write");
         };
         for q in ["rx-0", "rx-1", "tx-0", "tx-1"] {
-            w(&format!("sys/class/net/enp1/queues/{q}/{}_cpus", if q.starts_with("rx") { "rps" } else { "xps" }), "0\n");
+            w(
+                &format!("sys/class/net/enp1/queues/{q}/{}_cpus", if q.starts_with("rx") { "rps" } else { "xps" }),
+                "0\n",
+            );
         }
         w("sys/class/net/enp1/speed", "25000\n");
         std::fs::create_dir_all(d.path().join("sys/bus/pci/drivers/mlx5_core")).expect("driver");
         std::fs::create_dir_all(d.path().join("sys/class/net/enp1/device/msi_irqs/40")).expect("msi");
         std::fs::create_dir_all(d.path().join("sys/class/net/enp1/device/msi_irqs/41")).expect("msi");
-        std::os::unix::fs::symlink(d.path().join("sys/bus/pci/drivers/mlx5_core"), d.path().join("sys/class/net/enp1/device/driver"))
-            .expect("link");
+        std::os::unix::fs::symlink(
+            d.path().join("sys/bus/pci/drivers/mlx5_core"),
+            d.path().join("sys/class/net/enp1/device/driver"),
+        )
+        .expect("link");
         w("sys/devices/virtio0/uevent", "");
         w("sys/class/net/eth0/queues/rx-0/rps_cpus", "0\n");
         w("sys/class/net/eth0/queues/tx-0/xps_cpus", "0\n");
         w("sys/class/net/eth0/speed", "-1\n");
-        std::os::unix::fs::symlink(d.path().join("sys/devices/virtio0"), d.path().join("sys/class/net/eth0/device")).expect("link");
+        std::os::unix::fs::symlink(d.path().join("sys/devices/virtio0"), d.path().join("sys/class/net/eth0/device"))
+            .expect("link");
         w("sys/class/net/bsn1000/queues/rx-0/rps_cpus", "0\n");
         w("proc/interrupts", "           CPU0       CPU1\n 13:        100          0     GICv3  48 Level     virtio0\n 14:  5 0 GICv3 49 Level virtio1\n");
         for irq in [13, 14, 40, 41] {
@@ -432,7 +465,10 @@ mod tests {
         let mut nics = discover(&root);
         let names: Vec<&str> = nics.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["enp1", "eth0"], "the bridge is not a physical NIC");
-        assert_eq!((nics[0].driver.as_str(), nics[0].speed_mbps, nics[0].rx_queues, nics[0].tx_queues), ("mlx5_core", 25000, 2, 2));
+        assert_eq!(
+            (nics[0].driver.as_str(), nics[0].speed_mbps, nics[0].rx_queues, nics[0].tx_queues),
+            ("mlx5_core", 25000, 2, 2)
+        );
         assert_eq!((nics[1].speed_mbps, nics[1].rx_queues), (-1, 1));
         assert_eq!(irqs(&root, "eth0"), [13], "virtio-mmio: the line named after its device");
         assert_eq!(irqs(&root, "enp1"), [40, 41]);
@@ -448,7 +484,10 @@ mod tests {
         assert_eq!(read("sys/class/net/eth0/queues/tx-0/xps_cpus"), "0\n", "one transmit queue: no XPS");
         assert!(!nics[1].settings.iter().any(|s| s.knob.contains("xps")), "{:?}", nics[1].settings);
         let knobs: Vec<(String, String)> = nics[0].settings.iter().map(|s| (s.knob.clone(), s.cpus.clone())).collect();
-        assert!(knobs.contains(&("irq 41".into(), "1".into())) && knobs.contains(&("rx-0 rps".into(), "0-3".into())), "{knobs:?}");
+        assert!(
+            knobs.contains(&("irq 41".into(), "1".into())) && knobs.contains(&("rx-0 rps".into(), "0-3".into())),
+            "{knobs:?}"
+        );
         assert!(nics.iter().flat_map(|n| &n.settings).all(|s| s.error.is_empty()));
 
         // A knob the kernel refuses is reported with its error, the rest applied.

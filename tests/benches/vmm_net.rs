@@ -119,7 +119,8 @@ fn main() {
     let arts = Artifacts::locate().expect("rig artifacts");
     let qemu_disk = qemu_disk(&arts);
     let initrd = guest::initramfs(&arts, GUEST).expect("initrd");
-    let plan: Vec<String> = alternating(rounds, &["cross", "same"]).iter().map(|(v, p, r)| format!("{p} {v} {r}")).collect();
+    let plan: Vec<String> =
+        alternating(rounds, &["cross", "same"]).iter().map(|(v, p, r)| format!("{p} {v} {r}")).collect();
     let mut ns = Netns::create("basalt-nbench").expect("network namespace");
     let started = std::time::Instant::now();
     let mut running = Vec::new();
@@ -155,7 +156,9 @@ fn main() {
         });
         println!("- {r}");
     }
-    for line in a.lines().chain(outs[1].command_output().lines()).filter(|l| l.contains("BENCH-STDERR") || l.contains("BENCH:")) {
+    for line in
+        a.lines().chain(outs[1].command_output().lines()).filter(|l| l.contains("BENCH-STDERR") || l.contains("BENCH:"))
+    {
         println!("    {line}");
     }
     println!(

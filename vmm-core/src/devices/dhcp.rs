@@ -196,7 +196,11 @@ impl Server {
             return Verdict::Forward;
         }
         let msg = &frame[at..];
-        if msg.len() < BOOTP + MAGIC.len() || msg[0] != 1 || msg[1] != 1 || msg[2] != 6 || msg[BOOTP..BOOTP + 4] != MAGIC
+        if msg.len() < BOOTP + MAGIC.len()
+            || msg[0] != 1
+            || msg[1] != 1
+            || msg[2] != 6
+            || msg[BOOTP..BOOTP + 4] != MAGIC
         {
             return Verdict::Drop("not a DHCP request over Ethernet");
         }
@@ -341,7 +345,6 @@ pub(crate) fn request(kind: u8, mac: [u8; 6], extra: &[(u8, &[u8])]) -> Vec<u8> 
     f.extend_from_slice(&b);
     f
 }
-
 
 #[cfg(test)]
 mod tests {
