@@ -196,7 +196,8 @@ fn agent_host(arts: &Artifacts, ns: &mut Netns, ceph: &NetnsCeph, octet: u8, con
            d=$(basename $(readlink -f /sys/class/net/eth0/device)); \
            irq=$(awk -v d=$d '$NF == d {{ sub(\":\", \"\", $1); print $1 }}' /proc/interrupts); \
            echo \"TUNING irq=$irq affinity=$(cat /proc/irq/$irq/smp_affinity_list) \
-           rps=$(cat /sys/class/net/eth0/queues/rx-0/rps_cpus)\"; done ) &\n\
+           rps=$(cat /sys/class/net/eth0/queues/rx-0/rps_cpus) \
+           taps=$(cat /sys/class/net/bt*/queues/rx-0/rps_cpus 2>/dev/null | tr '\\n' ,)\"; done ) &\n\
          while true; do\n\
            nc -l -p 7300 </dev/null >/dev/null 2>&1 || {{ sleep 1; continue; }}\n\
            p=$(cat /tmp/agent.pid); kill -TERM $p 2>/dev/null || true; while kill -0 $p 2>/dev/null; do sleep 0.1; done\n\
@@ -756,6 +757,18 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
         });
         assert!(out.contains(&format!("DHCP-BOUND {ip}/255.255.255.0 router=10.60.0.1 host={vm}")), "{vm}: {out}");
         assert!(out.contains(&format!("NET-UP {ip} mtu=1450 ip-arg={ip}")), "{vm}: {out}");
+    }
+    // The profile's tap RPS (every CPU) on the VMs' taps, read in each host.
+    for (ix, octet) in [11u8, 12].into_iter().enumerate() {
+        let before = hosts.0[ix].console().matches("TUNING ").count();
+        std::net::TcpStream::connect(format!("10.77.0.{octet}:7302")).expect("ask the host for its tuning");
+        let end = Instant::now() + Duration::from_secs(30);
+        while hosts.0[ix].console().matches("TUNING ").count() == before && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let console = hosts.0[ix].console();
+        let line = console.lines().filter(|l| l.contains("TUNING ")).last().unwrap_or_default().to_string();
+        assert!(line.contains("taps=3,"), "host-{octet}'s VM tap has RPS on both CPUs: {line}");
     }
     // The receiver moves to the sender's host while the stream flows.
     api.eventually("na sends", Duration::from_secs(300), |_| Some(()).filter(|_| console("na").contains("NET-SENDING")));
