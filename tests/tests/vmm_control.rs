@@ -34,6 +34,9 @@ sleep 3; c=$(wc -c < $C)
 echo "RESUMED-GROWTH $((c - b))"
 echo "CTL-bogus $(basalt-vmm ctl --socket $S reboot-now)"
 echo "CTL-badsave $(basalt-vmm ctl --socket $S save)"
+ctl migrate-cancel
+echo "CTL-receive $(basalt-vmm ctl --socket $S migrate-receive --args '{"listen":"0.0.0.0:7000"}')"
+ctl status
 ctl shutdown
 wait $VMM; rc=$?
 kill $CAT 2>/dev/null
@@ -105,6 +108,14 @@ fn control_socket_status_counters_vgic_pause_resume_shutdown() {
     let badsave = &ctl(text, "badsave")[0];
     assert_eq!(badsave["ok"], false, "save without a path is refused: {badsave}");
     assert!(badsave["error"].as_str().unwrap_or("").contains("path"), "{badsave}");
+    // Migration commands that do not apply to a running VM change nothing.
+    let cancel = &ctl(text, "migrate-cancel")[0];
+    assert_eq!(cancel["ok"], false, "{cancel}");
+    assert!(cancel["error"].as_str().unwrap_or("").contains("no migration of this VM is under way"), "{cancel}");
+    let receive = &ctl(text, "receive")[0];
+    assert_eq!(receive["ok"], false, "{receive}");
+    assert!(receive["error"].as_str().unwrap_or("").contains("this VM is running"), "{receive}");
+    assert_eq!(ctl(text, "status")[2]["result"]["state"], "running", "still running after the refusals");
     assert_eq!(ctl(text, "shutdown")[0]["ok"], true);
     assert!(text.contains("VMM-EXIT rc=0"), "{text}");
 }
