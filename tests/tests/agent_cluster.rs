@@ -343,7 +343,10 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
         let tuned = nic["tuned"].as_array().expect("tuned");
         assert!(tuned.iter().any(|t| t["knob"] == "rx-0 rps" && t["cpus"] == "0-1" && t.get("error").is_none()), "{j}");
         assert!(!tuned.iter().any(|t| t["knob"] == "tx-0 xps"), "one transmit queue: no XPS: {j}");
-        assert!(tuned.iter().any(|t| t["knob"].as_str().is_some_and(|k| k.starts_with("irq ")) && t["cpus"] == "0"), "{j}");
+        assert!(
+            tuned.iter().any(|t| t["knob"].as_str().is_some_and(|k| k.starts_with("irq ")) && t["cpus"] == "0"),
+            "{j}"
+        );
         std::net::TcpStream::connect(format!("10.77.0.{octet}:7302")).expect("ask the host for its tuning");
         assert!(hosts.0[ix].wait_for_console("TUNING ", Duration::from_secs(30)), "{id} read its tuning back");
         let console = hosts.0[ix].console();
@@ -587,9 +590,7 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     api.eventually("fat placed", Duration::from_secs(60), |a| a.vm("fat").filter(|v| !v.placement.is_empty()));
     let (rc, _, err) = basaltctl(&["vm", "migrate", "ticker", "--to", &other(&here)]);
     assert!(rc == Some(1) && err.contains("memory"), "a target without room names memory: {rc:?} {err}");
-    api.rt
-        .block_on(c.delete_vm(pb::DeleteVmRequest { name: "fat".into(), delete_disks: false }))
-        .expect("delete fat");
+    api.rt.block_on(c.delete_vm(pb::DeleteVmRequest { name: "fat".into(), delete_disks: false })).expect("delete fat");
     assert_eq!(host_of("ticker"), here, "refusals moved nothing");
 
     // A migration cancelled while it sends (held to 1 MiB/s): it ends
@@ -746,7 +747,14 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     net_vm("nb", "e2e-a", "10.60.0.11", "basalt.net=recv", None, 128);
     api.wait_phase("nb", pb::VmPhase::Running, Duration::from_secs(400));
     let hb_ = host_of("nb");
-    net_vm("na", "e2e-a", "10.60.0.10", "basalt.net=send basalt.pace=2 basalt.peer=10.60.0.11", Some(&other(&hb_)), 192);
+    net_vm(
+        "na",
+        "e2e-a",
+        "10.60.0.10",
+        "basalt.net=send basalt.pace=2 basalt.peer=10.60.0.11",
+        Some(&other(&hb_)),
+        192,
+    );
     api.wait_phase("na", pb::VmPhase::Running, Duration::from_secs(400));
     let ha_ = host_of("na");
     assert_ne!(ha_, hb_, "the two VMs run on different hosts");
@@ -771,7 +779,9 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
         assert!(line.contains("taps=3,"), "host-{octet}'s VM tap has RPS on both CPUs: {line}");
     }
     // The receiver moves to the sender's host while the stream flows.
-    api.eventually("na sends", Duration::from_secs(300), |_| Some(()).filter(|_| console("na").contains("NET-SENDING")));
+    api.eventually("na sends", Duration::from_secs(300), |_| {
+        Some(()).filter(|_| console("na").contains("NET-SENDING"))
+    });
     let t = Instant::now();
     let (rc, out, err) = basaltctl(&["vm", "migrate", "nb", "--to", &ha_, "--wait"]);
     assert_eq!(rc, Some(0), "nb migrates during the transfer: {out} {err}");
@@ -814,7 +824,10 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     }
     for (ix, host) in [(0usize, "host-11"), (1, "host-12")] {
         assert!(
-            hosts.0[ix].wait_for_console(&format!("removed: no longer used on this host device=bsn{vni_a}"), Duration::from_secs(60)),
+            hosts.0[ix].wait_for_console(
+                &format!("removed: no longer used on this host device=bsn{vni_a}"),
+                Duration::from_secs(60)
+            ),
             "{host} removed the network's bridge"
         );
     }
@@ -846,8 +859,8 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
         let (rc, out, err) = basaltctl(&["vm", "migrate", "ha2", "--to", &old_host, "--wait"]);
         assert_eq!(rc, Some(0), "bring ha2 next to ha: {out} {err}");
     }
-    let (_, ha2_boot) =
-        api.eventually("ha2 ticks", Duration::from_secs(120), |_| Some(tick(&ceph, "ha2-disk-img")).filter(|t| t.0 > 0));
+    let (_, ha2_boot) = api
+        .eventually("ha2 ticks", Duration::from_secs(120), |_| Some(tick(&ceph, "ha2-disk-img")).filter(|t| t.0 > 0));
     let (rc, out, err) = basaltctl(&["vm", "migrate", "ha2", "--wait"]);
     assert_eq!(rc, Some(0), "ha2 moves away: {out} {err}");
     let ha2_host = host_of("ha2");
@@ -887,7 +900,11 @@ fn vms_run_on_agents_in_emulated_hosts_with_rbd_disks() {
     // The VM that moved away before the fence was not started again.
     let v = api.vm("ha2").expect("ha2");
     let o = v.observed.clone().unwrap_or_default();
-    assert_eq!((v.placement.as_str(), o.phase, o.node.as_str()), (ha2_host.as_str(), pb::VmPhase::Running as i32, ha2_host.as_str()), "{v:?}");
+    assert_eq!(
+        (v.placement.as_str(), o.phase, o.node.as_str()),
+        (ha2_host.as_str(), pb::VmPhase::Running as i32, ha2_host.as_str()),
+        "{v:?}"
+    );
     let (n2, b2) = tick(&ceph, "ha2-disk-img");
     assert_eq!(b2, ha2_boot, "ha2's guest is the one that migrated, not a restart: {n2}");
     assert_eq!(lock_owners(&ceph, "ha2-disk-img").len(), 1, "one VMM holds ha2's disk");

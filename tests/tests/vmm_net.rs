@@ -76,7 +76,10 @@ fn two_guests_on_taps_and_a_bridge_ping_and_move_16_mib_intact() {
     let text = out.command_output();
     assert!(!text.contains("HOST: insmod"), "host modules load: {text}");
     assert!(text.contains("NIC a mac=52:54:00:00:0a:01 ip=10.9.0.2/24"), "the guest sees its MAC: {text}");
-    assert!(text.contains("DHCP-BOUND 10.9.0.3/255.255.255.0 router=10.9.0.1 host=vm-b"), "B's VMM answered its DHCP: {text}");
+    assert!(
+        text.contains("DHCP-BOUND 10.9.0.3/255.255.255.0 router=10.9.0.1 host=vm-b"),
+        "B's VMM answered its DHCP: {text}"
+    );
     assert!(text.contains("NIC b mac=52:54:00:00:0b:02 ip=10.9.0.3/24"), "{text}");
     assert!(text.contains("PING-OK"), "the guests reach each other: {text}");
     let sent = text.lines().find_map(|l| l.strip_prefix("SENT-MD5 ")).map(str::trim).expect("sender's checksum");

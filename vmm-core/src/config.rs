@@ -103,7 +103,10 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
         return Err(format!("MAC {s:?} must be six hex bytes separated by ':'"));
     }
     for (b, p) in m.iter_mut().zip(&parts) {
-        *b = (p.len() == 2).then(|| u8::from_str_radix(p, 16).ok()).flatten().ok_or_else(|| format!("MAC {s:?} must be six hex bytes separated by ':'"))?;
+        *b = (p.len() == 2)
+            .then(|| u8::from_str_radix(p, 16).ok())
+            .flatten()
+            .ok_or_else(|| format!("MAC {s:?} must be six hex bytes separated by ':'"))?;
     }
     if m[0] & 1 != 0 {
         return Err(format!("MAC {s} is multicast; a NIC needs a unicast address"));
@@ -258,7 +261,8 @@ mod tests {
     #[test]
     fn nics_are_checked_before_anything_is_built() {
         let k = tempfile::NamedTempFile::new().expect("tmp");
-        let nic = |tap: &str, mac: &str, mtu: Option<u16>| NicConfig { tap: tap.into(), mac: mac.into(), mtu, dhcp: None };
+        let nic =
+            |tap: &str, mac: &str, mtu: Option<u16>| NicConfig { tap: tap.into(), mac: mac.into(), mtu, dhcp: None };
         let mut c = base(k.path());
         c.nics = vec![nic("tap0", "52:54:00:12:34:56", Some(1450)), nic("tap1", "02:ba:5a:00:00:01", None)];
         assert!(c.validate().is_ok());
@@ -294,10 +298,14 @@ mod tests {
 
     #[test]
     fn nic_flags_parse_with_their_lease() {
-        let n = NicConfig::from_flag("tap0,52:54:00:12:34:56,mtu=1450,ip=10.0.0.5/24,gw=10.0.0.1,hostname=web").expect("flag");
+        let n = NicConfig::from_flag("tap0,52:54:00:12:34:56,mtu=1450,ip=10.0.0.5/24,gw=10.0.0.1,hostname=web")
+            .expect("flag");
         assert_eq!((n.tap.as_str(), n.mac.as_str(), n.mtu), ("tap0", "52:54:00:12:34:56", Some(1450)));
         let l = n.dhcp.expect("lease");
-        assert_eq!((l.address.to_string(), l.prefix, l.gateway.map(|g| g.to_string())), ("10.0.0.5".into(), 24, Some("10.0.0.1".into())));
+        assert_eq!(
+            (l.address.to_string(), l.prefix, l.gateway.map(|g| g.to_string())),
+            ("10.0.0.5".into(), 24, Some("10.0.0.1".into()))
+        );
         assert_eq!(l.hostname.as_deref(), Some("web"));
         assert_eq!(NicConfig::from_flag("tap0,52:54:00:12:34:56").expect("plain").dhcp, None);
         for (flag, needle) in [

@@ -81,11 +81,19 @@ pub fn module(arts: &Artifacts, path: &str) -> Result<Vec<u8>, RigError> {
 
 /// What a host needs for VMs on taps and a Linux bridge, in load order:
 /// (name, path under the kernel's modules).
-pub const BRIDGE_MODULES: [(&str, &str); 4] =
-    [("llc", "net/llc/llc.ko"), ("stp", "net/802/stp.ko"), ("bridge", "net/bridge/bridge.ko"), ("tun", "drivers/net/tun.ko")];
+pub const BRIDGE_MODULES: [(&str, &str); 4] = [
+    ("llc", "net/llc/llc.ko"),
+    ("stp", "net/802/stp.ko"),
+    ("bridge", "net/bridge/bridge.ko"),
+    ("tun", "drivers/net/tun.ko"),
+];
 
 /// `host` with each of `modules` at `/basalt/mod/NAME.ko`, for its script to insmod.
-pub fn with_modules(mut host: super::Arm64Host, arts: &Artifacts, modules: &[(&str, &str)]) -> Result<super::Arm64Host, RigError> {
+pub fn with_modules(
+    mut host: super::Arm64Host,
+    arts: &Artifacts,
+    modules: &[(&str, &str)],
+) -> Result<super::Arm64Host, RigError> {
     for (name, path) in modules {
         host = host.file(&format!("mod/{name}.ko"), module(arts, path)?, 0o644);
     }

@@ -50,7 +50,11 @@ impl Tap {
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")?;
-        let mut req = IfReq { name: [0; IFNAMSIZ], flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as _, _pad: [0; 22] };
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as _,
+            _pad: [0; 22],
+        };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: a tun fd we own; `req` is a live ifreq-sized struct the
         // ioctl reads the name and flags from and may write the name back to.

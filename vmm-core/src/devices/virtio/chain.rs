@@ -102,4 +102,3 @@ pub(crate) fn scatter(mem: &GuestRam, segs: &[Seg], data: &[u8]) -> Option<()> {
     }
     (done == data.len()).then_some(())
 }
-

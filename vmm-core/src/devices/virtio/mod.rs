@@ -42,8 +42,8 @@ mod net_tests;
 mod tests;
 
 pub use block::{BlockConfig, BlockCounters, BlockDeviceError, VirtioBlock, VirtioBlockState};
-pub use net::{NetBackend, NetConfig, NetCounters, NetDeviceError, Offloads, VirtioNet, VirtioNetState};
 pub use mmio::{MmioCounters, MmioTransport, MmioTransportState, QueueSnapshot, RestoreError};
+pub use net::{NetBackend, NetConfig, NetCounters, NetDeviceError, Offloads, VirtioNet, VirtioNetState};
 
 /// InterruptStatus bit: a used ring was updated.
 pub const INT_VRING: u32 = 1;

@@ -533,7 +533,10 @@ impl VirtioNet {
             };
             let head = chain.head_index();
             match buffers(chain, active.queues[RX].size(), mem) {
-                Ok(b) if b.readable.is_empty() && b.writable_len >= if chains.is_empty() { HDR_LEN as u64 } else { 1 } => {
+                Ok(b)
+                    if b.readable.is_empty()
+                        && b.writable_len >= if chains.is_empty() { HDR_LEN as u64 } else { 1 } =>
+                {
                     room += b.writable_len;
                     chains.push((head, b.writable, b.writable_len));
                 }

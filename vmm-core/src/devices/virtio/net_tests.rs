@@ -13,8 +13,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::MmioTransport;
-use crate::devices::dhcp::{self, Lease};
 use super::net::{NetBackend, NetConfig, NetDeviceError, Offloads, VirtioNet, HDR_LEN, MAX_FRAME};
+use crate::devices::dhcp::{self, Lease};
 
 const MEM_BASE: u64 = 0x4000_0000;
 const MEM_SIZE: usize = 1 << 20;
@@ -204,7 +204,12 @@ fn the_driver_sees_the_mac_the_link_and_its_offloads_reach_the_tap() {
     assert_eq!(h.fake.offloads.lock().expect("lock").last(), Some(&all));
     // A driver that takes no receive offloads gets none; a reset clears them.
     let mut h = harness();
-    h.init(bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6) | bit(VIRTIO_NET_F_GUEST_ECN));
+    h.init(
+        bit(VIRTIO_NET_F_GUEST_CSUM)
+            | bit(VIRTIO_NET_F_GUEST_TSO4)
+            | bit(VIRTIO_NET_F_GUEST_TSO6)
+            | bit(VIRTIO_NET_F_GUEST_ECN),
+    );
     assert_eq!(h.fake.offloads.lock().expect("lock").last(), Some(&Offloads::default()));
     h.w32(0x70, 0);
     assert!(!h.t.is_activated());
@@ -324,10 +329,16 @@ fn the_nic_announces_itself_and_its_state_names_its_mac() {
     assert_eq!(e.len(), 60);
     assert_eq!((&e[..6], &e[6..12], &e[12..14]), (&[0xff; 6][..], &MAC[..], &[0x80, 0x35][..]), "a RARP from the MAC");
     let s = h.t.device().save();
-    let other = VirtioNet::new(Box::new(Fake::default()), NetConfig { mac: [2, 0, 0, 0, 0, 1], queue_size: QSIZE, mtu: None, dhcp: None });
+    let other = VirtioNet::new(
+        Box::new(Fake::default()),
+        NetConfig { mac: [2, 0, 0, 0, 0, 1], queue_size: QSIZE, mtu: None, dhcp: None },
+    );
     let err = other.expect("device").restore(&s).expect_err("another MAC");
     assert!(matches!(err, NetDeviceError::MacMismatch { .. }), "{err}");
-    let multicast = VirtioNet::new(Box::new(Fake::default()), NetConfig { mac: [1, 0, 0, 0, 0, 1], queue_size: QSIZE, mtu: None, dhcp: None });
+    let multicast = VirtioNet::new(
+        Box::new(Fake::default()),
+        NetConfig { mac: [1, 0, 0, 0, 0, 1], queue_size: QSIZE, mtu: None, dhcp: None },
+    );
     assert!(matches!(multicast.err(), Some(NetDeviceError::MulticastMac(_))));
 }
 
