@@ -21,12 +21,15 @@
 //! Method: host B starts the receiver for each round (basalt-vmm --incoming,
 //! or qemu -incoming), host A boots the guest, waits for its marker and 5 s
 //! more, then starts the migration (basalt: `migrate-send`; qemu: HMP
-//! `migrate_set_parameter downtime-limit 300`, `migrate -d`, then `info
-//! migrate` until completed). B stops the guest once it runs there. Both
-//! VMMs report total time and downtime themselves; basalt's downtime runs
-//! from the pause on A to the receiver's word that the guest runs on B, of
-//! which `stop_ms` is pausing and saving the state on A and `last=` the
-//! last round's pages and time.
+//! `migrate_set_parameter downtime-limit 300`, `migrate_set_capability
+//! return-path on`, `migrate -d`, then `info migrate` until completed). B
+//! stops the guest once it runs there. Both VMMs report total time and
+//! downtime themselves, both from the pause on A to B's word that the guest
+//! runs there (QEMU's return path; without one QEMU's downtime would end at
+//! A's last byte and leave B's load and restart out). Of basalt's,
+//! `stop_ms` is pausing and saving the state on A and `last=` the
+//! last round's pages and time; `steps=` the sender's steps after the pause
+//! (µs) and `restore_ms=` the receiver's time from the state to the guest running.
 
 use std::time::Duration;
 
@@ -95,10 +98,18 @@ send() { # vmm guest round
         stopms=$(echo "$r" | sed -n 's/.*"stop_ms":\([0-9]*\).*/\1/p')
         # the last round (after the pause): its pages and milliseconds
         lastr=$(echo "$r" | grep -o '{"round":[^}]*}' | tail -1 | sed 's/[{}"]//g')
-        echo "BENCH-ROUND vmm=basalt guest=$2 round=$3 total_ms=$tot downtime_ms=$down rounds=$rounds stop_ms=$stopms rc=$rc last=$lastr"
+        firstr=$(echo "$r" | grep -o '{"round":[^}]*}' | head -1 | sed 's/[{}"]//g')
+        # where the downtime went: the sender's steps (µs) and the receiver's restore
+        steps=$(echo "$r" | grep -o '"stop_steps_us":{[^}]*}' | sed 's/"stop_steps_us"://; s/[{}"]//g')
+        restore=$(echo "$r" | sed -n 's/.*"restore_ms":\([0-9]*\).*/\1/p')
+        echo "BENCH-ROUND vmm=basalt guest=$2 round=$3 total_ms=$tot downtime_ms=$down rounds=$rounds stop_ms=$stopms restore_ms=$restore rc=$rc first=$firstr last=$lastr steps=$steps"
         [ "$rc" = 4 ] || sed 's/^/BENCH-STDERR basalt: /' /tmp/vmm.log
     else
         hmp "migrate_set_parameter downtime-limit 300"
+        # With a return path QEMU's downtime runs to the destination's word
+        # that the guest runs again, as basalt's does; without one it stops
+        # at the source's last byte and leaves out the destination's load.
+        hmp "migrate_set_capability return-path on"
         for t in $(seq 1 600); do
             hmp "migrate -d tcp:10.77.0.12:7001"
             st=
@@ -160,7 +171,8 @@ fn main() {
     )
     .expect("initrd");
     // The same order of rounds on both hosts.
-    let plan: Vec<String> = alternating(rounds, &["idle", "dirty"]).iter().map(|(v, g, r)| format!("{v} {g} {r}")).collect();
+    let plan: Vec<String> =
+        alternating(rounds, &["idle", "dirty"]).iter().map(|(v, g, r)| format!("{v} {g} {r}")).collect();
     let mut ns = Netns::create("basalt-mbench").expect("network namespace");
     let started = std::time::Instant::now();
     let mut running = Vec::new();

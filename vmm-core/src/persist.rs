@@ -208,7 +208,7 @@ mod tests {
             }],
             gic: GicState {
                 version: 1,
-                nr_irqs: 128,
+                nr_irqs: 64,
                 redist: vec![(0, vec![])],
                 icc: vec![(0, vec![])],
                 ..Default::default()

@@ -17,6 +17,10 @@ pub struct HostCaps {
     pub max_ipa_bits: u32,
     /// The vGIC's GICD_IIDR: implementer, product and KVM's implementation revision.
     pub gic_iidr: u32,
+    /// Interrupt IDs the VM's vGIC was created with (absent before protocol
+    /// version 2, whose VMMs made 128).
+    #[serde(default = "nr_irqs_before_v2")]
+    pub gic_nr_irqs: u32,
     /// vCPU feature ID registers (KVM id, value), as KVM shows them to the guest.
     pub id_regs: Vec<(u64, u64)>,
     /// KVM_CAP_COUNTER_OFFSET: one counter offset for the whole VM.
@@ -51,6 +55,10 @@ pub struct VmShape {
 pub struct Offer {
     pub host: HostCaps,
     pub vm: VmShape,
+}
+
+fn nr_irqs_before_v2() -> u32 {
+    128
 }
 
 /// GICD_IIDR's revision field; the other fields name the implementation.
@@ -126,6 +134,12 @@ pub fn check(ours: &Offer, theirs: &Offer) -> Result<(), String> {
             t.gic_iidr, h.gic_iidr
         ));
     }
+    if h.gic_nr_irqs != t.gic_nr_irqs {
+        return Err(format!(
+            "the VM's vGIC has {} interrupt IDs, this receiver's {}: the two basalt-vmm versions cannot hand a VM over live",
+            t.gic_nr_irqs, h.gic_nr_irqs
+        ));
+    }
     for (id, val) in &t.id_regs {
         match h.id_regs.iter().find(|(i, _)| i == id) {
             Some((_, mine)) if mine == val => {}
@@ -183,6 +197,7 @@ mod tests {
                 ipa_bits: 40,
                 max_ipa_bits: 44,
                 gic_iidr: 0x0300_243b,
+                gic_nr_irqs: 64,
                 id_regs: vec![(crate::arch::aarch64::regs::sys_reg(3, 0, 0, 4, 0), 0x1100_0011)],
                 counter_offset: false,
             },
@@ -220,6 +235,7 @@ mod tests {
         refused(&|o| o.host.ipa_bits = 48, "48-bit IPA");
         refused(&|o| o.host.gic_iidr = 0x0400_243b, "GIC implementation differs");
         refused(&|o| o.host.gic_iidr = 0x0300_343b, "later revision");
+        refused(&|o| o.host.gic_nr_irqs = 128, "vGIC has 128 interrupt IDs, this receiver's 64");
         refused(&|o| o.host.id_regs[0].1 = 0x1100_0022, "ID_AA64PFR0_EL1 differs");
         refused(
             &|o| o.host.id_regs.push((crate::arch::aarch64::regs::sys_reg(3, 0, 0, 6, 2), 0)),

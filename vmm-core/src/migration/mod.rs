@@ -159,6 +159,17 @@ pub struct Report {
     pub downtime_ms: u64,
     /// Of which: draining and flushing the disks and saving the state.
     pub stop_ms: u64,
+    /// The sender's steps after the pause, in µs: `pause_us` (vCPUs out of
+    /// KVM_RUN), `devices_us` (disks drained), `vcpus_us` (registers read),
+    /// `gic_us` (ITS flushed, vGIC read), `release_us` (disk locks
+    /// released), `last_round_us` (final dirty pages), `state_us` (state on
+    /// the wire), `resume_wait_us` (until the receiver said it runs).
+    #[serde(default)]
+    pub stop_steps_us: std::collections::BTreeMap<String, u64>,
+    /// The receiver's own time from the state's arrival to its reply (it
+    /// sends it with `resumed`, protocol version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_ms: Option<u64>,
     pub rounds: Vec<RoundReport>,
     pub bytes: u64,
     pub pages: u64,
@@ -200,12 +211,30 @@ impl StatusCell {
     }
 }
 
-/// The VM stopped for the last copy: its state, and when its vCPUs stopped.
+/// The VM stopped for the last copy. Its memory is final from `at` on
+/// (disks drained, ITS tables and pending LPIs flushed into RAM); the rest
+/// of its state follows on `state`, read while the last pages go out.
 pub struct Paused {
-    pub state: VmState,
     pub at: Instant,
+    pub state: std::sync::mpsc::Receiver<Result<Stopped, String>>,
+}
+
+/// The paused VM's state, its disks released.
+pub struct Stopped {
+    pub state: VmState,
     /// Time spent pausing, draining and flushing disks, saving state.
     pub stop: Duration,
+    /// Of which, step by step (µs): see [`Report::stop_steps_us`].
+    pub times: Vec<(&'static str, u64)>,
+}
+
+impl Paused {
+    /// A pause whose state is already known (or already failed).
+    pub fn with(at: Instant, state: Result<Stopped, String>) -> Paused {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _ = tx.send(state);
+        Paused { at, state: rx }
+    }
 }
 
 /// What happened when the sender fell back after a failure past the pause.
@@ -229,9 +258,11 @@ pub trait Source {
     fn dirty_stop(&mut self);
     /// Share of the vCPUs' time spent parked (auto-converge); 0 is none.
     fn throttle(&mut self, pct: u8);
-    /// Pauses the vCPUs, drains and flushes the disks, releases their locks,
-    /// flushes ITS tables and pending LPIs into RAM, saves the state. On
-    /// failure the VM is running again, as before.
+    /// Pauses the vCPUs, drains the disks, flushes ITS tables and pending
+    /// LPIs into RAM, and returns; then saves the rest of the state and
+    /// releases the disks' locks, and sends that on [`Paused::state`]. On
+    /// failure before it returns, the VM is running again, as before; a
+    /// failure on `state` leaves it paused for [`Source::fall_back`].
     fn stop_and_copy(&mut self) -> Result<Paused, String>;
     /// After a failure past `stop_and_copy`: take the disks back and resume.
     fn fall_back(&mut self) -> Fallback;

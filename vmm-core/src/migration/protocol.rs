@@ -17,7 +17,7 @@
 //! S: Hello{offer}          R: Accept | Refuse{reason}     (before any guest byte)
 //! S: Pages{round,ranges}*  (pre-copy rounds, then the final dirty set)
 //! S: State{state}  S: Complete{...}
-//! R: Resumed               (the guest runs on R)  | Abandon{reason}
+//! R: Resumed{restore_ms}   (the guest runs on R)  | Abandon{reason}
 //! S: Done{report}          (best effort: R keeps it for migrate-status)
 //! ```
 //! Either side may send `Abandon{reason}` at any point before `Resumed`.
@@ -31,7 +31,8 @@ use super::Report;
 use crate::persist::VmState;
 
 /// Versions this VMM speaks; a sender offers its range, the receiver picks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `resumed` may carry the receiver's restore time.
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 pub const MAGIC: [u8; 8] = *b"BSLTMIG\n";
 /// Largest JSON message (the VM state of a big VM is well below this).
@@ -73,7 +74,11 @@ pub enum Message {
     },
     /// Everything is sent; the sender has released its disks.
     Complete,
-    Resumed,
+    Resumed {
+        /// From the state's arrival to the guest running (version 2).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        restore_ms: Option<u64>,
+    },
     Abandon {
         reason: String,
     },
@@ -91,7 +96,7 @@ impl Message {
             Message::Pages { .. } => "pages",
             Message::State { .. } => "state",
             Message::Complete => "complete",
-            Message::Resumed => "resumed",
+            Message::Resumed { .. } => "resumed",
             Message::Abandon { .. } => "abandon",
             Message::Done { .. } => "done",
         }

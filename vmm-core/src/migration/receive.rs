@@ -186,14 +186,16 @@ fn receive(conn: TcpStream, sink: &mut dyn Sink, st: &StatusCell, started: Insta
         }
     }
     let state = state.ok_or_else(|| Fail::After("the sender completed without sending the VM state".into()))?;
+    let restoring = Instant::now();
     if let Err(why) = sink.ready(state) {
         let _ = protocol::send(&mut w, &Message::Abandon { reason: why.clone() });
         let _ = w.flush();
         return Err(Fail::After(format!("the VM could not start here: {why}")));
     }
     // The guest runs here now; telling the sender is all that is left.
-    let told =
-        protocol::send(&mut w, &Message::Resumed).and_then(|()| w.flush().map_err(protocol::ProtocolError::from));
+    let restore_ms = restoring.elapsed().as_millis() as u64;
+    let resumed = Message::Resumed { restore_ms: (version >= 2).then_some(restore_ms) };
+    let told = protocol::send(&mut w, &resumed).and_then(|()| w.flush().map_err(protocol::ProtocolError::from));
     st.update(|s| {
         s.phase = Phase::Completed;
         s.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -205,7 +207,7 @@ fn receive(conn: TcpStream, sink: &mut dyn Sink, st: &StatusCell, started: Insta
     let _ = r.get_ref().set_read_timeout(Some(Duration::from_secs(10)));
     if let Ok(Message::Done { report }) = protocol::recv(&mut r) {
         log::info!(
-            "migration: received from {peer}: {} ms in all, {} ms downtime",
+            "migration: received from {peer}: {} ms in all, {} ms downtime ({restore_ms} ms of it restoring here)",
             report.total_ms,
             report.downtime_ms
         );

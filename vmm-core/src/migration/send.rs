@@ -126,7 +126,9 @@ impl<W: Write> Wire<W> {
         let mut ranges: Vec<PageRange> = Vec::new();
         // Under a bandwidth limit a batch is a quarter second of it, so that
         // progress and a cancel are heard that often, not once per 4 MiB.
-        let batch = self.limit.map_or(BATCH_BYTES, |l| usize::try_from(l / 4).unwrap_or(BATCH_BYTES).clamp(256 << 10, BATCH_BYTES));
+        let batch = self
+            .limit
+            .map_or(BATCH_BYTES, |l| usize::try_from(l / 4).unwrap_or(BATCH_BYTES).clamp(256 << 10, BATCH_BYTES));
         let mut payload: Vec<u8> = Vec::with_capacity(batch + (RUN_PAGES as usize) * page as usize);
         let mut batch_pages = 0u64;
         let mut run = vec![0u8; RUN_PAGES as usize * page as usize];
@@ -137,7 +139,7 @@ impl<W: Write> Wire<W> {
             for (i, p) in run[..len].chunks_exact(page as usize).enumerate() {
                 done += 1;
                 let at = gpa + i as u64 * page;
-                let zero = p.iter().all(|&b| b == 0);
+                let zero = is_zero(p);
                 if zero {
                     rep.zero_pages += 1;
                     if skip_zero {
@@ -169,6 +171,18 @@ impl<W: Write> Wire<W> {
         rep.mib_s = mib_s(rep.bytes, t0.elapsed());
         Ok(rep)
     }
+}
+
+/// Whether a page is all zeroes. Every page of the first pass goes
+/// through here, so it reads 64 bytes at a time as eight words folded
+/// together (which LLVM vectorises), not byte by byte: on an emulated host
+/// the byte loop alone took seconds for a 256 MiB guest.
+fn is_zero(p: &[u8]) -> bool {
+    let mut blocks = p.chunks_exact(64);
+    let words_zero = blocks.by_ref().all(|b| {
+        b.chunks_exact(8).fold(0u64, |acc, w| acc | u64::from_ne_bytes(w.try_into().unwrap_or([0xff; 8]))) == 0
+    });
+    words_zero && blocks.remainder().iter().all(|&b| b == 0)
 }
 
 /// How far a round of pages has got.
@@ -260,7 +274,13 @@ fn migrate(
     w.flush()?;
     // A receiver busy with another sender leaves this connection in its
     // backlog: say so, so a caller can tell it from a refusal and retry.
-    let hello = |e: protocol::ProtocolError| Stop::Failed(format!("the receiver did not answer the hello: {e}"));
+    // One that cannot read the offer (an older basalt-vmm, which refuses
+    // fields it does not know) closes the connection without a word.
+    let hello = |e: protocol::ProtocolError| {
+        Stop::Failed(format!(
+            "the receiver did not answer the hello (a basalt-vmm that cannot read this one's offer closes the connection): {e}"
+        ))
+    };
     match protocol::recv(&mut r).map_err(hello)? {
         Message::Accept { version } if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) => {}
         Message::Accept { version } => {
@@ -317,6 +337,31 @@ fn reset(stream: &TcpStream) {
 
 /// Rounds so far, the dirty set left, the highest throttle, the expected
 /// time to send that set.
+/// Rounds sent although the rest already fitted the downtime budget, while
+/// each one still more than halves it.
+const MAX_EXTRA_ROUNDS: u32 = 3;
+
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Stop-and-copy now.
+    Stop,
+    /// Another round: the rest does not fit the budget.
+    Round,
+    /// Another round although the rest fits: it still shrinks fast.
+    ExtraRound,
+}
+
+/// After a round: `fits` whether the dirty rest (`remaining` bytes) fits
+/// the downtime budget, `before` what was left after the round before.
+fn next_step(fits: bool, remaining: u64, before: Option<u64>, extra_rounds: u32) -> Next {
+    let shrinking = remaining > 0 && before.is_none_or(|b| remaining * 2 < b);
+    match (fits, shrinking && extra_rounds < MAX_EXTRA_ROUNDS) {
+        (false, _) => Next::Round,
+        (true, true) => Next::ExtraRound,
+        (true, false) => Next::Stop,
+    }
+}
+
 type Precopied = (Vec<RoundReport>, DirtyBitmap, u8, Duration);
 
 fn precopy(
@@ -357,6 +402,8 @@ fn precopy(
     let mut max_throttle = 0u8;
     let mut dirty = DirtyBitmap::all(base, size, page);
     let mut round = 0u32;
+    let mut last_remaining: Option<u64> = None;
+    let mut extra_rounds = 0u32;
     loop {
         stop()?;
         st.update(|s| s.round = round);
@@ -396,9 +443,17 @@ fn precopy(
         });
         let sent = rep.bytes;
         rounds.push(rep);
-        if expected <= p.downtime {
-            return Ok((rounds, dirty, max_throttle, expected));
+        // It fits: stop, unless the last round more than halved what is
+        // left. The first pass is long and leaves everything the guest
+        // wrote meanwhile; a round after it is short and leaves only what
+        // the guest writes in that time (an idle guest's timer-tick pages),
+        // which is then all the pause has to carry.
+        match next_step(expected <= p.downtime, remaining, last_remaining, extra_rounds) {
+            Next::Stop => return Ok((rounds, dirty, max_throttle, expected)),
+            Next::ExtraRound => extra_rounds += 1,
+            Next::Round => {}
         }
+        last_remaining = Some(remaining);
         // Auto-converge: the guest dirtied more than half of what the link
         // moved in the same time; take more of its vCPUs' time.
         if round >= 1 && remaining > sent / 2 && throttle < p.max_throttle_pct {
@@ -447,19 +502,40 @@ fn stop_and_copy(
         })
     });
     let last = rounds.len() as u32;
+    let mut steps = std::collections::BTreeMap::new();
+    let mut restore_ms = None;
+    let mut stop = Duration::ZERO;
     let finish = (|| -> Result<(RoundReport, Duration), Stop> {
         let _ = dog.as_ref().map_err(|e| Stop::Failed(format!("the stream's watchdog: {e}")))?;
+        let mut t = Instant::now();
+        let lap = |steps: &mut std::collections::BTreeMap<String, u64>, what: &str, t: &mut Instant| {
+            steps.insert(what.to_string(), t.elapsed().as_micros() as u64);
+            *t = Instant::now();
+        };
         // The ITS tables and pending LPIs were flushed into RAM by the pause:
         // this harvest has them.
         let last_dirty = src.dirty_harvest().map_err(Stop::Failed)?;
         pending.merge(&last_dirty);
+        lap(&mut steps, "harvest_us", &mut t);
         let rep = wire.pages(src.memory(), &pending, last, false, &|_| Ok(()))?;
-        wire.message(&Message::State { state: Box::new(paused.state.clone()) }, &[])?;
+        wire.w.flush()?;
+        lap(&mut steps, "last_round_us", &mut t);
+        // Read by the VMM thread while the pages went out.
+        let stopped = paused.state.recv().unwrap_or_else(|_| Err("the VM has stopped".into()));
+        let stopped = stopped.map_err(|e| Stop::Failed(format!("saving the paused VM's state: {e}")))?;
+        lap(&mut steps, "state_wait_us", &mut t);
+        steps.extend(stopped.times.iter().map(|(k, v)| ((*k).to_string(), *v)));
+        stop = stopped.stop;
+        wire.message(&Message::State { state: Box::new(stopped.state) }, &[])?;
         wire.message(&Message::Complete, &[])?;
         wire.w.flush()?;
+        lap(&mut steps, "state_us", &mut t);
         st.update(|s| s.phase = Phase::WaitingForResume);
         stream.set_read_timeout(Some(deadline))?;
-        protocol::expect(&mut r, "resumed")?;
+        if let Message::Resumed { restore_ms: ms } = protocol::expect(&mut r, "resumed")? {
+            restore_ms = ms;
+        }
+        lap(&mut steps, "resume_wait_us", &mut t);
         Ok((rep, paused.at.elapsed()))
     })();
     drop(done_tx);
@@ -492,7 +568,9 @@ fn stop_and_copy(
         outcome: "completed".into(),
         total_ms: started.elapsed().as_millis() as u64,
         downtime_ms: downtime.as_millis() as u64,
-        stop_ms: paused.stop.as_millis() as u64,
+        stop_ms: stop.as_millis() as u64,
+        stop_steps_us: steps,
+        restore_ms,
         bytes: wire.bytes,
         pages: rounds.iter().map(|r| r.pages + r.zero_pages).sum(),
         rounds,
@@ -504,4 +582,33 @@ fn stop_and_copy(
     src.dirty_stop();
     src.handed_over();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn a_rest_that_fits_gets_more_rounds_only_while_they_halve_it() {
+        use super::{next_step, Next, MAX_EXTRA_ROUNDS};
+        // After the first pass, one more round even though the rest fits.
+        assert_eq!(next_step(true, 1 << 20, None, 0), Next::ExtraRound);
+        assert_eq!(next_step(true, 0, None, 0), Next::Stop, "nothing left");
+        assert_eq!(next_step(true, 400 << 10, Some(1 << 20), 1), Next::ExtraRound, "more than halved");
+        assert_eq!(next_step(true, 600 << 10, Some(1 << 20), 1), Next::Stop, "no longer halving");
+        assert_eq!(next_step(true, 1, Some(1 << 20), MAX_EXTRA_ROUNDS), Next::Stop, "at most so many");
+        assert_eq!(next_step(false, 600 << 10, Some(1 << 20), MAX_EXTRA_ROUNDS), Next::Round, "does not fit");
+    }
+
+    #[test]
+    fn zero_pages_are_told_from_pages_with_any_byte_set() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero(&p));
+        for at in [0, 7, 63, 64, 2047, 4095] {
+            p[at] = 1;
+            assert!(!is_zero(&p), "byte {at} set");
+            p[at] = 0;
+        }
+        assert!(is_zero(&p[..100]) && !is_zero(&[0, 0, 0, 9][..]), "lengths that are not a multiple of 64");
+    }
 }

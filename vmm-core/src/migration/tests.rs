@@ -26,6 +26,7 @@ fn offer(memory: u64) -> Offer {
             ipa_bits: 40,
             max_ipa_bits: 40,
             gic_iidr: 0x0300_243b,
+            gic_nr_irqs: 64,
             id_regs: vec![],
             counter_offset: false,
         },
@@ -56,6 +57,8 @@ struct FakeVm {
     paused: Arc<AtomicBool>,
     events: Arc<Mutex<Vec<String>>>,
     fail_stop: bool,
+    /// The state after the pause cannot be read.
+    fail_state: bool,
 }
 
 impl Source for FakeVm {
@@ -84,7 +87,12 @@ impl Source for FakeVm {
         // Let a write in progress land; it is in the final harvest.
         std::thread::sleep(Duration::from_millis(20));
         self.events.lock().expect("events").push("paused".into());
-        Ok(Paused { state: state(), at: Instant::now(), stop: Duration::ZERO })
+        let stopped = if self.fail_state {
+            Err("vCPU 1 did not answer".to_string())
+        } else {
+            Ok(Stopped { state: state(), stop: Duration::ZERO, times: vec![("pause_us", 1)] })
+        };
+        Ok(Paused::with(Instant::now(), stopped))
     }
     fn fall_back(&mut self) -> Fallback {
         self.paused.store(false, Ordering::SeqCst);
@@ -168,7 +176,13 @@ fn a_running_guest_arrives_whole_and_bad_senders_change_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let writes = guest(src_mem.clone(), paused.clone(), Duration::from_micros(200), stop.clone());
     let events = Arc::new(Mutex::new(Vec::new()));
-    let mut vm = FakeVm { mem: src_mem.clone(), paused: paused.clone(), events: events.clone(), fail_stop: false };
+    let mut vm = FakeVm {
+        mem: src_mem.clone(),
+        paused: paused.clone(),
+        events: events.clone(),
+        fail_stop: false,
+        fail_state: false,
+    };
 
     let (l, addr) = listener();
     let dst_mem = ram();
@@ -188,8 +202,13 @@ fn a_running_guest_arrives_whole_and_bad_senders_change_nothing() {
         s.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("garbage");
     }
     // An incompatible VM (other memory size): refused before any byte moves.
-    let mut other =
-        FakeVm { mem: ram(), paused: Arc::new(AtomicBool::new(false)), events: events.clone(), fail_stop: false };
+    let mut other = FakeVm {
+        mem: ram(),
+        paused: Arc::new(AtomicBool::new(false)),
+        events: events.clone(),
+        fail_stop: false,
+        fail_state: false,
+    };
     let st = StatusCell::default();
     let e = send::run(&mut other, &offer(32 << 20), &params(&addr), &st, &AtomicBool::new(false)).expect_err("refused");
     assert!(e.contains("refused the VM: memory size differs"), "{e}");
@@ -229,8 +248,13 @@ fn failures_leave_the_vm_on_the_sender() {
         receive::serve(&l, &mut t, &StatusCell::default(), &AtomicBool::new(false))
     });
     let events = Arc::new(Mutex::new(Vec::new()));
-    let mut vm =
-        FakeVm { mem: ram(), paused: Arc::new(AtomicBool::new(false)), events: events.clone(), fail_stop: false };
+    let mut vm = FakeVm {
+        mem: ram(),
+        paused: Arc::new(AtomicBool::new(false)),
+        events: events.clone(),
+        fail_stop: false,
+        fail_state: false,
+    };
     let e = send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &StatusCell::default(), &AtomicBool::new(false))
         .expect_err("fails");
     assert!(e.contains("exclusive lock") && e.contains("the VM runs on here"), "{e}");
@@ -245,12 +269,41 @@ fn failures_leave_the_vm_on_the_sender() {
         let mut t = target;
         receive::serve(&l, &mut t, &StatusCell::default(), &AtomicBool::new(false))
     });
-    let mut vm =
-        FakeVm { mem: ram(), paused: Arc::new(AtomicBool::new(false)), events: Arc::default(), fail_stop: true };
+    let mut vm = FakeVm {
+        mem: ram(),
+        paused: Arc::new(AtomicBool::new(false)),
+        events: Arc::default(),
+        fail_stop: true,
+        fail_state: false,
+    };
     let e = send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &StatusCell::default(), &AtomicBool::new(false))
         .expect_err("fails");
     assert!(e.contains("drain timed out") && e.contains("runs on here"), "{e}");
     assert!(rx.join().expect("receiver").expect_err("abandoned").contains("abandoned"));
+
+    // The state cannot be read once paused (the last pages are already on
+    // their way): the receiver is told to abandon, the sender falls back.
+    let (l, addr) = listener();
+    let target = FakeTarget { mem: ram(), offer: offer(SIZE as u64), got: None, refuse_ready: false };
+    let rx = std::thread::spawn(move || {
+        let mut t = target;
+        let r = receive::serve(&l, &mut t, &StatusCell::default(), &AtomicBool::new(false));
+        (r, t.got)
+    });
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let mut vm = FakeVm {
+        mem: ram(),
+        paused: Arc::new(AtomicBool::new(false)),
+        events: events.clone(),
+        fail_stop: false,
+        fail_state: true,
+    };
+    let e = send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &StatusCell::default(), &AtomicBool::new(false))
+        .expect_err("fails");
+    assert!(e.contains("vCPU 1 did not answer") && e.contains("the VM runs on here"), "{e}");
+    assert_eq!(*events.lock().expect("events"), ["paused", "throttle 0", "fell back"]);
+    let (served, got) = rx.join().expect("receiver");
+    assert!(served.is_err() && got.is_none(), "the receiver never ran the VM: {served:?}");
 
     // Cancelled during pre-copy, and nobody listening at all.
     let (l, addr) = listener();
@@ -259,8 +312,13 @@ fn failures_leave_the_vm_on_the_sender() {
         let mut t = target;
         receive::serve(&l, &mut t, &StatusCell::default(), &AtomicBool::new(false))
     });
-    let mut vm =
-        FakeVm { mem: ram(), paused: Arc::new(AtomicBool::new(false)), events: Arc::default(), fail_stop: false };
+    let mut vm = FakeVm {
+        mem: ram(),
+        paused: Arc::new(AtomicBool::new(false)),
+        events: Arc::default(),
+        fail_stop: false,
+        fail_state: false,
+    };
     let st = StatusCell::default();
     let e =
         send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &st, &AtomicBool::new(true)).expect_err("cancelled");
@@ -287,7 +345,7 @@ fn a_guest_faster_than_the_link_is_throttled_or_given_up_on() {
         receive::serve(&l, &mut t, &StatusCell::default(), &AtomicBool::new(false))
     });
     let events = Arc::new(Mutex::new(Vec::new()));
-    let mut vm = FakeVm { mem, paused, events: events.clone(), fail_stop: false };
+    let mut vm = FakeVm { mem, paused, events: events.clone(), fail_stop: false, fail_state: false };
     let mut p = params(&addr);
     p.bandwidth = Some(1 << 20);
     // Rounds 0 and 1 each send the dirtied half of RAM, 8 s at 1 MiB/s

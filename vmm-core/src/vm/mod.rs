@@ -20,8 +20,8 @@ use crate::config::{ConsoleConfig, DiskBackend, DiskConfig, VmConfig};
 use crate::devices::bus::MmioBus;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::virtio::block::{BlockConfig, VirtioBlock};
-use crate::devices::virtio::net::{self, NetConfig, VirtioNet};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::net::{self, NetConfig, VirtioNet};
 use crate::memory::{GuestRam, MemSlot};
 use crate::migration::compat::{DiskShape, HostCaps, Offer, VmShape};
 use crate::persist::{StateError, VmState};
@@ -281,8 +281,11 @@ impl Vm {
             let setup = |e: String| VmError::Setup(format!("nic {i}: {e}"));
             let mac = crate::config::parse_mac(&n.mac).map_err(setup)?;
             let tap = crate::devices::tap::Tap::open(&n.tap).map_err(|e| setup(e.to_string()))?;
-            let dev = VirtioNet::new(Box::new(tap), NetConfig { mac, queue_size: net::DEFAULT_QUEUE_SIZE, mtu: n.mtu, dhcp: n.dhcp.clone() })
-                .map_err(|e| setup(e.to_string()))?;
+            let dev = VirtioNet::new(
+                Box::new(tap),
+                NetConfig { mac, queue_size: net::DEFAULT_QUEUE_SIZE, mtu: n.mtu, dhcp: n.dhcp.clone() },
+            )
+            .map_err(|e| setup(e.to_string()))?;
             let (base, spi) = nic_window(i);
             let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| setup(format!("eventfd: {e}")))?;
             fd.register_irqfd(&irq, layout::spi_gsi(spi)).map_err(kvm(format!("nic {i} irqfd")))?;
@@ -371,9 +374,40 @@ impl Vm {
             ))
             .into());
         }
-        let skip = self.set_counter_offset(state)?;
-        for (i, (v, st)) in self.vcpus.iter().zip(&state.vcpus).enumerate() {
-            vcpu::restore_regs(v, st, &skip).map_err(kvm(format!("restore vCPU {i}")))?;
+        let mut skip = self.set_counter_offset(state)?;
+        // Feature ID registers the sender's vCPUs show with the very values
+        // this host's already have: writing them back changes nothing and
+        // costs an ioctl each (a migration's receiver compared them all).
+        skip.extend(state.vcpus.first().map_or(&[][..], |v| v.regs.as_slice()).iter().filter_map(|(id, value)| {
+            let ours = self.caps.id_regs.iter().find(|(i, _)| i == id)?.1;
+            (regs::is_feature_id_reg(*id) && value.as_slice() == ours.to_le_bytes()).then_some(*id)
+        }));
+        // Each vCPU on its own thread: the ioctls of one vCPU do not wait
+        // for another's, and a migration's downtime is mostly these.
+        let skip = &skip;
+        std::thread::scope(|scope| {
+            let restores: Vec<_> = self
+                .vcpus
+                .iter()
+                .zip(&state.vcpus)
+                .map(|(v, st)| scope.spawn(move || vcpu::restore_regs(v, st, skip)))
+                .collect();
+            for (i, r) in restores.into_iter().enumerate() {
+                let r = r.join().unwrap_or_else(|_| Err(kvm_ioctls::Error::new(libc::EIO)));
+                r.map_err(kvm(format!("restore vCPU {i}")))?;
+            }
+            Ok::<(), VmError>(())
+        })?;
+        // What the guest sees now (a restore may have narrowed a feature
+        // where KVM lets it): a later save and a migration's offer use these.
+        if let Some(v) = state.vcpus.first() {
+            for (id, value) in &mut self.caps.id_regs {
+                if let Some(b) =
+                    v.regs.iter().find(|(i, _)| i == id).and_then(|(_, b)| <[u8; 8]>::try_from(b.as_slice()).ok())
+                {
+                    *value = u64::from_le_bytes(b);
+                }
+            }
         }
         self.gic.restore(&state.gic)?;
         match (&mut self.its, &state.its) {
@@ -430,6 +464,12 @@ impl Vm {
         &self.mem
     }
 
+    /// The feature ID registers every vCPU of this VM shows: read from KVM
+    /// when the VM was built, or the values a restore wrote.
+    pub(crate) fn known_id_regs(&self) -> &[(u64, u64)] {
+        &self.caps.id_regs
+    }
+
     pub fn memory_size(&self) -> u64 {
         self.mem_size
     }
@@ -462,7 +502,11 @@ impl Vm {
                 memory_bytes: self.mem_size,
                 its: self.cfg.its,
                 disks,
-                nics: self.nics.iter().map(|n| net::mac_string(&n.lock().unwrap_or_else(|p| p.into_inner()).device().mac())).collect(),
+                nics: self
+                    .nics
+                    .iter()
+                    .map(|n| net::mac_string(&n.lock().unwrap_or_else(|p| p.into_inner()).device().mac()))
+                    .collect(),
             },
         }
     }
@@ -505,6 +549,12 @@ impl Vm {
 }
 
 /// Disk `i`'s virtio-mmio window and SPI.
+// Every device slot has an SPI the vGIC has.
+const _: () = assert!(
+    layout::VIRTIO_SPI_BASE as usize + crate::config::MAX_DISKS + crate::config::MAX_NICS
+        <= layout::GIC_NR_IRQS as usize
+);
+
 fn disk_window(i: usize) -> (u64, u32) {
     device_window(i)
 }
@@ -552,6 +602,7 @@ fn host_caps(kvm_: &Kvm, fd: &VmFd, vcpu0: &VcpuFd, gic: &VGicV3) -> Result<Host
         ipa_bits: 40,
         max_ipa_bits: if max_ipa > 0 { max_ipa as u32 } else { 40 },
         gic_iidr: gic.iidr()?,
+        gic_nr_irqs: layout::GIC_NR_IRQS,
         id_regs,
         counter_offset: fd.check_extension_raw(u64::from(KVM_CAP_COUNTER_OFFSET) as _) > 0,
     })

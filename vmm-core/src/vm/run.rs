@@ -24,7 +24,7 @@ use super::migration::VmRequest;
 use super::{VcpuShared, Vm, VmError, VmExit};
 use crate::control::Response;
 use crate::devices::bus::MmioBus;
-use crate::migration::{Fallback, Paused, StatusCell};
+use crate::migration::{Fallback, Paused, StatusCell, Stopped};
 use crate::persist::VmState;
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -33,7 +33,9 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 enum VcpuCmd {
     Resume,
     Stop,
-    Save(Sender<Result<crate::persist::VcpuState, String>>),
+    /// Save the registers; the feature ID registers given are known (see
+    /// [`crate::arch::aarch64::vcpu::save_knowing`]).
+    Save(Arc<Vec<(u64, u64)>>, Sender<Result<crate::persist::VcpuState, String>>),
     /// Put the guest's virtual counter back to this value.
     SetCounter(u64, Sender<Result<(), String>>),
 }
@@ -141,6 +143,14 @@ struct VcpuHandle {
     thread: JoinHandle<()>,
     tx: Sender<VcpuCmd>,
     stats: Option<File>,
+}
+
+/// The devices' and the ITS's state once guest memory is final (the first
+/// half of the state walk).
+struct Frozen {
+    virtio: Vec<serde_json::Value>,
+    nics: Vec<serde_json::Value>,
+    its: Option<crate::persist::ItsState>,
 }
 
 /// A live migration of this VM to another host, on its own thread.
@@ -430,9 +440,7 @@ impl Running<'_> {
         while let Ok(r) = self.req_rx.try_recv() {
             match r {
                 VmRequest::Throttle(pct) => self.vm.shared.throttle_pct.store(pct, Ordering::Relaxed),
-                VmRequest::StopAndCopy(reply) => {
-                    let _ = reply.send(self.stop_for_migration());
-                }
+                VmRequest::StopAndCopy(reply) => self.stop_for_migration(reply),
                 VmRequest::FallBack(reply) => {
                     let _ = reply.send(self.fall_back());
                 }
@@ -449,36 +457,48 @@ impl Running<'_> {
         }
     }
 
-    /// Stop-and-copy on this side: pause, the state walk (disks drained, ITS
-    /// tables and pending LPIs flushed into RAM), then each disk flushed and
-    /// its lock released. Any failure resumes the VM as it was.
-    fn stop_for_migration(&mut self) -> Result<Paused, String> {
+    /// Stop-and-copy on this side, in two steps so that the last pages go
+    /// out while the registers are read: pause, drain the disks, flush the
+    /// ITS tables and pending LPIs into RAM, and answer `reply` (memory is
+    /// final); then read the vCPUs and the vGIC, release each disk's lock,
+    /// and send that on the answer's state channel. A failure before the
+    /// answer resumes the VM as it was; one after leaves it paused, for the
+    /// migration thread's fall-back.
+    fn stop_for_migration(&mut self, reply: Sender<Result<Paused, String>>) {
         let t0 = Instant::now();
         self.vm.shared.throttle_pct.store(0, Ordering::Relaxed);
         if let Err(e) = self.pause() {
             self.resume();
-            return Err(e);
+            let _ = reply.send(Err(e));
+            return;
         }
         let at = Instant::now();
-        let state = match self.save_state() {
-            Ok(s) => s,
+        let mut times = vec![("pause_us", t0.elapsed().as_micros() as u64)];
+        let frozen = match self.freeze(&mut times) {
+            Ok(f) => f,
             Err(e) => {
                 self.resume();
-                return Err(e);
+                let _ = reply.send(Err(e));
+                return;
             }
         };
-        for (i, d) in self.vm.disks.iter().enumerate() {
-            let r = d.lock().unwrap_or_else(|p| p.into_inner()).device_mut().release_ownership();
-            if let Err(e) = r {
-                if let Err((d, again)) = self.vm.acquire_disks() {
-                    log::warn!("migration: taking disk {d} back after a failed release: {again}");
-                }
-                self.resume();
-                return Err(format!("disk {i}: release its lock: {e}"));
-            }
+        let (state_tx, state_rx) = channel();
+        if reply.send(Ok(Paused { at, state: state_rx })).is_err() {
+            // The migration thread is gone: nobody will take this VM.
+            self.resume();
+            return;
         }
-        self.paused_counter = state.guest_counter();
-        Ok(Paused { state, at, stop: t0.elapsed() })
+        let stopped = self.read_frozen(frozen, &mut times).and_then(|state| {
+            self.paused_counter = state.guest_counter();
+            let released = Instant::now();
+            for (i, d) in self.vm.disks.iter().enumerate() {
+                let r = d.lock().unwrap_or_else(|p| p.into_inner()).device_mut().release_ownership();
+                r.map_err(|e| format!("disk {i}: release its lock: {e}"))?;
+            }
+            times.push(("release_us", released.elapsed().as_micros() as u64));
+            Ok(Stopped { state, stop: t0.elapsed(), times })
+        });
+        let _ = state_tx.send(stopped);
     }
 
     /// The migration failed past the pause: take the disks back and resume.
@@ -524,19 +544,22 @@ impl Running<'_> {
         }
     }
 
-    /// The one state walk, for snapshots and migration: pauses the VM, reads
-    /// every vCPU, drains the disks, flushes the ITS tables and pending LPIs
-    /// into guest RAM, then reads the vGIC, the console and the devices.
+    /// The one state walk, for snapshots and migration: [`Running::freeze`],
+    /// then [`Running::read_frozen`].
     fn save_state(&mut self) -> Result<VmState, String> {
-        use crate::persist::{Persist, STATE_VERSION};
+        let mut times = Vec::new();
+        let frozen = self.freeze(&mut times)?;
+        self.read_frozen(frozen, &mut times)
+    }
+
+    /// The state walk's first half, after which guest memory no longer
+    /// changes: pauses the VM, drains the disks and saves the devices, then
+    /// flushes the ITS tables and pending LPIs into guest RAM. Notes how long
+    /// each step took (`times`, for the migration report).
+    fn freeze(&mut self, times: &mut Vec<(&'static str, u64)>) -> Result<Frozen, String> {
+        use crate::persist::Persist;
+        let t = Instant::now();
         self.pause()?;
-        let mut vcpus = Vec::new();
-        for (i, v) in self.vcpus.iter().enumerate() {
-            let (tx, rx) = channel();
-            v.tx.send(VcpuCmd::Save(tx)).map_err(|_| format!("vCPU {i} is gone"))?;
-            let st = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| format!("vCPU {i} did not answer"))??;
-            vcpus.push(st);
-        }
         let mut virtio = Vec::new();
         for (i, disk) in self.vm.disks.iter().enumerate() {
             let mut t = disk.lock().unwrap_or_else(|p| p.into_inner());
@@ -562,8 +585,35 @@ impl Running<'_> {
             }
             None => None,
         };
+        times.push(("devices_us", t.elapsed().as_micros() as u64));
+        Ok(Frozen { virtio, nics, its })
+    }
+
+    /// The state walk's second half, which reads registers only: every vCPU
+    /// at once, each on its own thread and fd, then the vGIC (KVM refuses
+    /// device attribute access, EBUSY, while a vCPU ioctl holds its vCPU's
+    /// lock) and the console.
+    fn read_frozen(&mut self, f: Frozen, times: &mut Vec<(&'static str, u64)>) -> Result<VmState, String> {
+        use crate::persist::{Persist, STATE_VERSION};
+        let mut t = Instant::now();
+        let mut answers = Vec::new();
+        let known = Arc::new(self.vm.known_id_regs().to_vec());
+        for (i, v) in self.vcpus.iter().enumerate() {
+            let (tx, rx) = channel();
+            v.tx.send(VcpuCmd::Save(known.clone(), tx)).map_err(|_| format!("vCPU {i} is gone"))?;
+            answers.push(rx);
+        }
+        let mut vcpus = Vec::new();
+        for (i, rx) in answers.into_iter().enumerate() {
+            let st = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| format!("vCPU {i} did not answer"))??;
+            vcpus.push(st);
+        }
+        times.push(("vcpus_us", t.elapsed().as_micros() as u64));
+        t = Instant::now();
         let gic = self.vm.gic.save().map_err(|e| e.to_string())?;
+        times.push(("gic_us", t.elapsed().as_micros() as u64));
         let serial = self.vm.serial.lock().unwrap_or_else(|p| p.into_inner()).save().map_err(|e| e.to_string())?;
+        let Frozen { virtio, nics, its } = f;
         Ok(VmState { version: STATE_VERSION, memory_bytes: self.vm.mem_size, vcpus, gic, its, serial, virtio, nics })
     }
 
@@ -695,9 +745,9 @@ fn vcpu_loop(id: usize, mut v: VcpuFd, bus: MmioBus, shared: Arc<VcpuShared>, rx
                     // this thread holds its fd) until it resumes or stops it.
                     let next = loop {
                         match rx.recv() {
-                            Ok(VcpuCmd::Save(reply)) => {
-                                use crate::persist::Persist;
-                                let _ = reply.send(v.save().map_err(|e| format!("save vCPU {id}: {e}")));
+                            Ok(VcpuCmd::Save(known, reply)) => {
+                                let st = crate::arch::aarch64::vcpu::save_knowing(&v, &known);
+                                let _ = reply.send(st.map_err(|e| format!("save vCPU {id}: {e}")));
                             }
                             Ok(VcpuCmd::SetCounter(value, reply)) => {
                                 let r = v.set_one_reg(crate::arch::aarch64::regs::TIMER_CNT, &value.to_le_bytes());

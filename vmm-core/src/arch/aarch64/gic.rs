@@ -17,6 +17,8 @@ use super::layout;
 pub enum GicError {
     #[error("the kernel offers no in-kernel vGICv3 (KVM_CREATE_DEVICE: {0}); the host needs a GICv3 and KVM at EL2")]
     Unsupported(#[source] kvm_ioctls::Error),
+    #[error("vGICv3 state: {0}")]
+    Shape(String),
     #[error("vGICv3 {what}: {source}")]
     Attr {
         what: &'static str,
@@ -348,6 +350,13 @@ impl crate::persist::Persist for VGicV3 {
     /// how KVM interprets the rest), then QEMU's proven order: GICD_CTLR,
     /// redistributors, distributor, line levels, CPU interfaces.
     fn restore(&mut self, s: &Self::State) -> Result<(), GicError> {
+        if s.nr_irqs != layout::GIC_NR_IRQS {
+            return Err(GicError::Shape(format!(
+                "the saved vGIC has {} interrupt IDs, this VM's {} (saved by another basalt-vmm version)",
+                s.nr_irqs,
+                layout::GIC_NR_IRQS
+            )));
+        }
         let grp_d = KVM_DEV_ARM_VGIC_GRP_DIST_REGS;
         let get = |off: u32| s.dist.iter().find(|(o, _)| *o == off).map(|(_, v)| *v);
         if let Some(iidr) = get(GICD_IIDR) {

@@ -26,8 +26,11 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
 pub const RAM_BASE: u64 = 0x4000_0000;
 
 /// Number of interrupt IDs the vGIC is created with (SGIs, PPIs and SPIs);
-/// a multiple of 32 as KVM_DEV_ARM_VGIC_GRP_NR_IRQS requires.
-pub const GIC_NR_IRQS: u32 = 128;
+/// a multiple of 32 as KVM_DEV_ARM_VGIC_GRP_NR_IRQS requires, and 64, KVM's
+/// least: 32 SPIs hold the console and every virtio-mmio slot. Every one of
+/// them is saved and restored register by register, a migration's downtime
+/// mostly being such ioctls (basalt-vmm before protocol version 2 had 128).
+pub const GIC_NR_IRQS: u32 = 64;
 /// First shared peripheral interrupt ID.
 pub const GIC_SPI_BASE: u32 = 32;
 /// The architected timer PPIs (interrupt IDs): secure and non-secure
