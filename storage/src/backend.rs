@@ -114,6 +114,12 @@ pub trait BlockBackend: Send {
     fn handover_refusal(&self) -> Option<String> {
         Some("only RBD disks can move between hosts; this disk is a local file".into())
     }
+    /// Writes back what a cache holds while the guest still runs, so that
+    /// the flush in [`BlockBackend::release_ownership`], after the guest is
+    /// paused for a migration's last step, has little left to do.
+    fn prepare_handover(&mut self) -> Result<(), BlockError> {
+        Ok(())
+    }
     /// Gives up exclusive ownership after flushing everything written, so
     /// another host can take the disk. Nothing may be in flight.
     fn release_ownership(&mut self) -> Result<(), BlockError> {

@@ -178,6 +178,15 @@ impl BlockBackend for RbdBackend {
 
     /// Flushes, then releases the exclusive lock. A read-only disk holds no
     /// lock, so there is nothing to hand over.
+    fn prepare_handover(&mut self) -> Result<(), BlockError> {
+        if self.read_only {
+            return Ok(());
+        }
+        // librbd's write-back cache: writes the guest made are acked before
+        // they reach the OSDs; pushing them out now keeps them out of the pause.
+        Ok(self.image.flush()?)
+    }
+
     fn release_ownership(&mut self) -> Result<(), BlockError> {
         if self.read_only {
             return Ok(());

@@ -352,10 +352,13 @@ enum Next {
 }
 
 /// After a round: `fits` whether the dirty rest (`remaining` bytes) fits
-/// the downtime budget, `before` what was left after the round before.
-fn next_step(fits: bool, remaining: u64, before: Option<u64>, extra_rounds: u32) -> Next {
+/// the downtime budget, `sizeable` whether it would take more than a tenth
+/// of it (a budget of minutes says the rest's seconds are fine: more rounds
+/// would only make the migration longer), `before` what was left after the
+/// round before.
+fn next_step(fits: bool, sizeable: bool, remaining: u64, before: Option<u64>, extra_rounds: u32) -> Next {
     let shrinking = remaining > 0 && before.is_none_or(|b| remaining * 2 < b);
-    match (fits, shrinking && extra_rounds < MAX_EXTRA_ROUNDS) {
+    match (fits, sizeable && shrinking && extra_rounds < MAX_EXTRA_ROUNDS) {
         (false, _) => Next::Round,
         (true, true) => Next::ExtraRound,
         (true, false) => Next::Stop,
@@ -448,7 +451,7 @@ fn precopy(
         // wrote meanwhile; a round after it is short and leaves only what
         // the guest writes in that time (an idle guest's timer-tick pages),
         // which is then all the pause has to carry.
-        match next_step(expected <= p.downtime, remaining, last_remaining, extra_rounds) {
+        match next_step(expected <= p.downtime, expected * 10 > p.downtime, remaining, last_remaining, extra_rounds) {
             Next::Stop => return Ok((rounds, dirty, max_throttle, expected)),
             Next::ExtraRound => extra_rounds += 1,
             Next::Round => {}
@@ -592,12 +595,13 @@ mod tests {
     fn a_rest_that_fits_gets_more_rounds_only_while_they_halve_it() {
         use super::{next_step, Next, MAX_EXTRA_ROUNDS};
         // After the first pass, one more round even though the rest fits.
-        assert_eq!(next_step(true, 1 << 20, None, 0), Next::ExtraRound);
-        assert_eq!(next_step(true, 0, None, 0), Next::Stop, "nothing left");
-        assert_eq!(next_step(true, 400 << 10, Some(1 << 20), 1), Next::ExtraRound, "more than halved");
-        assert_eq!(next_step(true, 600 << 10, Some(1 << 20), 1), Next::Stop, "no longer halving");
-        assert_eq!(next_step(true, 1, Some(1 << 20), MAX_EXTRA_ROUNDS), Next::Stop, "at most so many");
-        assert_eq!(next_step(false, 600 << 10, Some(1 << 20), MAX_EXTRA_ROUNDS), Next::Round, "does not fit");
+        assert_eq!(next_step(true, true, 1 << 20, None, 0), Next::ExtraRound);
+        assert_eq!(next_step(true, false, 1 << 20, None, 0), Next::Stop, "a small share of the budget");
+        assert_eq!(next_step(true, true, 0, None, 0), Next::Stop, "nothing left");
+        assert_eq!(next_step(true, true, 400 << 10, Some(1 << 20), 1), Next::ExtraRound, "more than halved");
+        assert_eq!(next_step(true, true, 600 << 10, Some(1 << 20), 1), Next::Stop, "no longer halving");
+        assert_eq!(next_step(true, true, 1, Some(1 << 20), MAX_EXTRA_ROUNDS), Next::Stop, "at most so many");
+        assert_eq!(next_step(false, true, 600 << 10, Some(1 << 20), MAX_EXTRA_ROUNDS), Next::Round, "does not fit");
     }
 
     #[test]

@@ -297,6 +297,10 @@ impl VirtioBlock {
 
     /// Hands the disk over (live migration): everything completed so far is
     /// flushed, then the backend's exclusive lock released. Drain first.
+    pub fn prepare_handover(&mut self) -> Result<(), BlockError> {
+        self.backend.prepare_handover()
+    }
+
     pub fn release_ownership(&mut self) -> Result<(), BlockError> {
         self.backend.release_ownership()
     }
