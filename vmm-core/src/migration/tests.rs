@@ -157,6 +157,24 @@ fn listener() -> (TcpListener, String) {
     (l, a)
 }
 
+/// A receiver on a fresh listener, on its own thread: its address, and what
+/// `serve` returned with the state it got.
+fn receiver(refuse_ready: bool) -> (String, std::thread::JoinHandle<(Result<(), String>, Option<VmState>)>) {
+    let (l, addr) = listener();
+    let target = FakeTarget { mem: ram(), offer: offer(SIZE as u64), got: None, refuse_ready };
+    let rx = std::thread::spawn(move || {
+        let mut t = target;
+        let r = receive::serve(&l, &mut t, &StatusCell::default(), &AtomicBool::new(false));
+        (r, t.got)
+    });
+    (addr, rx)
+}
+
+/// A sender with no guest running, failing where it is told to.
+fn idle_vm(events: &Arc<Mutex<Vec<String>>>, fail_stop: bool, fail_state: bool) -> FakeVm {
+    FakeVm { mem: ram(), paused: Arc::new(AtomicBool::new(false)), events: events.clone(), fail_stop, fail_state }
+}
+
 fn params(peer: &str) -> SendParams {
     SendParams {
         peer: peer.into(),
@@ -241,90 +259,43 @@ fn a_running_guest_arrives_whole_and_bad_senders_change_nothing() {
 fn failures_leave_the_vm_on_the_sender() {
     // The receiver cannot start the VM (say, the disk lock is held): the
     // sender falls back and resumes.
-    let (l, addr) = listener();
-    let target = FakeTarget { mem: ram(), offer: offer(SIZE as u64), got: None, refuse_ready: true };
-    let rx = std::thread::spawn(move || {
-        let mut t = target;
-        receive::serve(&l, &mut t, &StatusCell::default(), &AtomicBool::new(false))
-    });
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let mut vm = FakeVm {
-        mem: ram(),
-        paused: Arc::new(AtomicBool::new(false)),
-        events: events.clone(),
-        fail_stop: false,
-        fail_state: false,
+    let run = |vm: &mut FakeVm, addr: &str| {
+        send::run(vm, &offer(SIZE as u64), &params(addr), &StatusCell::default(), &AtomicBool::new(false))
+            .expect_err("fails")
     };
-    let e = send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &StatusCell::default(), &AtomicBool::new(false))
-        .expect_err("fails");
+    let (addr, rx) = receiver(true);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e = run(&mut idle_vm(&events, false, false), &addr);
     assert!(e.contains("exclusive lock") && e.contains("the VM runs on here"), "{e}");
     assert_eq!(*events.lock().expect("events"), ["paused", "throttle 0", "fell back"]);
-    let served = rx.join().expect("receiver");
+    let (served, _) = rx.join().expect("receiver");
     assert!(served.expect_err("receiver failed").contains("could not start here"));
 
     // Stop-and-copy itself fails: nothing was paused, the receiver is told.
-    let (l, addr) = listener();
-    let target = FakeTarget { mem: ram(), offer: offer(SIZE as u64), got: None, refuse_ready: false };
-    let rx = std::thread::spawn(move || {
-        let mut t = target;
-        receive::serve(&l, &mut t, &StatusCell::default(), &AtomicBool::new(false))
-    });
-    let mut vm = FakeVm {
-        mem: ram(),
-        paused: Arc::new(AtomicBool::new(false)),
-        events: Arc::default(),
-        fail_stop: true,
-        fail_state: false,
-    };
-    let e = send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &StatusCell::default(), &AtomicBool::new(false))
-        .expect_err("fails");
+    let (addr, rx) = receiver(false);
+    let e = run(&mut idle_vm(&Arc::default(), true, false), &addr);
     assert!(e.contains("drain timed out") && e.contains("runs on here"), "{e}");
-    assert!(rx.join().expect("receiver").expect_err("abandoned").contains("abandoned"));
+    assert!(rx.join().expect("receiver").0.expect_err("abandoned").contains("abandoned"));
 
     // The state cannot be read once paused (the last pages are already on
-    // their way): the receiver is told to abandon, the sender falls back.
-    let (l, addr) = listener();
-    let target = FakeTarget { mem: ram(), offer: offer(SIZE as u64), got: None, refuse_ready: false };
-    let rx = std::thread::spawn(move || {
-        let mut t = target;
-        let r = receive::serve(&l, &mut t, &StatusCell::default(), &AtomicBool::new(false));
-        (r, t.got)
-    });
+    // their way): the receiver never runs the VM, the sender falls back.
+    let (addr, rx) = receiver(false);
     let events = Arc::new(Mutex::new(Vec::new()));
-    let mut vm = FakeVm {
-        mem: ram(),
-        paused: Arc::new(AtomicBool::new(false)),
-        events: events.clone(),
-        fail_stop: false,
-        fail_state: true,
-    };
-    let e = send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &StatusCell::default(), &AtomicBool::new(false))
-        .expect_err("fails");
+    let e = run(&mut idle_vm(&events, false, true), &addr);
     assert!(e.contains("vCPU 1 did not answer") && e.contains("the VM runs on here"), "{e}");
     assert_eq!(*events.lock().expect("events"), ["paused", "throttle 0", "fell back"]);
     let (served, got) = rx.join().expect("receiver");
     assert!(served.is_err() && got.is_none(), "the receiver never ran the VM: {served:?}");
 
     // Cancelled during pre-copy, and nobody listening at all.
-    let (l, addr) = listener();
-    let target = FakeTarget { mem: ram(), offer: offer(SIZE as u64), got: None, refuse_ready: false };
-    let rx = std::thread::spawn(move || {
-        let mut t = target;
-        receive::serve(&l, &mut t, &StatusCell::default(), &AtomicBool::new(false))
-    });
-    let mut vm = FakeVm {
-        mem: ram(),
-        paused: Arc::new(AtomicBool::new(false)),
-        events: Arc::default(),
-        fail_stop: false,
-        fail_state: false,
-    };
+    let (addr, rx) = receiver(false);
+    let mut vm = idle_vm(&Arc::default(), false, false);
     let st = StatusCell::default();
     let e =
         send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &st, &AtomicBool::new(true)).expect_err("cancelled");
     assert_eq!(e, "cancelled");
     assert_eq!(st.get().phase, Phase::Cancelled);
-    assert!(rx.join().expect("receiver").expect_err("abandoned").contains("cancelled"));
+    assert!(rx.join().expect("receiver").0.expect_err("abandoned").contains("cancelled"));
     drop(TcpListener::bind(&addr));
     let e = send::run(&mut vm, &offer(SIZE as u64), &params(&addr), &StatusCell::default(), &AtomicBool::new(false))
         .expect_err("nobody there");
