@@ -7,8 +7,9 @@
 //! heartbeat a second. It moves A→B→A five times, then meets three faults,
 //! each of which must leave it running on A with its disk: a receiver that
 //! refuses it (other memory size), a receiver killed during pre-copy, and
-//! A's link cut during stop-and-copy. Then it moves to B once more. This
-//! test meanwhile watches the image's exclusive-lock owner with the storage
+//! A's link cut during stop-and-copy. Then it moves to B once more. Then the
+//! same VM without an ITS (on a disk of its own) moves A→B→A five times. This
+//! test meanwhile watches each image's exclusive-lock owner with the storage
 //! crate: never two, and exactly one new owner per completed migration.
 //!
 //! One Ceph and one pair of hosts for all of it (a warm run is a few minutes).
@@ -24,22 +25,24 @@ use basalt_storage::rbd::{self, features, Image, ImageOptions};
 use basalt_tests::rig::{guest, netns::BRIDGE_ADDR, Arm64Host, Artifacts, Netns, NetnsCeph};
 
 const IMAGE: &str = "vm-migrate";
+/// The disk of the same VM without an ITS.
+const IMAGE_NOITS: &str = "vm-migrate-noits";
 const IMAGE_SIZE: u64 = 64 << 20;
 const ROUND_TRIPS: usize = 5;
 
-fn vm_json(memory_mib: u32) -> String {
+fn vm_json(memory_mib: u32, its: bool, image: &str) -> String {
     serde_json::json!({
         "vcpus": 2,
         "memory_mib": memory_mib,
         "kernel": "/basalt/guest/Image",
         "initrd": "/basalt/guest/initrd",
         "cmdline": "console=ttyS0 panic=-1 quiet",
-        "its": true,
+        "its": its,
         "console": { "file": { "path": "/tmp/console" } },
         "disks": [{
             "backend": { "rbd": {
                 "pool": "rbd",
-                "image": IMAGE,
+                "image": image,
                 "client": {
                     "conf": "/basalt/ceph/ceph.conf",
                     "id": "vm",
@@ -148,6 +151,19 @@ clock
 # Still movable after all that.
 send ""
 log "OUT-LAST $out rc=$rc"
+# The same VM without an ITS (SPIs only, a disk of its own), moved as often.
+: > $C
+start_vmm vm-noits.json
+wait_running || { finish_vmm; log "NOITS-BOOT FAILED rc=$rc"; exit 1; }
+for i in $(seq 1 3000); do grep -q 'HB 2 ' $C && break; sleep 0.1; done
+for r in $(seq 1 ROUNDS); do
+    send ""
+    log "NOITS-OUT $r $out rc=$rc"
+    start_vmm vm-noits.json --incoming 0.0.0.0:7000
+    wait_running && log "NOITS-IN $r" || { finish_vmm; log "NOITS-IN $r FAILED rc=$rc"; exit 1; }
+done
+h=$(grep -a -c 'HB ' $C); for i in $(seq 1 100); do [ $(grep -a -c 'HB ' $C) -gt $((h+2)) ] && break; sleep 0.1; done
+ctl shutdown >/dev/null; finish_vmm; log "NOITS-END rc=$rc"
 "#;
 
 const HOST_B: &str = r#"
@@ -178,6 +194,14 @@ start_vmm vm.json --incoming 0.0.0.0:7000
 wait_running && log "IN-LAST" || { finish_vmm; log "IN-LAST FAILED rc=$rc"; exit 1; }
 h=$(grep -a -c 'HB ' $C); for i in $(seq 1 100); do [ $(grep -a -c 'HB ' $C) -gt $((h+2)) ] && break; sleep 0.1; done
 ctl shutdown >/dev/null; finish_vmm; log "END rc=$rc"
+# The VM without an ITS, back and forth.
+for r in $(seq 1 ROUNDS); do
+    start_vmm vm-noits.json --incoming 0.0.0.0:7000
+    wait_running && log "NOITS-IN $r" || { finish_vmm; log "NOITS-IN $r FAILED rc=$rc"; exit 1; }
+    h=$(grep -a -c 'HB ' $C); for i in $(seq 1 100); do [ $(grep -a -c 'HB ' $C) -gt $((h+1)) ] && break; sleep 0.1; done
+    send ""
+    log "NOITS-OUT $r $out rc=$rc"
+done
 "#;
 
 fn field(line: &str, key: &str) -> Option<f64> {
@@ -193,25 +217,27 @@ fn a_loaded_guest_moves_between_hosts_and_survives_failed_migrations() {
     let vm = vm_client(&ceph);
     let io = vm.ioctx("rbd").expect("pool rbd");
     let opts = ImageOptions { features: Some(features::VM_DEFAULT), ..Default::default() };
-    let _ = rbd::remove(&io, IMAGE);
-    rbd::create(&io, IMAGE, IMAGE_SIZE, &opts).expect("create the image");
+    for image in [IMAGE, IMAGE_NOITS] {
+        let _ = rbd::remove(&io, image);
+        rbd::create(&io, image, IMAGE_SIZE, &opts).expect("create the image");
+    }
 
-    // Who holds the image's lock, sampled all along: never two owners, and
+    // Who holds each image's lock, sampled all along: never two owners, and
     // the sequence of distinct owners is the sequence of VMMs that ran it.
-    let owners: Arc<Mutex<Vec<String>>> = Arc::default();
-    let too_many: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (owners, too_many, done) = (owners.clone(), too_many.clone(), done.clone());
-        let img = Image::open(&io, IMAGE).expect("open the image");
-        std::thread::spawn(move || {
+    let watch = |image: &str| {
+        let owners: Arc<Mutex<Vec<String>>> = Arc::default();
+        let too_many: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+        let (o, t, done) = (owners.clone(), too_many.clone(), done.clone());
+        let img = Image::open(&io, image).expect("open the image");
+        let thread = std::thread::spawn(move || {
             while !done.load(Ordering::SeqCst) {
-                if let Ok(o) = img.lock_owners() {
-                    if o.len() > 1 {
-                        too_many.lock().expect("lock").push(o.clone());
+                if let Ok(now) = img.lock_owners() {
+                    if now.len() > 1 {
+                        t.lock().expect("lock").push(now.clone());
                     }
-                    let mut seq = owners.lock().expect("lock");
-                    if let Some(first) = o.first() {
+                    let mut seq = o.lock().expect("lock");
+                    if let Some(first) = now.first() {
                         if seq.last() != Some(first) {
                             seq.push(first.clone());
                         }
@@ -219,8 +245,11 @@ fn a_loaded_guest_moves_between_hosts_and_survives_failed_migrations() {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-        })
+        });
+        (owners, too_many, thread)
     };
+    let (owners, too_many, watcher) = watch(IMAGE);
+    let (owners_noits, too_many_noits, watcher_noits) = watch(IMAGE_NOITS);
 
     let keyring = std::fs::read(ceph.vm_keyring()).expect("vm keyring");
     let conf = ceph.host_conf("/basalt/ceph/ceph.client.vm.keyring").expect("host ceph.conf");
@@ -249,8 +278,9 @@ fn a_loaded_guest_moves_between_hosts_and_survives_failed_migrations() {
             .file("guest/initrd", initrd.clone(), 0o644)
             .file("ceph/ceph.conf", conf.clone().into_bytes(), 0o644)
             .file("ceph/ceph.client.vm.keyring", keyring.clone(), 0o600)
-            .file("vm.json", vm_json(256).into_bytes(), 0o644)
-            .file("vm-512.json", vm_json(512).into_bytes(), 0o644)
+            .file("vm.json", vm_json(256, true, IMAGE).into_bytes(), 0o644)
+            .file("vm-512.json", vm_json(512, true, IMAGE).into_bytes(), 0o644)
+            .file("vm-noits.json", vm_json(256, false, IMAGE_NOITS).into_bytes(), 0o644)
             .script(&script);
         running.push(host.spawn().expect("spawn host"));
     }
@@ -258,6 +288,7 @@ fn a_loaded_guest_moves_between_hosts_and_survives_failed_migrations() {
     let outcomes: Vec<_> = running.into_iter().map(|r| r.wait().expect("host runs")).collect();
     done.store(true, Ordering::SeqCst);
     let _ = watcher.join();
+    let _ = watcher_noits.join();
     eprintln!("both hosts done after {:.0?}", t0.elapsed());
     let a = outcomes[0].command_output().to_string();
     let b = outcomes[1].command_output().to_string();
@@ -296,6 +327,14 @@ fn a_loaded_guest_moves_between_hosts_and_survives_failed_migrations() {
         "a later migration succeeds:\n{all}"
     );
     assert!(has(&b, "HOST-12 END rc=0"), "{b}");
+    // The same VM without an ITS, as many times back and forth.
+    for r in 1..=ROUND_TRIPS {
+        assert!(has(&a, &format!("HOST-11 NOITS-OUT {r} completed rc=4")), "no ITS, A→B #{r}:\n{a}");
+        assert!(has(&b, &format!("HOST-12 NOITS-IN {r}")), "no ITS, B received #{r}:\n{b}");
+        assert!(has(&b, &format!("HOST-12 NOITS-OUT {r} completed rc=4")), "no ITS, B→A #{r}:\n{b}");
+        assert!(has(&a, &format!("HOST-11 NOITS-IN {r}")), "no ITS, A received #{r}:\n{a}");
+    }
+    assert!(has(&a, "HOST-11 NOITS-END rc=0"), "{a}");
 
     // The guest: no memory or disk error, ever, on either host.
     assert!(!all.contains("VERIFY-ERROR") && !all.contains("DISK-ERROR"), "{all}");
@@ -323,23 +362,42 @@ fn a_loaded_guest_moves_between_hosts_and_survives_failed_migrations() {
         assert!(guest >= 0.0 && guest <= host + 1.5, "guest clock advanced {guest:.1}s in {host:.1}s of host time");
     }
 
-    // The disk: every count from 1 to the last is there, in its block.
-    assert!(last_count > 50, "the guest kept counting on its disk: {last_count}");
+    // Each disk: every count from 1 on is there, in its block, and after
+    // the last one nothing; the heartbeats' last count is on one of them.
+    let counted = |image: &str| -> u64 {
+        let img = Image::open(&io, image).expect("open the image");
+        let mut i = 1u64;
+        loop {
+            let block = img.read_at(i * 4096, 4096).expect("read a block");
+            if block.starts_with(format!("COUNT {i}\n").as_bytes()) {
+                i += 1;
+                continue;
+            }
+            assert!(block.iter().all(|&b| b == 0), "{image}: block {i} after the count holds something else");
+            return i - 1;
+        }
+    };
+    let (n, n_noits) = (counted(IMAGE), counted(IMAGE_NOITS));
+    assert!(n > 50 && n_noits > 10, "the guests kept counting on their disks: {n}, {n_noits}");
+    assert!(n.max(n_noits) >= last_count, "the heartbeats' count {last_count} is on a disk ({n}, {n_noits})");
     let img = Image::open(&io, IMAGE).expect("open the image");
-    for i in 1..=last_count {
-        let block = img.read_at(i * 4096, 4096).expect("read a block");
-        let want = format!("COUNT {i}\n");
-        assert_eq!(&block[..want.len()], want.as_bytes(), "block {i} of {last_count}");
-    }
 
     // The lock: never two owners; one new owner per VMM that ran the guest
-    // (the first boot, 2 × ROUND_TRIPS migrations, the last one), no other.
+    // (the first boot, 2 × ROUND_TRIPS migrations, the last one), no other;
+    // for the VM without an ITS its boot and 2 × ROUND_TRIPS migrations.
     assert!(too_many.lock().expect("lock").is_empty(), "two lock owners at once: {:?}", too_many.lock());
     let seq = owners.lock().expect("lock").clone();
     assert_eq!(seq.len(), 2 * ROUND_TRIPS + 2, "lock owners in turn: {seq:?}");
+    assert!(too_many_noits.lock().expect("lock").is_empty(), "no ITS: two lock owners at once");
+    let seq = owners_noits.lock().expect("lock").clone();
+    assert_eq!(seq.len(), 2 * ROUND_TRIPS + 1, "no ITS: lock owners in turn: {seq:?}");
     assert!(img.lock_owners().expect("owners").is_empty(), "the last VMM released its lock when it stopped");
     drop(img);
     rbd::remove(&io, IMAGE).expect("remove the image");
+    let img = Image::open(&io, IMAGE_NOITS).expect("open the image");
+    assert!(img.lock_owners().expect("owners").is_empty(), "no ITS: the last VMM released its lock");
+    drop(img);
+    rbd::remove(&io, IMAGE_NOITS).expect("remove the image");
     drop(io);
     drop(vm);
     ceph.stop().expect("Ceph stops");
