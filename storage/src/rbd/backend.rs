@@ -176,8 +176,6 @@ impl BlockBackend for RbdBackend {
         None
     }
 
-    /// Flushes, then releases the exclusive lock. A read-only disk holds no
-    /// lock, so there is nothing to hand over.
     fn prepare_handover(&mut self) -> Result<(), BlockError> {
         if self.read_only {
             return Ok(());
@@ -187,6 +185,8 @@ impl BlockBackend for RbdBackend {
         Ok(self.image.flush()?)
     }
 
+    /// Flushes, then releases the exclusive lock. A read-only disk holds no
+    /// lock, so there is nothing to hand over.
     fn release_ownership(&mut self) -> Result<(), BlockError> {
         if self.read_only {
             return Ok(());

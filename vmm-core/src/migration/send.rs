@@ -335,8 +335,6 @@ fn reset(stream: &TcpStream) {
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
-/// Rounds so far, the dirty set left, the highest throttle, the expected
-/// time to send that set.
 /// Rounds sent although the rest already fitted the downtime budget, while
 /// each one still more than halves it.
 const MAX_EXTRA_ROUNDS: u32 = 3;
@@ -365,6 +363,8 @@ fn next_step(fits: bool, sizeable: bool, remaining: u64, before: Option<u64>, ex
     }
 }
 
+/// Rounds so far, the dirty set left, the highest throttle, the expected
+/// time to send that set.
 type Precopied = (Vec<RoundReport>, DirtyBitmap, u8, Duration);
 
 fn precopy(
@@ -446,11 +446,11 @@ fn precopy(
         });
         let sent = rep.bytes;
         rounds.push(rep);
-        // It fits: stop, unless the last round more than halved what is
-        // left. The first pass is long and leaves everything the guest
-        // wrote meanwhile; a round after it is short and leaves only what
-        // the guest writes in that time (an idle guest's timer-tick pages),
-        // which is then all the pause has to carry.
+        // It fits: stop, unless the rest is a sizeable share of the budget
+        // and the last round more than halved it. The first pass is long and
+        // leaves everything the guest wrote meanwhile; a round after it is
+        // short and leaves only what the guest writes in that time (an idle
+        // guest's timer-tick pages), which is then all the pause carries.
         match next_step(expected <= p.downtime, expected * 10 > p.downtime, remaining, last_remaining, extra_rounds) {
             Next::Stop => return Ok((rounds, dirty, max_throttle, expected)),
             Next::ExtraRound => extra_rounds += 1,

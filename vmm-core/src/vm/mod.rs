@@ -375,13 +375,21 @@ impl Vm {
             .into());
         }
         let mut skip = self.set_counter_offset(state)?;
-        // Feature ID registers the sender's vCPUs show with the very values
-        // this host's already have: writing them back changes nothing and
-        // costs an ioctl each (a migration's receiver compared them all).
-        skip.extend(state.vcpus.first().map_or(&[][..], |v| v.regs.as_slice()).iter().filter_map(|(id, value)| {
-            let ours = self.caps.id_regs.iter().find(|(i, _)| i == id)?.1;
-            (regs::is_feature_id_reg(*id) && value.as_slice() == ours.to_le_bytes()).then_some(*id)
-        }));
+        // The feature ID registers the sender's vCPUs show (the same on
+        // every vCPU). Those that already hold the sent value here are not
+        // written back: that changes nothing and costs an ioctl each (a
+        // migration's receiver compared them all at the hello).
+        let sent: Vec<(u64, u64)> = state
+            .vcpus
+            .first()
+            .map_or(&[][..], |v| v.regs.as_slice())
+            .iter()
+            .filter_map(|(id, b)| {
+                let value = u64::from_le_bytes(<[u8; 8]>::try_from(b.as_slice()).ok()?);
+                regs::is_feature_id_reg(*id).then_some((*id, value))
+            })
+            .collect();
+        skip.extend(sent.iter().filter(|s| self.caps.id_regs.contains(s)).map(|(id, _)| *id));
         // Each vCPU on its own thread: the ioctls of one vCPU do not wait
         // for another's, and a migration's downtime is mostly these.
         let skip = &skip;
@@ -400,13 +408,9 @@ impl Vm {
         })?;
         // What the guest sees now (a restore may have narrowed a feature
         // where KVM lets it): a later save and a migration's offer use these.
-        if let Some(v) = state.vcpus.first() {
-            for (id, value) in &mut self.caps.id_regs {
-                if let Some(b) =
-                    v.regs.iter().find(|(i, _)| i == id).and_then(|(_, b)| <[u8; 8]>::try_from(b.as_slice()).ok())
-                {
-                    *value = u64::from_le_bytes(b);
-                }
+        for (id, value) in &mut self.caps.id_regs {
+            if let Some((_, v)) = sent.iter().find(|(i, _)| i == id) {
+                *value = *v;
             }
         }
         self.gic.restore(&state.gic)?;
@@ -548,13 +552,13 @@ impl Vm {
     }
 }
 
-/// Disk `i`'s virtio-mmio window and SPI.
 // Every device slot has an SPI the vGIC has.
 const _: () = assert!(
     layout::VIRTIO_SPI_BASE as usize + crate::config::MAX_DISKS + crate::config::MAX_NICS
         <= layout::GIC_NR_IRQS as usize
 );
 
+/// Disk `i`'s virtio-mmio window and SPI.
 fn disk_window(i: usize) -> (u64, u32) {
     device_window(i)
 }
