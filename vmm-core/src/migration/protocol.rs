@@ -225,6 +225,18 @@ mod tests {
     }
 
     #[test]
+    fn resumed_reads_with_and_without_the_restore_time() {
+        // A version 1 receiver's `resumed` carries no time; version 2's does.
+        let v1 = br#"{"msg":"resumed"}"#;
+        let mut buf = (v1.len() as u32).to_le_bytes().to_vec();
+        buf.extend_from_slice(v1);
+        assert_eq!(recv(&mut &buf[..]).expect("v1"), Message::Resumed { restore_ms: None });
+        let mut buf = Vec::new();
+        send(&mut buf, &Message::Resumed { restore_ms: Some(21) }).expect("send");
+        assert_eq!(recv(&mut &buf[..]).expect("v2"), Message::Resumed { restore_ms: Some(21) });
+    }
+
+    #[test]
     fn page_tables_must_stay_inside_guest_ram() {
         let (base, len, page) = (0x4000_0000u64, 64u64 << 20, 4096u64);
         let ok = [PageRange { gpa: base, pages: 4, zero: false }, PageRange { gpa: base + 8192, pages: 8, zero: true }];
